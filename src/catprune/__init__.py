@@ -1,0 +1,1 @@
+"""catprune: Cluster-Aware Token Pruning for diffusion transformers."""
