@@ -1,4 +1,32 @@
-"""catprune: Cluster-Aware Token Pruning for diffusion transformers."""
+"""catprune: Cluster-Aware Token Pruning (CAT Pruning) for diffusion transformers in Hugging Face diffusers.
+
+Example:
+    >>> import catprune
+    >>> cfg = catprune.CATConfig(keep_ratio=0.3, start_step=8)
+    >>> cfg.tokens_kept(4096)
+    1229
+"""
+
+from .api import applied, apply, get_config, is_applied, remove, reset, stats
+from .config import CATConfig, CFGMode
+from .runtime import PruneStats, StepRecord
+
+__version__ = "0.1.0"
 
 # --- shapes exports (owned by the embedded-model work; keep between these markers) ---
 # --- end shapes exports ---
+
+__all__ = [
+    "CATConfig",
+    "CFGMode",
+    "PruneStats",
+    "StepRecord",
+    "__version__",
+    "applied",
+    "apply",
+    "get_config",
+    "is_applied",
+    "remove",
+    "reset",
+    "stats",
+]

@@ -1,0 +1,269 @@
+"""Stable Diffusion 3 / 3.5 adapter: diffusers ``SD3Transformer2DModel`` and its ``JointTransformerBlock``s."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import JointAttnProcessor2_0
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+
+from ..algorithm import gather_tokens, scatter_tokens_
+from .base import Adapter, CallInfo, LayerCache
+
+
+def _linear_macs(module: torch.nn.Module) -> int:
+    """Multiply-accumulates per input row of every nn.Linear inside ``module``."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+class SD3Adapter(Adapter):
+    """CAT Pruning for SD3-family MMDiT transformers (SD3-medium, SD3.5-medium with dual attention, SD3.5-large).
+
+    A pruned step keeps only the k selected image tokens as a compact stream through all blocks: unselected tokens
+    are needed only through their keys/values (read from the per-block cache) and their final output (the runtime's
+    output cache), so their hidden states are never materialised. This is exactly the semantics of method.md step 3
+    (cached attention / feed-forward outputs of unselected tokens would only feed values nobody reads).
+    """
+
+    model_classes = (SD3Transformer2DModel,)
+    family = "SD3 / SD3.5 (SD3Transformer2DModel)"
+
+    # ---------------------------------------------------------------- checks
+    def validate_model(self) -> None:
+        for name, proc in self.model.attn_processors.items():
+            if type(proc) is not JointAttnProcessor2_0:
+                raise ValueError(
+                    f"catprune.apply: attention processor {name!r} is {type(proc).__name__}; CAT Pruning on "
+                    "SD3Transformer2DModel supports only diffusers' default JointAttnProcessor2_0. Undo fused QKV "
+                    "projections (transformer.unfuse_qkv_projections()) or custom processors "
+                    "(transformer.set_default_attn_processor()) before catprune.apply()."
+                )
+
+    def inspect_call(self, args, kwargs) -> CallInfo:
+        a = self.bind(args, kwargs)
+        hs, ehs = a["hidden_states"], a["encoder_hidden_states"]
+        if not isinstance(hs, torch.Tensor) or hs.dim() != 4:
+            got = tuple(hs.shape) if isinstance(hs, torch.Tensor) else type(hs).__name__
+            raise ValueError(
+                f"SD3Transformer2DModel.forward: hidden_states: expected a (batch, channels, height, width) tensor, "
+                f"got {got}. Pass the latents as produced by the pipeline."
+            )
+        if not isinstance(ehs, torch.Tensor) or ehs.dim() != 3:
+            raise ValueError(
+                "SD3Transformer2DModel.forward: encoder_hidden_states: expected a (batch, text_tokens, dim) tensor, "
+                f"got {type(ehs).__name__}. catprune keeps the text stream dense and needs it."
+            )
+        p = self.model.config.patch_size
+        height, width = hs.shape[-2:]
+        max_size = self.model.config.pos_embed_max_size
+        if height % p or width % p:
+            raise ValueError(
+                f"hidden_states: expected latent height and width divisible by the patch size {p}, got "
+                f"{height}x{width}. Choose an image size whose latents are multiples of {p} (e.g. pixels multiple "
+                f"of {p * 8} for an 8x VAE)."
+            )
+        if max_size is not None and (height // p > max_size or width // p > max_size):
+            raise ValueError(
+                f"hidden_states: latent grid {height // p}x{width // p} exceeds this model's pos_embed_max_size "
+                f"{max_size}. Use a smaller image (latents at most {max_size * p} per side)."
+            )
+        jak = a.get("joint_attention_kwargs") or {}
+        if "ip_adapter_image_embeds" in jak:
+            raise NotImplementedError(
+                "catprune: IP-Adapter inputs (joint_attention_kwargs['ip_adapter_image_embeds']) are not supported "
+                "by the SD3 adapter yet. Call catprune.remove(pipe) for IP-Adapter generations."
+            )
+        return CallInfo(
+            arguments=a,
+            batch=hs.shape[0],
+            grid=(height // p, width // p),
+            text_tokens=ehs.shape[1],
+            timestep=a["timestep"],
+            device=hs.device,
+            dtype=hs.dtype,
+        )
+
+    def is_auxiliary(self, info: CallInfo) -> bool:
+        # SD3 pipelines make a second call per step for skip-layer guidance: run it dense and leave the state alone
+        return bool(info.arguments.get("skip_layers"))
+
+    # ---------------------------------------------------------------- output <-> tokens
+    def output_tokens(self, output, info: CallInfo) -> torch.Tensor:
+        sample = output.sample if isinstance(output, Transformer2DModelOutput) else output[0]  # (B, C, H, W)
+        b, c = sample.shape[:2]
+        h, w = info.grid
+        p = self.model.config.patch_size
+        tokens = sample.reshape(b, c, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
+        return tokens.reshape(b, h * w, p * p * c)  # (B, M, P)
+
+    def build_output(self, tokens: torch.Tensor, info: CallInfo):
+        # the same unpatchify as SD3Transformer2DModel.forward
+        b = tokens.shape[0]
+        h, w = info.grid
+        p = self.model.config.patch_size
+        c = self.model.out_channels
+        x = tokens.reshape(b, h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        out = x.reshape(b, c, h * p, w * p)  # (B, C, H, W)
+        if not info.arguments.get("return_dict", True):
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
+
+    # ---------------------------------------------------------------- dense step that fills the caches
+    @contextlib.contextmanager
+    def capture(self, caches: list[LayerCache], info: CallInfo):
+        handles = []
+        b, m, t = info.batch, info.num_tokens, info.text_tokens
+
+        def attach(attn, cache: LayerCache, name: str, extra: int):
+            heads = attn.heads
+            head_dim = attn.to_k.out_features // heads
+            w = attn.to_k.weight
+            buf = cache.buffer(name, (2, b, m + extra, heads, head_dim), w.device, info.dtype)
+
+            def store_k(_mod, _inp, out):
+                if out.dim() == 4:  # norm_k output: (B, H, M, hd)
+                    buf[0, :, :m].copy_(out.transpose(1, 2))
+                else:  # to_k output: (B, M, D)
+                    buf[0, :, :m].copy_(out.view(b, m, heads, head_dim))
+
+            def store_v(_mod, _inp, out):
+                buf[1, :, :m].copy_(out.view(b, m, heads, head_dim))  # (B, M, H, hd)
+
+            key_module = attn.norm_k if attn.norm_k is not None else attn.to_k
+            handles.append(key_module.register_forward_hook(store_k))
+            handles.append(attn.to_v.register_forward_hook(store_v))
+
+        try:
+            for block, cache in zip(self.model.transformer_blocks, caches, strict=True):
+                attach(block.attn, cache, "attn", t)
+                if block.attn2 is not None:
+                    attach(block.attn2, cache, "attn2", 0)
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # ---------------------------------------------------------------- pruned step
+    def pruned_forward(self, caches: list[LayerCache], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
+        a = info.arguments
+        model = self.model
+        jak = dict(a.get("joint_attention_kwargs") or {})
+        lora_scale = jak.pop("scale", 1.0)
+        if USE_PEFT_BACKEND:
+            scale_lora_layers(model, lora_scale)
+        try:
+            m = info.num_tokens
+            x = model.pos_embed(a["hidden_states"])  # (B, M, D)
+            x = gather_tokens(x, idx)  # (B, k, D) compact stream of the selected tokens
+            temb = model.time_text_embed(a["timestep"], a["pooled_projections"])  # (B, D)
+            ctx = model.context_embedder(a["encoder_hidden_states"])  # (B, T, D)
+            controlnet = a.get("block_controlnet_hidden_states")
+            blocks = model.transformer_blocks
+            for index, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
+                ctx, x = self._block(block, cache, x, ctx, temb, idx, m)
+                if controlnet is not None and block.context_pre_only is False:
+                    interval = len(blocks) / len(controlnet)
+                    x = x + gather_tokens(controlnet[int(index / interval)], idx)  # (B, k, D)
+            x = model.norm_out(x, temb)  # (B, k, D)
+            return model.proj_out(x)  # (B, k, P)
+        finally:
+            if USE_PEFT_BACKEND:
+                unscale_lora_layers(model, lora_scale)
+
+    def _block(self, block, cache: LayerCache, x, ctx, temb, idx, m):
+        # mirrors JointTransformerBlock.forward with the image stream restricted to the selected tokens
+        if block.use_dual_attention:
+            nx, gate_msa, shift_mlp, scale_mlp, gate_mlp, nx2, gate_msa2 = block.norm1(x, emb=temb)
+        else:
+            nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(x, emb=temb)  # nx: (B, k, D)
+        if block.context_pre_only:
+            nctx = block.norm1_context(ctx, temb)
+        else:
+            nctx, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(ctx, emb=temb)
+
+        img_out, ctx_out = self._attention(block.attn, cache.kv["attn"], nx, nctx, idx, m)
+        x = x + gate_msa.unsqueeze(1) * img_out  # (B, k, D)
+        if block.use_dual_attention:
+            img_out2, _ = self._attention(block.attn2, cache.kv["attn2"], nx2, None, idx, m)
+            x = x + gate_msa2.unsqueeze(1) * img_out2
+
+        nx = block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]  # (B, k, D)
+        x = x + gate_mlp.unsqueeze(1) * block.ff(nx)
+
+        if block.context_pre_only:
+            return None, x
+        ctx = ctx + c_gate_msa.unsqueeze(1) * ctx_out  # (B, T, D) text stream stays dense
+        nctx = block.norm2_context(ctx) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        ctx = ctx + c_gate_mlp.unsqueeze(1) * block.ff_context(nctx)
+        return ctx, x
+
+    @staticmethod
+    def _attention(attn, kv: torch.Tensor, x, ctx, idx, m):
+        """Selected queries (+ text queries) over all image keys (fresh at idx, cached elsewhere) + text keys.
+
+        ``kv``: (2, B, M + T, H, hd) cache; this writes the fresh K/V of the selected tokens and this step's text
+        K/V into it in place, so attention reads one buffer without concatenation.
+        """
+        b, k, _ = x.shape
+        heads = attn.heads
+        q = attn.to_q(x)  # (B, k, D)
+        head_dim = q.shape[-1] // heads
+        q = q.view(b, k, heads, head_dim)  # (B, k, H, hd)
+        key = attn.to_k(x).view(b, k, heads, head_dim)
+        value = attn.to_v(x).view(b, k, heads, head_dim)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        scatter_tokens_(kv[0, :, :m], idx, key)  # (B, M, H, hd) fresh keys of the selected tokens
+        scatter_tokens_(kv[1, :, :m], idx, value)
+        if ctx is not None:
+            t = ctx.shape[1]
+            qc = attn.add_q_proj(ctx).view(b, t, heads, head_dim)  # (B, T, H, hd)
+            kc = attn.add_k_proj(ctx).view(b, t, heads, head_dim)
+            vc = attn.add_v_proj(ctx).view(b, t, heads, head_dim)
+            if attn.norm_added_q is not None:
+                qc = attn.norm_added_q(qc)
+            if attn.norm_added_k is not None:
+                kc = attn.norm_added_k(kc)
+            kv[0, :, m:].copy_(kc)
+            kv[1, :, m:].copy_(vc)
+            q = torch.cat([q, qc], dim=1)  # (B, k + T, H, hd)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), kv[0].transpose(1, 2), kv[1].transpose(1, 2), dropout_p=0.0, is_causal=False
+        )  # (B, H, k + T, hd)
+        out = out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(q.dtype)  # (B, k + T, D)
+        img, txt = out[:, :k], out[:, k:]
+        if ctx is not None and not attn.context_pre_only:
+            txt = attn.to_add_out(txt)
+        img = attn.to_out[1](attn.to_out[0](img))  # (B, k, D)
+        return img, txt
+
+    # ---------------------------------------------------------------- cost model
+    def macs(self, info: CallInfo, computed_tokens: int) -> int:
+        model = self.model
+        m, t, n = info.num_tokens, info.text_tokens, computed_tokens
+        d = model.inner_dim
+        conv = model.pos_embed.proj
+        per_row = m * conv.weight.numel()  # patch embedding runs on every token
+        per_row += _linear_macs(model.time_text_embed)
+        per_row += t * _linear_macs(model.context_embedder)
+        per_row += _linear_macs(model.norm_out) + n * _linear_macs(model.proj_out)
+        for block in model.transformer_blocks:
+            attn = block.attn
+            per_row += _linear_macs(block.norm1) + _linear_macs(block.norm1_context)
+            per_row += n * (_linear_macs(attn.to_q) + _linear_macs(attn.to_k) + _linear_macs(attn.to_v))
+            per_row += n * (_linear_macs(attn.to_out) + _linear_macs(block.ff))
+            per_row += t * (_linear_macs(attn.add_q_proj) + _linear_macs(attn.add_k_proj))
+            per_row += t * _linear_macs(attn.add_v_proj)
+            if not block.context_pre_only:
+                per_row += t * (_linear_macs(attn.to_add_out) + _linear_macs(block.ff_context))
+            per_row += 2 * (n + t) * (m + t) * d  # QK^T and AV
+            if block.attn2 is not None:
+                per_row += n * _linear_macs(block.attn2) + 2 * n * m * d
+        return info.batch * per_row

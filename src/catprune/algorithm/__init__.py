@@ -1,0 +1,19 @@
+"""Pure-torch CAT Pruning algorithm: scoring, clustering, selection, gather/scatter. Never imports diffusers."""
+
+from .kmeans import cluster_features, grid_positions, kmeans
+from .selection import cluster_quotas, cluster_scores, select_tokens, token_change, update_staleness
+from .tokens import gather_tokens, scatter_tokens_, token_mask
+
+__all__ = [
+    "cluster_features",
+    "cluster_quotas",
+    "cluster_scores",
+    "gather_tokens",
+    "grid_positions",
+    "kmeans",
+    "scatter_tokens_",
+    "select_tokens",
+    "token_change",
+    "token_mask",
+    "update_staleness",
+]

@@ -1,0 +1,169 @@
+"""Public API: apply / remove / applied / stats / reset.
+
+catprune patches exactly one thing: the transformer's ``forward`` becomes an instance attribute that wraps the
+original (signature preserved through ``__wrapped__``). Its state lives on that wrapper, never on the model, so
+`remove` deletes the one attribute it added (or restores the one it replaced) and leaves no trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from .adapters import adapter_for
+from .config import CATConfig
+from .runtime import PruneStats, Runtime
+
+_MARK = "__catprune_runtime__"
+
+
+def _resolve(obj, fn: str):
+    """(transformer, pipeline or None) from a pipeline or a transformer; TypeError otherwise."""
+    if isinstance(obj, torch.nn.Module):
+        model, pipe = obj, None
+    elif isinstance(getattr(obj, "transformer", None), torch.nn.Module):
+        model, pipe = obj.transformer, obj
+    else:
+        raise TypeError(
+            f"catprune.{fn}: pipe_or_transformer: expected a diffusers pipeline with a .transformer or a "
+            f"transformer nn.Module, got {type(obj).__name__}. Pass e.g. a StableDiffusion3Pipeline."
+        )
+    return getattr(model, "_orig_mod", model), pipe  # see through torch.compile's OptimizedModule
+
+
+def _patched_wrapper(model: torch.nn.Module):
+    """Our forward wrapper on ``model`` and the attribute holding it, or (None, None)."""
+    for attr in ("forward", "_old_forward"):  # accelerate keeps the wrapped forward in _old_forward
+        fn = model.__dict__.get(attr)
+        if fn is not None and hasattr(fn, _MARK):
+            return fn, attr
+    return None, None
+
+
+def _runtime(obj, fn: str) -> Runtime:
+    model, _ = _resolve(obj, fn)
+    wrapper, _ = _patched_wrapper(model)
+    if wrapper is None:
+        raise ValueError(
+            f"catprune.{fn}: CAT Pruning is not applied to this {type(model).__name__}. Call catprune.apply(pipe) "
+            "first."
+        )
+    return getattr(wrapper, _MARK)
+
+
+def apply(pipe_or_transformer, config: CATConfig | None = None):
+    """Apply CAT Pruning to a diffusers pipeline (its ``.transformer``) or to a transformer, in place.
+
+    Idempotent: applying again replaces the previous configuration. Everything is validated before the model is
+    modified. Returns its argument.
+
+    Example:
+        >>> import catprune
+        >>> from catprune.models.testing import tiny_sd3_transformer
+        >>> model = catprune.apply(tiny_sd3_transformer(), catprune.CATConfig(keep_ratio=0.5, start_step=2))
+        >>> catprune.is_applied(model)
+        True
+    """
+    if config is None:
+        config = CATConfig()
+    if not isinstance(config, CATConfig):
+        raise TypeError(
+            f"catprune.apply: config: expected a catprune.CATConfig, got {type(config).__name__}. "
+            "Pass e.g. catprune.CATConfig(keep_ratio=0.3, start_step=8)."
+        )
+    model, pipe = _resolve(pipe_or_transformer, "apply")
+    adapter = adapter_for(model)
+    adapter.validate_model()
+    runtime = Runtime(adapter, config, pipe)
+    remove(model)
+
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        return runtime(original, args, kwargs)
+
+    setattr(forward, _MARK, runtime)
+    forward.__catprune_previous__ = model.__dict__.get("forward")  # an instance forward we wrap (accelerate's)
+    model.forward = forward
+    return pipe_or_transformer
+
+
+def remove(pipe_or_transformer):
+    """Undo `apply`: the transformer is exactly as before (no hooks, no attributes). A no-op if not applied.
+
+    Example:
+        >>> import catprune
+        >>> from catprune.models.testing import tiny_sd3_transformer
+        >>> model = catprune.apply(tiny_sd3_transformer())
+        >>> catprune.is_applied(catprune.remove(model))
+        False
+    """
+    model, _ = _resolve(pipe_or_transformer, "remove")
+    wrapper, attr = _patched_wrapper(model)
+    if wrapper is None:
+        return pipe_or_transformer
+    getattr(wrapper, _MARK).reset(release=True)
+    previous = wrapper.__catprune_previous__
+    if previous is None and attr == "forward":
+        del model.forward
+    else:
+        # an instance forward we wrapped, or accelerate wrapped us afterwards: put back what we replaced
+        setattr(model, attr, previous if previous is not None else type(model).forward.__get__(model))
+    return pipe_or_transformer
+
+
+def is_applied(pipe_or_transformer) -> bool:
+    """Whether CAT Pruning is applied to this pipeline or transformer."""
+    model, _ = _resolve(pipe_or_transformer, "is_applied")
+    return _patched_wrapper(model)[0] is not None
+
+
+@contextlib.contextmanager
+def applied(pipe_or_transformer, config: CATConfig | None = None):
+    """Context manager: CAT Pruning inside the block; on exit the previous state (applied or not) comes back.
+
+    Example:
+        >>> import catprune
+        >>> from catprune.models.testing import tiny_sd3_transformer
+        >>> model = tiny_sd3_transformer()
+        >>> with catprune.applied(model, catprune.CATConfig(keep_ratio=0.5)):
+        ...     inside = catprune.is_applied(model)
+        >>> inside, catprune.is_applied(model)
+        (True, False)
+    """
+    model, _ = _resolve(pipe_or_transformer, "applied")
+    wrapper, _ = _patched_wrapper(model)
+    previous = getattr(wrapper, _MARK).config if wrapper is not None else None
+    apply(pipe_or_transformer, config)
+    try:
+        yield pipe_or_transformer
+    finally:
+        remove(pipe_or_transformer)
+        if previous is not None:
+            apply(pipe_or_transformer, previous)
+
+
+def stats(pipe_or_transformer) -> PruneStats:
+    """Per-step record of the last (or current) generation: tokens computed, analytic MACs dense vs pruned.
+
+    Example:
+        >>> import catprune
+        >>> from catprune.models.testing import tiny_sd3_transformer
+        >>> print(catprune.stats(catprune.apply(tiny_sd3_transformer())))
+        catprune stats: no transformer call recorded yet
+    """
+    runtime = _runtime(pipe_or_transformer, "stats")
+    return PruneStats(list(runtime.stats.steps))
+
+
+def reset(pipe_or_transformer) -> None:
+    """Start a new generation at the next transformer call (catprune also detects new generations itself)."""
+    _runtime(pipe_or_transformer, "reset").reset()
+
+
+def get_config(pipe_or_transformer) -> CATConfig:
+    """The CATConfig in force."""
+    return _runtime(pipe_or_transformer, "get_config").config

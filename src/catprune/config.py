@@ -1,0 +1,161 @@
+"""`CATConfig`: the one validated configuration object of catprune."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import numbers
+from dataclasses import dataclass, field
+
+
+class CFGMode(str, enum.Enum):
+    """How classifier-free-guidance rows of one sample share a token selection.
+
+    - ``AUTO``: when catprune is applied to a pipeline, read the pipeline's ``do_classifier_free_guidance`` at the
+      start of every generation and use ``SHARED`` when it is on; applied to a bare transformer, use ``PER_ROW``.
+    - ``SHARED``: the batch is ``[unconditional rows, conditional rows]`` (the diffusers convention); row ``b`` and
+      row ``b + B/2`` share one selection scored on the conditional row (as in the paper's reference).
+    - ``PER_ROW``: every batch row selects its own tokens.
+    """
+
+    AUTO = "auto"
+    SHARED = "shared"
+    PER_ROW = "per_row"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class CATConfig:
+    """Configuration of CAT Pruning (Cluster-Aware Token Pruning).
+
+    Every field is validated at construction; the object is immutable (use ``dataclasses.replace`` to derive one).
+
+    Fields (type, default, meaning, and which way it trades speed for quality):
+
+    - ``keep_ratio`` (float in (0, 1], default 0.3): alpha, the fraction of image tokens recomputed per pruned step,
+      ``k = round(keep_ratio * M)``. Lower is faster and drifts further from the dense image. ``1.0`` disables
+      pruning: outputs are bit-identical to the dense model.
+    - ``start_step`` (int >= 2, default 8): t0, the number of full (dense) warm-up steps before pruning starts.
+      Steps ``0 .. start_step-1`` are dense; the reference output is taken at step ``start_step - 2``. Higher is
+      slower and closer to dense. A value >= the number of inference steps disables pruning (bit-identical output).
+    - ``num_clusters`` (int >= 1 or None, default None): C, spatial clusters for cluster-aware selection. ``None``
+      picks ``round(20 * M / 4096)`` clamped to ``[2, M]`` (20 clusters at SD3's 1024px, 4096 tokens), so that a
+      cluster covers about the same number of tokens at every resolution.
+    - ``cluster_feature_weight`` (float >= 0, default 0.05): w, weight of the model's per-token output against the
+      normalised grid position in the clustering features. 0 gives purely spatial clusters.
+    - ``kmeans_iters`` (int >= 1, default 10): fixed number of Lloyd iterations (fixed so the cost is static).
+    - ``staleness_decay`` (float in [0, 1), default 0.5): gamma in ``f <- gamma * f + 1[selected]``. Higher keeps a
+      longer memory of past selections.
+    - ``magnitude_share`` (float in [0, 1], default 0.25): rho, the share of k chosen by cluster-aware change
+      magnitude; the rest goes to the stalest tokens. Higher follows the content more, lower refreshes evenly.
+    - ``cluster_share_weights`` (tuple of positive floats, default (3, 2, 1)): how the magnitude part is divided over
+      the clusters ranked by change: rank 0 gets 3 parts, rank 1 two, every further rank the last value.
+    - ``cfg`` (CFGMode, default AUTO): how classifier-free-guidance rows share selections; see `CFGMode`.
+    - ``seed`` (int >= 0, default 0): seed of the k-means initialisation. The same seed gives the same clusters.
+
+    Example:
+        >>> from catprune import CATConfig
+        >>> CATConfig(keep_ratio=0.3, start_step=8).keep_ratio
+        0.3
+    """
+
+    keep_ratio: float = 0.3
+    start_step: int = 8
+    num_clusters: int | None = None
+    cluster_feature_weight: float = 0.05
+    kmeans_iters: int = 10
+    staleness_decay: float = 0.5
+    magnitude_share: float = 0.25
+    cluster_share_weights: tuple[float, ...] = field(default=(3.0, 2.0, 1.0))
+    cfg: CFGMode = CFGMode.AUTO
+    seed: int = 0
+
+    def __post_init__(self):
+        def fail(name, expected, fix, error=ValueError):
+            got = getattr(self, name)
+            raise error(f"CATConfig.{name}: expected {expected}, got {got!r} ({type(got).__name__}). {fix}")
+
+        if not _is_real(self.keep_ratio):
+            fail("keep_ratio", "a float in (0, 1]", "Pass e.g. keep_ratio=0.3.", TypeError)
+        if not (0.0 < float(self.keep_ratio) <= 1.0) or math.isnan(self.keep_ratio):
+            fail("keep_ratio", "a float in (0, 1]", "Use 1.0 to disable pruning, e.g. 0.3 to keep 30% of tokens.")
+        if not _is_int(self.start_step):
+            fail("start_step", "an int >= 2", "Pass e.g. start_step=8.", TypeError)
+        if self.start_step < 2:
+            fail(
+                "start_step",
+                "an int >= 2 (the reference output is taken at step start_step - 2)",
+                "Use start_step=2 or more; the paper uses 8.",
+            )
+        if self.num_clusters is not None:
+            if not _is_int(self.num_clusters):
+                fail("num_clusters", "an int >= 1 or None", "Pass e.g. num_clusters=20, or None for automatic.", TypeError)
+            if self.num_clusters < 1:
+                fail("num_clusters", "an int >= 1 or None", "Use None to pick a value from the token count.")
+        if not _is_real(self.cluster_feature_weight):
+            fail("cluster_feature_weight", "a float >= 0", "Pass e.g. 0.05.", TypeError)
+        if not (self.cluster_feature_weight >= 0.0 and math.isfinite(self.cluster_feature_weight)):
+            fail("cluster_feature_weight", "a finite float >= 0", "Pass e.g. 0.05.")
+        if not _is_int(self.kmeans_iters):
+            fail("kmeans_iters", "an int >= 1", "Pass e.g. 10.", TypeError)
+        if self.kmeans_iters < 1:
+            fail("kmeans_iters", "an int >= 1", "Pass e.g. 10.")
+        if not _is_real(self.staleness_decay):
+            fail("staleness_decay", "a float in [0, 1)", "Pass e.g. 0.5.", TypeError)
+        if not (0.0 <= self.staleness_decay < 1.0):
+            fail("staleness_decay", "a float in [0, 1)", "Pass e.g. 0.5.")
+        if not _is_real(self.magnitude_share):
+            fail("magnitude_share", "a float in [0, 1]", "Pass e.g. 0.25.", TypeError)
+        if not (0.0 <= self.magnitude_share <= 1.0):
+            fail("magnitude_share", "a float in [0, 1]", "Pass e.g. 0.25.")
+        weights = self.cluster_share_weights
+        if not isinstance(weights, (tuple, list)) or not weights or not all(_is_real(w) for w in weights):
+            fail("cluster_share_weights", "a non-empty tuple of positive floats", "Pass e.g. (3, 2, 1).", TypeError)
+        if not all(w > 0 and math.isfinite(w) for w in weights):
+            fail("cluster_share_weights", "a non-empty tuple of positive floats", "Pass e.g. (3, 2, 1).")
+        object.__setattr__(self, "cluster_share_weights", tuple(float(w) for w in weights))
+        try:
+            object.__setattr__(self, "cfg", CFGMode(self.cfg))
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in CFGMode)
+            fail("cfg", f"a CFGMode or one of {choices}", "Pass e.g. cfg='auto'.")
+        if not _is_int(self.seed):
+            fail("seed", "an int >= 0", "Pass e.g. seed=0.", TypeError)
+        if self.seed < 0:
+            fail("seed", "an int >= 0", "Pass e.g. seed=0.")
+        object.__setattr__(self, "keep_ratio", float(self.keep_ratio))
+
+    @property
+    def pruning_enabled(self) -> bool:
+        """False when ``keep_ratio == 1``: every step is dense and outputs are bit-identical to the dense model."""
+        return self.keep_ratio < 1.0
+
+    def tokens_kept(self, num_tokens: int) -> int:
+        """k: image tokens recomputed per pruned step for a grid of ``num_tokens`` tokens (at least 1)."""
+        return max(1, min(num_tokens, round(self.keep_ratio * num_tokens)))
+
+    def clusters_for(self, num_tokens: int) -> int:
+        """C: clusters for a grid of ``num_tokens`` tokens. Raises ValueError if ``num_clusters`` exceeds it."""
+        if self.num_clusters is None:
+            return max(1, min(num_tokens, max(2, round(20 * num_tokens / 4096))))
+        if self.num_clusters > num_tokens:
+            raise ValueError(
+                f"CATConfig.num_clusters: expected at most the number of image tokens ({num_tokens}) at this "
+                f"resolution, got {self.num_clusters}. Use a smaller num_clusters or None for automatic."
+            )
+        return self.num_clusters
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict of the fields."""
+        out = dataclasses.asdict(self)
+        out["cfg"] = self.cfg.value
+        out["cluster_share_weights"] = list(self.cluster_share_weights)
+        return out

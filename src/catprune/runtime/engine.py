@@ -1,0 +1,190 @@
+"""The per-transformer runtime: step counter, caches, staleness and selection, driven once per transformer call."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..adapters import Adapter, CallInfo, LayerCache
+from ..algorithm import cluster_features, cluster_scores, kmeans, scatter_tokens_, select_tokens, update_staleness
+from ..config import CATConfig, CFGMode
+from .stats import PruneStats, StepRecord
+
+
+class Runtime:
+    """State of CAT Pruning for one transformer; called in place of its forward.
+
+    One call is one denoising step. A new generation is detected before the call touches any state: through the
+    pipeline's scheduler (``step_index`` is None at the first step of every diffusers generation) when catprune was
+    applied to a pipeline, through the timestep otherwise (timesteps decrease within a generation), and always when
+    the batch size, resolution, text length, device or dtype change. `reset` starts one explicitly.
+    """
+
+    def __init__(self, adapter: Adapter, config: CATConfig, pipe=None):
+        self.adapter = adapter
+        self.config = config
+        self._pipe = weakref.ref(pipe) if pipe is not None else None
+        self.stats = PruneStats()
+        self._macs_cache: dict[tuple, int] = {}
+        self.caches: list[LayerCache] = []
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self, release: bool = False) -> None:
+        """Forget the current generation; the next call is step 0. ``release`` also frees the cache buffers."""
+        self.step = 0
+        self.signature = None
+        self._last_timestep = None  # timestep of the previous call (tensor or number)
+        self._last_step_index: int | None = None
+        self._broken = False
+        self.reference = None  # (S, M, P) float32 n_ref
+        self.outputs = None  # (B, M, P) latest per-token output of every token
+        self.labels = None  # (S, M) cluster labels
+        self.staleness = None  # (S, M) f
+        self.idx = None  # (S, k) selection for the next step
+        self.idx_rows = None  # (B, k) the same, per batch row
+        self.stats = PruneStats()
+        if release:
+            self.caches = []
+            self._macs_cache.clear()
+
+    def _scheduler_step_index(self):
+        pipe = self._pipe() if self._pipe is not None else None
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is None or not hasattr(type(scheduler), "step_index"):
+            return False, None
+        return True, scheduler.step_index
+
+    @staticmethod
+    def _timestep_value(t) -> float:
+        if isinstance(t, torch.Tensor):
+            return float(t.reshape(-1)[0].item())
+        return float(t)
+
+    def _is_new_generation(self, info: CallInfo) -> bool:
+        if self.step == 0 or self._broken or info.signature != self.signature:
+            return True
+        tracked, step_index = self._scheduler_step_index()
+        if tracked and step_index is not None:
+            return self._last_step_index is not None and step_index <= self._last_step_index
+        if tracked and self._last_step_index is not None:
+            return True  # the scheduler was reset by set_timesteps since the last call
+        # bare transformer: timesteps decrease within a generation (one host sync per call, only on this path)
+        return self._timestep_value(info.timestep) >= self._timestep_value(self._last_timestep)
+
+    def _cfg_shared(self, batch: int) -> bool:
+        mode = self.config.cfg
+        if mode is CFGMode.PER_ROW:
+            return False
+        if mode is CFGMode.AUTO:
+            pipe = self._pipe() if self._pipe is not None else None
+            return bool(pipe is not None and getattr(pipe, "do_classifier_free_guidance", False) and batch % 2 == 0)
+        if batch % 2:
+            raise ValueError(
+                f"CATConfig.cfg: 'shared' expects an even batch [unconditional rows, conditional rows], got "
+                f"{batch} rows. Use cfg='per_row' or cfg='auto'."
+            )
+        return True
+
+    def _start_generation(self, info: CallInfo) -> None:
+        # everything that can fail is computed before any state is touched
+        m = info.num_tokens
+        k = self.config.tokens_kept(m)
+        clusters = self.config.clusters_for(m)
+        shared = self._cfg_shared(info.batch)
+        num_blocks = len(self.adapter.model.transformer_blocks)
+        signature = info.signature
+
+        caches = self.caches if len(self.caches) == num_blocks else [LayerCache() for _ in range(num_blocks)]
+        self.reset()
+        self.caches = caches
+        self.signature = signature
+        self.k, self.num_clusters, self.shared = k, clusters, shared
+        b = info.batch
+        groups = b // 2 if shared else b
+        rows = torch.arange(b, device=info.device)
+        self.score_rows = rows[groups:] if shared else None  # conditional rows score the shared selection
+        self.row_group = rows % groups if shared else None
+
+    # ------------------------------------------------------------------ one call
+    def __call__(self, original, args, kwargs):
+        if not self.config.pruning_enabled:
+            return original(*args, **kwargs)  # exact dense: nothing recorded, nothing touched
+        info = self.adapter.inspect_call(args, kwargs)
+        if self.adapter.is_auxiliary(info):
+            return original(*args, **kwargs)
+        if self._is_new_generation(info):
+            self._start_generation(info)
+        tracked, step_index = self._scheduler_step_index()
+        try:
+            out = self._step(original, args, kwargs, info)
+        except BaseException:
+            self._broken = True  # the next call starts a new generation
+            raise
+        self._last_step_index = step_index if tracked else None
+        self._last_timestep = info.timestep  # compared lazily, only when the scheduler cannot tell
+        self.step += 1
+        return out
+
+    def _step(self, original, args, kwargs, info: CallInfo):
+        t0 = self.config.start_step
+        i = self.step
+        m = info.num_tokens
+        if i < t0 - 1:
+            out = original(*args, **kwargs)
+            if i == t0 - 2:
+                self.reference = self._score_view(self.adapter.output_tokens(out, info)).float().clone()
+            self._record(info, "dense", m)
+            return out
+        if i == t0 - 1:
+            with self.adapter.capture(self.caches, info):
+                out = original(*args, **kwargs)
+            self.outputs = self.adapter.output_tokens(out, info).clone()  # (B, M, P)
+            scored = self._score_view(self.outputs).float()  # (S, M, P)
+            features = cluster_features(scored, info.grid, self.config.cluster_feature_weight)
+            self.labels = kmeans(features, self.num_clusters, self.config.kmeans_iters, self.config.seed)  # (S, M)
+            self.staleness = torch.zeros(scored.shape[:2], device=scored.device)  # (S, M)
+            self._select_next()
+            self._record(info, "capture", m)
+            return out
+        # pruned step
+        selected = self.adapter.pruned_forward(self.caches, self.idx_rows, info)  # (B, k, P)
+        scatter_tokens_(self.outputs, self.idx_rows, selected)  # (B, M, P)
+        out = self.adapter.build_output(self.outputs, info)
+        self.staleness = update_staleness(self.staleness, self.idx, self.config.staleness_decay)
+        self._select_next()
+        self._record(info, "pruned", self.k)
+        return out
+
+    def _score_view(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens if self.score_rows is None else tokens[self.score_rows]  # (S, M, P)
+
+    def _select_next(self) -> None:
+        delta = self._score_view(self.outputs).float() - self.reference  # (S, M, P)
+        score = delta.norm(dim=-1)  # (S, M)
+        per_cluster = cluster_scores(delta, self.labels, self.num_clusters)  # (S, C)
+        cfg = self.config
+        self.idx = select_tokens(
+            score, per_cluster, self.labels, self.staleness, self.k, cfg.magnitude_share, cfg.cluster_share_weights
+        )  # (S, k)
+        self.idx_rows = self.idx if self.row_group is None else self.idx[self.row_group]  # (B, k)
+
+    def _record(self, info: CallInfo, phase: str, computed: int) -> None:
+        key = (info.signature, computed)
+        if key not in self._macs_cache:
+            self._macs_cache[key] = self.adapter.macs(info, computed)
+        dense_key = (info.signature, info.num_tokens)
+        if dense_key not in self._macs_cache:
+            self._macs_cache[dense_key] = self.adapter.macs(info, info.num_tokens)
+        self.stats.steps.append(
+            StepRecord(
+                step=self.step,
+                phase=phase,
+                rows=info.batch,
+                tokens=info.num_tokens,
+                computed=computed,
+                macs_dense=self._macs_cache[dense_key],
+                macs=self._macs_cache[key],
+            )
+        )
