@@ -97,7 +97,12 @@ class CATConfig:
             )
         if self.num_clusters is not None:
             if not _is_int(self.num_clusters):
-                fail("num_clusters", "an int >= 1 or None", "Pass e.g. num_clusters=20, or None for automatic.", TypeError)
+                fail(
+                    "num_clusters",
+                    "an int >= 1 or None",
+                    "Pass e.g. num_clusters=20, or None for automatic.",
+                    TypeError,
+                )
             if self.num_clusters < 1:
                 fail("num_clusters", "an int >= 1 or None", "Use None to pick a value from the token count.")
         if not _is_real(self.cluster_feature_weight):

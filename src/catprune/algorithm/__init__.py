@@ -1,7 +1,7 @@
 """Pure-torch CAT Pruning algorithm: scoring, clustering, selection, gather/scatter. Never imports diffusers."""
 
 from .kmeans import cluster_features, grid_positions, kmeans
-from .selection import cluster_quotas, cluster_scores, select_tokens, token_change, update_staleness
+from .selection import cluster_quotas, cluster_scores, select_tokens, token_change, update_age, update_staleness
 from .tokens import gather_tokens, scatter_tokens_, token_mask
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "select_tokens",
     "token_change",
     "token_mask",
+    "update_age",
     "update_staleness",
 ]

@@ -52,6 +52,16 @@ def cluster_scores(delta: torch.Tensor, labels: torch.Tensor, num_clusters: int)
     return pooled.norm(dim=-1)  # (S, C)
 
 
+def update_age(age: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Steps since each token was last computed: 0 for the selected tokens, +1 for the others.
+
+    Example:
+        >>> update_age(torch.tensor([[0, 3, 1]]), torch.tensor([[1]])).tolist()
+        [[1, 0, 2]]
+    """
+    return (age + 1).scatter_(1, idx, 0)
+
+
 def update_staleness(staleness: torch.Tensor, idx: torch.Tensor, decay: float) -> torch.Tensor:
     """``f <- decay * f + 1[selected]`` (returns a new tensor). Low f means stale.
 
@@ -104,6 +114,7 @@ def select_tokens(
     k: int,
     magnitude_share: float,
     share_weights: tuple[float, ...] = (3.0, 2.0, 1.0),
+    age: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cluster-aware selection of exactly k tokens per sample.
 
@@ -111,8 +122,13 @@ def select_tokens(
        quotas by rank (`cluster_quotas`); inside a cluster, half of its quota (rounded up) goes to its largest-score
        tokens and the rest to its stalest remaining tokens. A cluster smaller than its quota gives what it has.
     2. Staleness part: the rest, up to exactly k, are the stalest (lowest f) tokens not yet chosen.
-    Ties in staleness are broken by larger score, then by lower index. With all-zero staleness (the first
-    selection) this reduces to "the largest-score tokens, cluster-aware", as method.md step 2 asks.
+    Ties in staleness are broken by larger ``age`` (steps since the token was last computed) when given, then by
+    larger score, then by lower index. With all-zero staleness (the first selection) this reduces to "the
+    largest-score tokens, cluster-aware", as method.md step 2 asks.
+
+    Why ``age``: f alone cannot order tokens once ``decay**age`` is 0 (decay 0, or long runs in float32), and then
+    ties would go to the largest scores and starve low-score tokens. Breaking ties by age keeps the guarantee that
+    every token is recomputed within about ``M / (k - m) + 2`` steps for every decay.
 
     Args:
         score: (S, M) per-token change score.
@@ -122,6 +138,7 @@ def select_tokens(
         k: tokens to select, 1 <= k <= M.
         magnitude_share: rho in [0, 1].
         share_weights: quota parts by cluster rank.
+        age: optional (S, M) steps since each token was last computed (tie-break of staleness).
 
     Returns:
         (S, k) int64 unique token indices per row, sorted ascending.
@@ -139,6 +156,9 @@ def select_tokens(
     score = score.float()
 
     by_score = score.sort(dim=1, descending=True, stable=True).indices  # (S, M) best score first
+    by_age = by_score  # (S, M) tie-break order for staleness: oldest first, then best score
+    if age is not None:
+        by_age = by_score.gather(1, age.gather(1, by_score).sort(dim=1, descending=True, stable=True).indices)
     chosen = torch.zeros(s, m, dtype=torch.bool, device=device)
     if budget > 0:
         quotas = torch.tensor(cluster_quotas(budget, num_clusters, share_weights), device=device)  # (C,) by rank
@@ -154,12 +174,12 @@ def select_tokens(
         chosen = rank_score < quota_score.gather(1, labels)  # (S, M)
 
         # stalest remaining tokens of each cluster; chosen tokens sort last (+inf), ties by score
-        stale_key = torch.where(chosen, torch.inf, staleness.float().gather(1, by_score))  # (S, M) in by_score order
-        by_stale = by_score.gather(1, stale_key.sort(dim=1, stable=True).indices)  # (S, M)
+        stale_key = torch.where(chosen, torch.inf, staleness.float()).gather(1, by_age)  # (S, M) in by_age order
+        by_stale = by_age.gather(1, stale_key.sort(dim=1, stable=True).indices)  # (S, M)
         rank_stale = _rank_within_cluster(labels, by_stale, num_clusters)  # (S, M)
         chosen = chosen | (rank_stale < quota_stale.gather(1, labels))
 
-    # fill up to exactly k: chosen first, then stalest, ties by score (by_score order is kept by the stable sort)
-    fill_key = torch.where(chosen, -torch.inf, staleness.float()).gather(1, by_score)  # (S, M)
-    final = by_score.gather(1, fill_key.sort(dim=1, stable=True).indices)  # (S, M)
+    # fill up to exactly k: chosen first, then stalest, ties by age and score (kept by the stable sort)
+    fill_key = torch.where(chosen, -torch.inf, staleness.float()).gather(1, by_age)  # (S, M)
+    final = by_age.gather(1, fill_key.sort(dim=1, stable=True).indices)  # (S, M)
     return final[:, :k].sort(dim=1).values  # (S, k)

@@ -7,7 +7,15 @@ import weakref
 import torch
 
 from ..adapters import Adapter, CallInfo, LayerCache
-from ..algorithm import cluster_features, cluster_scores, kmeans, scatter_tokens_, select_tokens, update_staleness
+from ..algorithm import (
+    cluster_features,
+    cluster_scores,
+    kmeans,
+    scatter_tokens_,
+    select_tokens,
+    update_age,
+    update_staleness,
+)
 from ..config import CATConfig, CFGMode
 from .stats import PruneStats, StepRecord
 
@@ -42,6 +50,7 @@ class Runtime:
         self.outputs = None  # (B, M, P) latest per-token output of every token
         self.labels = None  # (S, M) cluster labels
         self.staleness = None  # (S, M) f
+        self.age = None  # (S, M) steps since each token was last computed (tie-break of f)
         self.idx = None  # (S, k) selection for the next step
         self.idx_rows = None  # (B, k) the same, per batch row
         self.stats = PruneStats()
@@ -145,6 +154,7 @@ class Runtime:
             features = cluster_features(scored, info.grid, self.config.cluster_feature_weight)
             self.labels = kmeans(features, self.num_clusters, self.config.kmeans_iters, self.config.seed)  # (S, M)
             self.staleness = torch.zeros(scored.shape[:2], device=scored.device)  # (S, M)
+            self.age = torch.zeros(scored.shape[:2], device=scored.device, dtype=torch.long)  # (S, M)
             self._select_next()
             self._record(info, "capture", m)
             return out
@@ -153,6 +163,7 @@ class Runtime:
         scatter_tokens_(self.outputs, self.idx_rows, selected)  # (B, M, P)
         out = self.adapter.build_output(self.outputs, info)
         self.staleness = update_staleness(self.staleness, self.idx, self.config.staleness_decay)
+        self.age = update_age(self.age, self.idx)
         self._select_next()
         self._record(info, "pruned", self.k)
         return out
@@ -166,7 +177,14 @@ class Runtime:
         per_cluster = cluster_scores(delta, self.labels, self.num_clusters)  # (S, C)
         cfg = self.config
         self.idx = select_tokens(
-            score, per_cluster, self.labels, self.staleness, self.k, cfg.magnitude_share, cfg.cluster_share_weights
+            score,
+            per_cluster,
+            self.labels,
+            self.staleness,
+            self.k,
+            cfg.magnitude_share,
+            cfg.cluster_share_weights,
+            age=self.age,
         )  # (S, k)
         self.idx_rows = self.idx if self.row_group is None else self.idx[self.row_group]  # (B, k)
 
