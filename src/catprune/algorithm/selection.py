@@ -146,8 +146,9 @@ def select_tokens(
     Example:
         >>> score = torch.tensor([[0.0, 9.0, 1.0, 0.0]])
         >>> labels = torch.tensor([[0, 0, 1, 1]])
-        >>> select_tokens(score, torch.tensor([[9.0, 1.0]]), labels, torch.zeros(1, 4), 2, 1.0).tolist()
-        [[1, 2]]
+        >>> # quotas 3:2 of k=3 by cluster rank -> 2 tokens from cluster 0, 1 from cluster 1
+        >>> select_tokens(score, torch.tensor([[9.0, 1.0]]), labels, torch.zeros(1, 4), 3, 1.0).tolist()
+        [[0, 1, 2]]
     """
     s, m = score.shape
     num_clusters = cluster_score.shape[1]

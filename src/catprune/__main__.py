@@ -1,0 +1,5 @@
+import sys
+
+from catprune.cli.main import main
+
+sys.exit(main())
