@@ -203,3 +203,12 @@ def test_every_token_recomputed_within_bound(m, data):
         f = update_staleness(f, idx, gamma)
         age = update_age(age, idx)
         assert int(age.max()) < bound
+
+
+def test_topk_and_ras_priority():
+    from catprune.algorithm import ras_priority, topk_tokens
+
+    assert topk_tokens(torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0]]), 2).tolist() == [[0, 2], [1, 2]]
+    out = torch.tensor([[[0.0, 2.0], [0.0, 2.0]]])
+    boosted = ras_priority(out, torch.tensor([[0, 10]]), 0.1)
+    assert boosted[0, 1] == pytest.approx(boosted[0, 0] * math.exp(1.0))

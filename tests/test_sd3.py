@@ -273,3 +273,19 @@ def test_stock_pipeline_batch_equals_single_and_non_square():
     assert wide.shape == (2, 3, 16, 24) and torch.isfinite(wide).all()
     assert catprune.stats(pipe).steps[-1].rows == 4  # 2 images x CFG
     assert catprune.stats(pipe).steps[-1].tokens == 8 * 12
+
+
+@pytest.mark.parametrize("selection", ["random", "magnitude", "staleness", "no_clustering", "ras"])
+def test_ablation_and_baseline_selections_keep_the_budget(selection):
+    model = tiny_sd3_transformer()
+    inputs = tiny_sd3_inputs(model, batch=2, height=8, width=8)
+    catprune.apply(model, CATConfig(keep_ratio=0.25, start_step=2))
+    cat = denoise(model, inputs, steps=6)
+    catprune.apply(model, CATConfig(keep_ratio=0.25, start_step=2, selection=selection))
+    other = denoise(model, inputs, steps=6)
+    assert torch.isfinite(other).all() and not torch.equal(other, cat)
+    assert torch.equal(denoise(model, inputs, steps=6), other)  # seeded: repeatable
+    s = catprune.stats(model)
+    assert [r.computed for r in s.steps if r.phase == "pruned"] == [4] * 4
+    runtime = model.forward.__catprune_runtime__
+    assert all(len(set(row)) == 4 for row in runtime.idx.tolist())

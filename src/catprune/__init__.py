@@ -8,7 +8,7 @@ Example:
 """
 
 from .api import applied, apply, get_config, is_applied, remove, reset, stats
-from .config import CATConfig, CFGMode
+from .config import CATConfig, CFGMode, Selection
 from .runtime import PruneStats, StepRecord
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CATConfig",
     "CFGMode",
+    "Selection",
     "PruneStats",
     "StepRecord",
     "__version__",

@@ -24,6 +24,28 @@ class CFGMode(str, enum.Enum):
     PER_ROW = "per_row"
 
 
+class Selection(str, enum.Enum):
+    """Which tokens a pruned step recomputes. ``CAT`` is the method; the others exist for ablations and baselines
+    at the same token budget k (the same caches and the same pruned step, only the choice differs).
+
+    - ``CAT``: cluster-aware change magnitude plus staleness (method.md step 4).
+    - ``RANDOM``: k tokens uniformly at random each step (seeded).
+    - ``MAGNITUDE``: the k largest changes ``||n_i - n_ref||``; no clusters, no staleness.
+    - ``STALENESS``: the k stalest tokens (lowest f); no change signal.
+    - ``NO_CLUSTERING``: the CAT rule with a single cluster (magnitude + staleness, no spatial grouping).
+    - ``RAS``: a region-adaptive baseline in the manner of RAS (Liu et al., 2025): per-token score is the spread
+      (std over channels) of the current output, multiplied by ``exp(ras_starvation * age)`` so starved tokens
+      come back; the k highest scores are recomputed.
+    """
+
+    CAT = "cat"
+    RANDOM = "random"
+    MAGNITUDE = "magnitude"
+    STALENESS = "staleness"
+    NO_CLUSTERING = "no_clustering"
+    RAS = "ras"
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -59,7 +81,9 @@ class CATConfig:
     - ``cluster_share_weights`` (tuple of positive floats, default (3, 2, 1)): how the magnitude part is divided over
       the clusters ranked by change: rank 0 gets 3 parts, rank 1 two, every further rank the last value.
     - ``cfg`` (CFGMode, default AUTO): how classifier-free-guidance rows share selections; see `CFGMode`.
-    - ``seed`` (int >= 0, default 0): seed of the k-means initialisation. The same seed gives the same clusters.
+    - ``seed`` (int >= 0, default 0): seed of the k-means initialisation (and of ``Selection.RANDOM``).
+    - ``selection`` (Selection, default CAT): the token-choice rule; anything but CAT is an ablation / baseline.
+    - ``ras_starvation`` (float >= 0, default 0.1): starvation weight of ``Selection.RAS`` only.
 
     Example:
         >>> from catprune import CATConfig
@@ -77,6 +101,8 @@ class CATConfig:
     cluster_share_weights: tuple[float, ...] = field(default=(3.0, 2.0, 1.0))
     cfg: CFGMode = CFGMode.AUTO
     seed: int = 0
+    selection: Selection = Selection.CAT
+    ras_starvation: float = 0.1
 
     def __post_init__(self):
         def fail(name, expected, fix, error=ValueError):
@@ -132,6 +158,15 @@ class CATConfig:
         except ValueError:
             choices = ", ".join(repr(m.value) for m in CFGMode)
             fail("cfg", f"a CFGMode or one of {choices}", "Pass e.g. cfg='auto'.")
+        try:
+            object.__setattr__(self, "selection", Selection(self.selection))
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in Selection)
+            fail("selection", f"a Selection or one of {choices}", "Pass e.g. selection='cat'.")
+        if not _is_real(self.ras_starvation):
+            fail("ras_starvation", "a finite float >= 0", "Pass e.g. 0.1.", TypeError)
+        if not (self.ras_starvation >= 0 and math.isfinite(self.ras_starvation)):
+            fail("ras_starvation", "a finite float >= 0", "Pass e.g. 0.1.")
         if not _is_int(self.seed):
             fail("seed", "an int >= 0", "Pass e.g. seed=0.", TypeError)
         if self.seed < 0:
@@ -162,5 +197,6 @@ class CATConfig:
         """A JSON-serialisable dict of the fields."""
         out = dataclasses.asdict(self)
         out["cfg"] = self.cfg.value
+        out["selection"] = self.selection.value
         out["cluster_share_weights"] = list(self.cluster_share_weights)
         return out

@@ -1,7 +1,16 @@
 """Pure-torch CAT Pruning algorithm: scoring, clustering, selection, gather/scatter. Never imports diffusers."""
 
 from .kmeans import cluster_features, grid_positions, kmeans
-from .selection import cluster_quotas, cluster_scores, select_tokens, token_change, update_age, update_staleness
+from .selection import (
+    cluster_quotas,
+    cluster_scores,
+    ras_priority,
+    select_tokens,
+    token_change,
+    topk_tokens,
+    update_age,
+    update_staleness,
+)
 from .tokens import gather_tokens, scatter_tokens_, token_mask
 
 __all__ = [
@@ -13,7 +22,9 @@ __all__ = [
     "kmeans",
     "scatter_tokens_",
     "select_tokens",
+    "ras_priority",
     "token_change",
+    "topk_tokens",
     "token_mask",
     "update_age",
     "update_staleness",

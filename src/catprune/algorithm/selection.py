@@ -184,3 +184,30 @@ def select_tokens(
     fill_key = torch.where(chosen, -torch.inf, staleness.float()).gather(1, by_age)  # (S, M)
     final = by_age.gather(1, fill_key.sort(dim=1, stable=True).indices)  # (S, M)
     return final[:, :k].sort(dim=1).values  # (S, k)
+
+
+def topk_tokens(priority: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest-priority tokens per row, sorted ascending (ties to the lower index).
+
+    Example:
+        >>> topk_tokens(torch.tensor([[0.1, 0.9, 0.5, 0.9]]), 2).tolist()
+        [[1, 3]]
+    """
+    order = priority.float().sort(dim=1, descending=True, stable=True).indices  # (S, M)
+    return order[:, :k].sort(dim=1).values  # (S, k)
+
+
+def ras_priority(output: torch.Tensor, age: torch.Tensor, starvation: float) -> torch.Tensor:
+    """Region-adaptive priority in the manner of RAS: the spread (std over channels) of each token's current
+    output, boosted by ``exp(starvation * age)`` so tokens left out for long come back.
+
+    Args:
+        output: (S, M, P) latest per-token output.
+        age: (S, M) steps since each token was last computed.
+
+    Example:
+        >>> out = torch.tensor([[[0.0, 2.0], [1.0, 1.0]]])
+        >>> ras_priority(out, torch.tensor([[0, 0]]), 0.1).tolist()
+        [[1.4142135381698608, 0.0]]
+    """
+    return output.float().std(dim=-1) * torch.exp(starvation * age.float())  # (S, M)

@@ -11,12 +11,14 @@ from ..algorithm import (
     cluster_features,
     cluster_scores,
     kmeans,
+    ras_priority,
     scatter_tokens_,
     select_tokens,
+    topk_tokens,
     update_age,
     update_staleness,
 )
-from ..config import CATConfig, CFGMode
+from ..config import CATConfig, CFGMode, Selection
 from .stats import PruneStats, StepRecord
 
 
@@ -151,8 +153,12 @@ class Runtime:
                 out = original(*args, **kwargs)
             self.outputs = self.adapter.output_tokens(out, info).clone()  # (B, M, P)
             scored = self._score_view(self.outputs).float()  # (S, M, P)
-            features = cluster_features(scored, info.grid, self.config.cluster_feature_weight)
-            self.labels = kmeans(features, self.num_clusters, self.config.kmeans_iters, self.config.seed)  # (S, M)
+            if self.config.selection is Selection.CAT:
+                features = cluster_features(scored, info.grid, self.config.cluster_feature_weight)
+                self.labels = kmeans(features, self.num_clusters, self.config.kmeans_iters, self.config.seed)
+            else:  # ablations / baselines: one cluster
+                self.labels = torch.zeros(scored.shape[:2], device=scored.device, dtype=torch.long)  # (S, M)
+            self._rng = torch.Generator(device="cpu").manual_seed(self.config.seed)
             self.staleness = torch.zeros(scored.shape[:2], device=scored.device)  # (S, M)
             self.age = torch.zeros(scored.shape[:2], device=scored.device, dtype=torch.long)  # (S, M)
             self._select_next()
@@ -172,20 +178,34 @@ class Runtime:
         return tokens if self.score_rows is None else tokens[self.score_rows]  # (S, M, P)
 
     def _select_next(self) -> None:
-        delta = self._score_view(self.outputs).float() - self.reference  # (S, M, P)
-        score = delta.norm(dim=-1)  # (S, M)
-        per_cluster = cluster_scores(delta, self.labels, self.num_clusters)  # (S, C)
         cfg = self.config
-        self.idx = select_tokens(
-            score,
-            per_cluster,
-            self.labels,
-            self.staleness,
-            self.k,
-            cfg.magnitude_share,
-            cfg.cluster_share_weights,
-            age=self.age,
-        )  # (S, k)
+        current = self._score_view(self.outputs)  # (S, M, P)
+        delta = current.float() - self.reference  # (S, M, P)
+        score = delta.norm(dim=-1)  # (S, M)
+        policy = cfg.selection
+        if policy is Selection.CAT:
+            per_cluster = cluster_scores(delta, self.labels, self.num_clusters)  # (S, C)
+        else:
+            per_cluster = score.new_zeros(score.shape[0], 1)  # (S, 1) a single cluster
+        if policy is Selection.MAGNITUDE:
+            self.idx = topk_tokens(score, self.k)
+        elif policy is Selection.RANDOM:
+            noise = torch.rand(score.shape[1], generator=self._rng).to(score.device)  # (M,) same for every sample
+            self.idx = topk_tokens(noise.expand_as(score), self.k)
+        elif policy is Selection.RAS:
+            self.idx = topk_tokens(ras_priority(current, self.age, cfg.ras_starvation), self.k)
+        else:  # CAT, NO_CLUSTERING (one cluster), STALENESS (no magnitude part)
+            share = 0.0 if policy is Selection.STALENESS else cfg.magnitude_share
+            self.idx = select_tokens(
+                score,
+                per_cluster,
+                self.labels,
+                self.staleness,
+                self.k,
+                share,
+                cfg.cluster_share_weights,
+                age=self.age,
+            )  # (S, k)
         self.idx_rows = self.idx if self.row_group is None else self.idx[self.row_group]  # (B, k)
 
     def _record(self, info: CallInfo, phase: str, computed: int) -> None:
