@@ -8,7 +8,7 @@ Example:
 """
 
 from .api import applied, apply, get_config, is_applied, remove, reset, stats
-from .config import CATConfig, CFGMode, Selection
+from .config import Backend, CATConfig, CFGMode, Selection
 from .runtime import PruneStats, StepRecord
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 # --- end shapes exports ---
 
 __all__ = [
+    "Backend",
     "CATConfig",
     "CFGMode",
     "Selection",

@@ -82,6 +82,7 @@ def apply(pipe_or_transformer, config: CATConfig | None = None):
     original = model.forward
 
     @functools.wraps(original)
+    @torch.compiler.disable  # a user's torch.compile(transformer) graph-breaks here; CATConfig.backend compiles
     def forward(*args, **kwargs):
         return runtime(original, args, kwargs)
 

@@ -46,6 +46,23 @@ class Selection(str, enum.Enum):
     RAS = "ras"
 
 
+class Backend(str, enum.Enum):
+    """How steps execute. Only speed changes; compiled / graphed numerics match eager within the dtype's tolerance.
+
+    - ``EAGER``: plain PyTorch (dense steps are the model's own forward: bit-identical to dense when not pruning).
+    - ``COMPILE``: dense and pruned steps through ``torch.compile`` (static shapes: one graph each).
+    - ``CUDAGRAPH``: dense and pruned steps captured once as CUDA graphs and replayed (CUDA only).
+    - ``COMPILE_CUDAGRAPH``: compiled kernels captured in CUDA graphs (CUDA only); usually the fastest.
+    The capture step (start_step - 1) always runs eagerly, and calls with ControlNet residuals or LoRA scales fall
+    back to eager.
+    """
+
+    EAGER = "eager"
+    COMPILE = "compile"
+    CUDAGRAPH = "cudagraph"
+    COMPILE_CUDAGRAPH = "compile+cudagraph"
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -84,6 +101,7 @@ class CATConfig:
     - ``seed`` (int >= 0, default 0): seed of the k-means initialisation (and of ``Selection.RANDOM``).
     - ``selection`` (Selection, default CAT): the token-choice rule; anything but CAT is an ablation / baseline.
     - ``ras_starvation`` (float >= 0, default 0.1): starvation weight of ``Selection.RAS`` only.
+    - ``backend`` (Backend, default EAGER): execution of the steps (eager, compile, cudagraph, compile+cudagraph).
 
     Example:
         >>> from catprune import CATConfig
@@ -103,6 +121,7 @@ class CATConfig:
     seed: int = 0
     selection: Selection = Selection.CAT
     ras_starvation: float = 0.1
+    backend: Backend = Backend.EAGER
 
     def __post_init__(self):
         def fail(name, expected, fix, error=ValueError):
@@ -167,6 +186,11 @@ class CATConfig:
             fail("ras_starvation", "a finite float >= 0", "Pass e.g. 0.1.", TypeError)
         if not (self.ras_starvation >= 0 and math.isfinite(self.ras_starvation)):
             fail("ras_starvation", "a finite float >= 0", "Pass e.g. 0.1.")
+        try:
+            object.__setattr__(self, "backend", Backend(self.backend))
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in Backend)
+            fail("backend", f"a Backend or one of {choices}", "Pass e.g. backend='compile+cudagraph' on a GPU.")
         if not _is_int(self.seed):
             fail("seed", "an int >= 0", "Pass e.g. seed=0.", TypeError)
         if self.seed < 0:
@@ -198,5 +222,6 @@ class CATConfig:
         out = dataclasses.asdict(self)
         out["cfg"] = self.cfg.value
         out["selection"] = self.selection.value
+        out["backend"] = self.backend.value
         out["cluster_share_weights"] = list(self.cluster_share_weights)
         return out

@@ -106,6 +106,22 @@ class Adapter(abc.ABC):
     def pruned_forward(self, caches: list[LayerCache], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
         """Run one pruned step over the (B, k) selected image tokens; return their outputs (B, k, P)."""
 
+    def fast_inputs(self, info: CallInfo) -> dict[str, torch.Tensor] | None:
+        """The call's tensor inputs for the compiled / graphed path, or None if the call needs the eager path."""
+        return None
+
+    def dense_fn(self, original):
+        """A function of the `fast_inputs` tensors returning the dense output sample (for compile / graphs)."""
+        raise NotImplementedError
+
+    def pruned_fn(self, caches: list[LayerCache], info: CallInfo):
+        """A function ``(idx, **fast_inputs) -> (B, k, P)`` of one pruned step (for compile / graphs)."""
+        raise NotImplementedError
+
+    def wrap_sample(self, sample: torch.Tensor, info: CallInfo):
+        """The transformer's return value around an output sample."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def macs(self, info: CallInfo, computed_tokens: int) -> int:
         """Analytic multiply-accumulates of one call when ``computed_tokens`` image tokens per row are computed."""

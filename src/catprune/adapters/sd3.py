@@ -108,10 +108,7 @@ class SD3Adapter(Adapter):
         c = self.model.out_channels
         x = tokens.reshape(b, h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
-        out = x.reshape(b, c, h * p, w * p)  # (B, C, H, W)
-        if not info.arguments.get("return_dict", True):
-            return (out,)
-        return Transformer2DModelOutput(sample=out)
+        return self.wrap_sample(x.reshape(b, c, h * p, w * p), info)  # (B, C, H, W)
 
     # ---------------------------------------------------------------- dense step that fills the caches
     @contextlib.contextmanager
@@ -151,29 +148,79 @@ class SD3Adapter(Adapter):
     # ---------------------------------------------------------------- pruned step
     def pruned_forward(self, caches: list[LayerCache], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
         a = info.arguments
-        model = self.model
         jak = dict(a.get("joint_attention_kwargs") or {})
         lora_scale = jak.pop("scale", 1.0)
         if USE_PEFT_BACKEND:
-            scale_lora_layers(model, lora_scale)
+            scale_lora_layers(self.model, lora_scale)
         try:
-            m = info.num_tokens
-            x = model.pos_embed(a["hidden_states"])  # (B, M, D)
-            x = gather_tokens(x, idx)  # (B, k, D) compact stream of the selected tokens
-            temb = model.time_text_embed(a["timestep"], a["pooled_projections"])  # (B, D)
-            ctx = model.context_embedder(a["encoder_hidden_states"])  # (B, T, D)
-            controlnet = a.get("block_controlnet_hidden_states")
-            blocks = model.transformer_blocks
-            for index, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
-                ctx, x = self._block(block, cache, x, ctx, temb, idx, m)
-                if controlnet is not None and block.context_pre_only is False:
-                    interval = len(blocks) / len(controlnet)
-                    x = x + gather_tokens(controlnet[int(index / interval)], idx)  # (B, k, D)
-            x = model.norm_out(x, temb)  # (B, k, D)
-            return model.proj_out(x)  # (B, k, P)
+            return self._pruned(
+                caches,
+                idx,
+                a["hidden_states"],
+                a["encoder_hidden_states"],
+                a["pooled_projections"],
+                a["timestep"],
+                info.num_tokens,
+                a.get("block_controlnet_hidden_states"),
+            )
         finally:
             if USE_PEFT_BACKEND:
-                unscale_lora_layers(model, lora_scale)
+                unscale_lora_layers(self.model, lora_scale)
+
+    def _pruned(self, caches, idx, hidden_states, encoder_hidden_states, pooled, timestep, m, controlnet=None):
+        model = self.model
+        x = model.pos_embed(hidden_states)  # (B, M, D)
+        x = gather_tokens(x, idx)  # (B, k, D) compact stream of the selected tokens
+        temb = model.time_text_embed(timestep, pooled)  # (B, D)
+        ctx = model.context_embedder(encoder_hidden_states)  # (B, T, D)
+        blocks = model.transformer_blocks
+        for index, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
+            ctx, x = self._block(block, cache, x, ctx, temb, idx, m)
+            if controlnet is not None and block.context_pre_only is False:
+                interval = len(blocks) / len(controlnet)
+                x = x + gather_tokens(controlnet[int(index / interval)], idx)  # (B, k, D)
+        x = model.norm_out(x, temb)  # (B, k, D)
+        return model.proj_out(x)  # (B, k, P)
+
+    # ---------------------------------------------------------------- static-shape functions for compile / graphs
+    def fast_inputs(self, info: CallInfo) -> dict[str, torch.Tensor] | None:
+        a = info.arguments
+        if a.get("joint_attention_kwargs") or a.get("block_controlnet_hidden_states") is not None:
+            return None  # LoRA scale / ControlNet: eager path
+        t = a["timestep"]
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            t = torch.as_tensor(t, device=info.device).reshape(1)
+        return dict(
+            hidden_states=a["hidden_states"],
+            encoder_hidden_states=a["encoder_hidden_states"],
+            pooled_projections=a["pooled_projections"],
+            timestep=t.expand(info.batch),
+        )
+
+    def dense_fn(self, original):
+        def dense(hidden_states, encoder_hidden_states, pooled_projections, timestep):
+            return original(
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled_projections,
+                timestep=timestep,
+                return_dict=False,
+            )[0]  # (B, C, H, W)
+
+        return dense
+
+    def pruned_fn(self, caches: list[LayerCache], info: CallInfo):
+        m = info.num_tokens
+
+        def pruned(idx, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+            return self._pruned(caches, idx, hidden_states, encoder_hidden_states, pooled_projections, timestep, m)
+
+        return pruned
+
+    def wrap_sample(self, sample: torch.Tensor, info: CallInfo):
+        if not info.arguments.get("return_dict", True):
+            return (sample,)
+        return Transformer2DModelOutput(sample=sample)
 
     def _block(self, block, cache: LayerCache, x, ctx, temb, idx, m):
         # mirrors JointTransformerBlock.forward with the image stream restricted to the selected tokens

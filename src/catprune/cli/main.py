@@ -213,7 +213,13 @@ def _add_env(sub):
     p.set_defaults(func=cmd_env)
 
 
-COMMANDS = [_add_generate, _add_env]
+def _add_bench(sub):
+    from catprune.bench.cli import add_bench
+
+    add_bench(sub)
+
+
+COMMANDS = [_add_generate, _add_env, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,10 @@ from ..algorithm import (
     update_staleness,
 )
 from ..config import CATConfig, CFGMode, Selection
+from .backends import StepRunner
 from .stats import PruneStats, StepRecord
+
+_MAX_SIGNATURES = 2  # shape signatures whose caches (and graphs) are kept alive at once
 
 
 class Runtime:
@@ -38,6 +41,8 @@ class Runtime:
         self.stats = PruneStats()
         self._macs_cache: dict[tuple, int] = {}
         self.caches: list[LayerCache] = []
+        self._caches_by_signature: dict[tuple, list[LayerCache]] = {}
+        self.runner = StepRunner(config.backend.value)
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -58,7 +63,9 @@ class Runtime:
         self.stats = PruneStats()
         if release:
             self.caches = []
+            self._caches_by_signature.clear()
             self._macs_cache.clear()
+            self.runner.clear()
 
     def _scheduler_step_index(self):
         pipe = self._pipe() if self._pipe is not None else None
@@ -107,7 +114,13 @@ class Runtime:
         num_blocks = len(self.adapter.model.transformer_blocks)
         signature = info.signature
 
-        caches = self.caches if len(self.caches) == num_blocks else [LayerCache() for _ in range(num_blocks)]
+        # caches live per shape signature: graphs captured for a signature keep pointing at its buffers
+        caches = self._caches_by_signature.get(signature)
+        if caches is None:
+            if len(self._caches_by_signature) >= _MAX_SIGNATURES:
+                self._caches_by_signature.clear()
+                self.runner.clear()
+            caches = self._caches_by_signature[signature] = [LayerCache() for _ in range(num_blocks)]
         self.reset()
         self.caches = caches
         self.signature = signature
@@ -143,7 +156,7 @@ class Runtime:
         i = self.step
         m = info.num_tokens
         if i < t0 - 1:
-            out = original(*args, **kwargs)
+            out = self._dense(original, args, kwargs, info)
             if i == t0 - 2:
                 self.reference = self._score_view(self.adapter.output_tokens(out, info)).float().clone()
             self._record(info, "dense", m)
@@ -165,7 +178,16 @@ class Runtime:
             self._record(info, "capture", m)
             return out
         # pruned step
-        selected = self.adapter.pruned_forward(self.caches, self.idx_rows, info)  # (B, k, P)
+        inputs = None if self.runner.backend == "eager" else self.adapter.fast_inputs(info)
+        if inputs is None:
+            selected = self.adapter.pruned_forward(self.caches, self.idx_rows, info)  # (B, k, P)
+        else:
+            caches = self.caches
+            selected = self.runner(
+                ("pruned", info.signature, self.k),
+                lambda: self.adapter.pruned_fn(caches, info),
+                dict(idx=self.idx_rows, **inputs),
+            )  # (B, k, P)
         scatter_tokens_(self.outputs, self.idx_rows, selected)  # (B, M, P)
         out = self.adapter.build_output(self.outputs, info)
         self.staleness = update_staleness(self.staleness, self.idx, self.config.staleness_decay)
@@ -173,6 +195,13 @@ class Runtime:
         self._select_next()
         self._record(info, "pruned", self.k)
         return out
+
+    def _dense(self, original, args, kwargs, info: CallInfo):
+        inputs = None if self.runner.backend == "eager" else self.adapter.fast_inputs(info)
+        if inputs is None:
+            return original(*args, **kwargs)
+        sample = self.runner(("dense", info.signature), lambda: self.adapter.dense_fn(original), inputs)
+        return self.adapter.wrap_sample(sample, info)
 
     def _score_view(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens if self.score_rows is None else tokens[self.score_rows]  # (S, M, P)

@@ -1,0 +1,110 @@
+"""One device call: check the fast backends against eager, then time dense vs CAT (issue 4).
+
+Usage (on a GPU machine, diffusers importable):
+    python scripts/device_bench.py --out $OUT [--part main|scaling|all]
+
+Writes bench JSON + a log under --out and prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import catprune
+from catprune.bench import BenchCase, build_pipeline, environment, format_table, run_case, save_json
+
+
+def rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def check_backends(pipe, entry, out) -> dict:
+    """CAT eager vs dense latents (12 steps), and a full-selection pruned step against the dense step in bf16.
+    (The backends are compared against eager on the bench's own runs, see main.)"""
+    from catprune.adapters import LayerCache, adapter_for
+    from catprune.bench import _embeddings
+
+    device = "cuda"
+    embeds = _embeddings(pipe, entry, 1, device, torch.bfloat16)
+    kwargs = dict(**embeds, height=1024, width=1024, num_inference_steps=12, guidance_scale=7.0, output_type="latent")
+    report = {}
+    with torch.no_grad():
+        catprune.apply(pipe, catprune.CATConfig(keep_ratio=0.3, start_step=4))
+        cat = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
+        catprune.remove(pipe)
+        dense = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
+        report["latents CAT eager vs dense, 12 steps (rel err)"] = rel_err(cat, dense)
+
+        model = pipe.transformer
+        adapter = adapter_for(model)
+        g = torch.Generator("cpu").manual_seed(1)
+        call = dict(
+            hidden_states=torch.randn(2, 16, 128, 128, generator=g).to(device, torch.bfloat16),
+            encoder_hidden_states=torch.randn(2, 333, 4096, generator=g).to(device, torch.bfloat16),
+            pooled_projections=torch.randn(2, 2048, generator=g).to(device, torch.bfloat16),
+            timestep=torch.tensor([500.0, 500.0], device=device),
+            return_dict=False,
+        )
+        info = adapter.inspect_call((), call)
+        caches = [LayerCache() for _ in model.transformer_blocks]
+        with adapter.capture(caches, info):
+            dense_out = model(**call)[0]
+        idx = torch.arange(info.num_tokens, device=device).expand(2, -1)
+        full = adapter.build_output(adapter.pruned_forward(caches, idx, info), info)[0]
+        report["full-selection pruned step vs dense step (rel err, bf16)"] = rel_err(full, dense_out)
+    for key, value in report.items():
+        print(f"CHECK {key}: {value:.2e}", flush=True)
+    with open(os.path.join(out, "checks.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--part", default="main", choices=["main", "scaling", "all"])
+    parser.add_argument("--modes", default="eager,cudagraph,compile+cudagraph")
+    parser.add_argument("--no-check", action="store_true")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    print(json.dumps(environment()), flush=True)
+    start = time.time()
+    pipe, entry = build_pipeline("sd3-medium", "cuda", torch.bfloat16)
+    results = []
+    json_path = os.path.join(args.out, f"bench_{args.part}.json")
+    if args.part in ("main", "all"):
+        if not args.no_check:
+            check_backends(pipe, entry, args.out)
+            print(f"checks done at {time.time() - start:.0f}s", flush=True)
+        for mode in args.modes.split(","):
+            for steps in (28, 50):
+                case = BenchCase(steps=steps, mode=mode, repeats=3)
+                results.append(run_case(case, pipe=pipe, entry=entry, device="cuda"))
+                print(format_table(results[-1:]).splitlines()[-1], f"t={time.time() - start:.0f}s", flush=True)
+                save_json(results, json_path)
+        # the fast backends must give the eager path's images (bf16 tolerance): compare final CAT latents
+        by_mode = {r.case.mode: r.latents for r in results if r.case.steps == 28}
+        for mode, lat in by_mode.items():
+            if mode != "eager" and "eager" in by_mode:
+                print(f"CHECK CAT latents {mode} vs eager, 28 steps (rel err): {rel_err(lat, by_mode['eager']):.2e}")
+    if args.part in ("scaling", "all"):
+        mode = "cudagraph"
+        for (w, h), batch in (((512, 512), 1), ((2048, 2048), 1), ((1344, 768), 1), ((1024, 1024), 4)):
+            case = BenchCase(width=w, height=h, batch_size=batch, steps=28, mode=mode, repeats=1)
+            results.append(run_case(case, pipe=pipe, entry=entry, device="cuda"))
+            print(format_table(results[-1:]).splitlines()[-1], f"t={time.time() - start:.0f}s", flush=True)
+            save_json(results, json_path)
+    print(f"device: {torch.cuda.get_device_name()}  total {time.time() - start:.0f}s")
+    print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""``catprune bench``: wall-clock speed of CAT Pruning against the dense model, in the same process and mode.
+
+Random weights by default (compute does not depend on weight values): full-size transformer and VAE built from the
+configs in ``catprune/models/model_configs.json``, inside a stock diffusers ``StableDiffusion3Pipeline`` fed random
+prompt embeddings (text encoding is outside the timed region and identical for both).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import catprune
+from catprune.algorithm import cluster_features, kmeans
+from catprune.models import model_configs
+
+MODES = ("eager", "compile", "cudagraph", "compile+cudagraph")
+DENSE_START = 10**6
+# tiny random presets for tests and CPU smoke runs (not full-size models)
+TEST_PRESETS = {
+    "sd3-tiny": {
+        "class": "SD3Transformer2DModel",
+        "config": dict(
+            sample_size=32,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=32,
+            pooled_projection_dim=16,
+            out_channels=4,
+            pos_embed_max_size=64,
+        ),
+        "text_tokens": 8,
+        "vae": "tiny-vae",
+    },
+    "tiny-vae": {
+        "class": "AutoencoderKL",
+        "config": dict(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(8, 8),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1,
+            norm_num_groups=4,
+            scaling_factor=1.0,
+            shift_factor=0.0,
+        ),
+    },
+}  # a start step no generation reaches: every step dense, through the same dispatch and backend
+
+
+@dataclass
+class BenchCase:
+    preset: str = "sd3-medium"
+    height: int = 1024
+    width: int = 1024
+    steps: int = 28
+    batch_size: int = 1
+    cfg: bool = True
+    dtype: str = "bfloat16"
+    mode: str = "eager"
+    keep_ratio: float = 0.3
+    start_step: int = 8
+    repeats: int = 3
+    vae: bool = True
+
+
+@dataclass
+class MethodResult:
+    loop_s: float  # transformer loop (median over repeats), all steps
+    step_s: list[float]  # per-step times of the median repeat
+    full_step_s: float  # median time of a dense step
+    pruned_step_s: float | None  # median time of a pruned step
+    peak_mem_gb: float
+    macs: int
+    macs_dense: int
+
+
+@dataclass
+class BenchResult:
+    case: BenchCase
+    device: str
+    dense: MethodResult
+    cat: MethodResult
+    vae_decode_s: float
+    cache_mem_gb: float
+    select_s: float  # one selection (scores + ranking) on the device
+    kmeans_s: float  # one clustering (once per generation)
+    extra: dict = field(default_factory=dict)
+    latents: torch.Tensor | None = field(default=None, repr=False)  # final CAT latents (not serialised)
+
+    @property
+    def loop_speedup(self) -> float:
+        return self.dense.loop_s / self.cat.loop_s
+
+    @property
+    def macs_speedup(self) -> float:
+        return self.cat.macs_dense / self.cat.macs
+
+    @property
+    def end_to_end_speedup(self) -> float:
+        return (self.dense.loop_s + self.vae_decode_s) / (self.cat.loop_s + self.vae_decode_s)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("latents", None)
+        out.update(
+            loop_speedup=self.loop_speedup,
+            macs_speedup=self.macs_speedup,
+            efficiency=self.loop_speedup / self.macs_speedup,
+            end_to_end_speedup=self.end_to_end_speedup,
+            select_share_of_pruned_step=(self.select_s / self.cat.pruned_step_s) if self.cat.pruned_step_s else None,
+        )
+        return out
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": version("diffusers"),
+        "catprune": catprune.__version__,
+        "cuda": torch.version.cuda,
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        try:
+            import subprocess
+
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
+    return env
+
+
+def build_pipeline(preset: str, device, dtype: torch.dtype, seed: int = 0):
+    """A StableDiffusion3Pipeline with random full-size weights for ``preset`` (an SD3-family config)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import StableDiffusion3Pipeline
+
+    configs = {**model_configs(), **TEST_PRESETS}
+    if preset not in configs:
+        raise ValueError(f"bench: preset: expected one of {sorted(configs)}, got {preset!r}.")
+    entry = configs[preset]
+    if entry.get("class") != "SD3Transformer2DModel":
+        raise NotImplementedError(
+            f"bench: preset {preset!r} is a {entry.get('class')}; catprune has no adapter for it yet (supported: "
+            f"{', '.join(catprune.adapters.supported_models())}), so it cannot be benchmarked with CAT."
+        )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**entry["config"]).to(dtype).eval()
+        vae = AutoencoderKL(**configs[entry.get("vae", "sd3-vae")]["config"]).to(dtype).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, entry
+
+
+def _embeddings(pipe, entry, batch: int, device, dtype, seed: int = 0) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    cfg = pipe.transformer.config
+    t = entry.get("text_tokens", 333)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    return dict(
+        prompt_embeds=rand(batch, t, cfg.joint_attention_dim),
+        pooled_prompt_embeds=rand(batch, cfg.pooled_projection_dim),
+        negative_prompt_embeds=rand(batch, t, cfg.joint_attention_dim),
+        negative_pooled_prompt_embeds=rand(batch, cfg.pooled_projection_dim),
+    )
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class _StepTimer:
+    """Per-step wall times through the pipeline's step-end callback (CUDA events on GPU: no host sync)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks = []
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self):
+        self.marks = [self._mark()]
+
+    def callback(self, pipe, step, timestep, kwargs):
+        self.marks.append(self._mark())
+        return kwargs
+
+    def steps(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        return [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
+
+
+def _run_method(pipe, embeds, case: BenchCase, config, device, generator_seed=0):
+    catprune.apply(pipe, config)
+    timer = _StepTimer(device)
+    kwargs = dict(
+        **embeds,
+        height=case.height,
+        width=case.width,
+        num_inference_steps=case.steps,
+        guidance_scale=7.0 if case.cfg else 1.0,
+        output_type="latent",
+        callback_on_step_end=timer.callback,
+    )
+    latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(generator_seed)).images  # warm-up
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    runs = []
+    for _ in range(case.repeats):
+        _sync(device)
+        timer.start()
+        latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(generator_seed)).images
+        runs.append(timer.steps())
+    runs.sort(key=sum)
+    steps = runs[len(runs) // 2]
+    stats = catprune.stats(pipe)
+    phases = [r.phase for r in stats.steps]
+    dense_steps = [s for s, p in zip(steps, phases, strict=False) if p == "dense"][1:] or steps
+    pruned = [s for s, p in zip(steps, phases, strict=False) if p == "pruned"]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else 0.0
+    result = MethodResult(
+        loop_s=sum(steps),
+        step_s=steps,
+        full_step_s=statistics.median(dense_steps),
+        pruned_step_s=statistics.median(pruned) if pruned else None,
+        peak_mem_gb=peak,
+        macs=stats.macs,
+        macs_dense=stats.macs_dense,
+    )
+    return result, latents
+
+
+def _time(fn, device, repeats=10) -> float:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_case(case: BenchCase, pipe=None, entry=None, device=None) -> BenchResult:
+    """Dense and CAT for one case in this process; returns both timings and the ratios."""
+    if case.mode not in MODES:
+        raise ValueError(f"bench: mode: expected one of {MODES}, got {case.mode!r}.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, case.dtype)
+    if pipe is None:
+        pipe, entry = build_pipeline(case.preset, device, dtype)
+    embeds = _embeddings(pipe, entry, case.batch_size, device, dtype)
+    base = dict(keep_ratio=case.keep_ratio, backend=case.mode)
+    with torch.no_grad():
+        dense, _ = _run_method(pipe, embeds, case, catprune.CATConfig(start_step=DENSE_START, **base), device)
+        cat, latents = _run_method(pipe, embeds, case, catprune.CATConfig(start_step=case.start_step, **base), device)
+        runtime = pipe.transformer.forward.__catprune_runtime__
+        cache_bytes = sum(c.nbytes() for c in runtime.caches)
+        cache_bytes += sum(t.numel() * t.element_size() for t in (runtime.outputs, runtime.reference))
+        select_s = _time(runtime._select_next, device, repeats=20)
+        scored = runtime._score_view(runtime.outputs).float()
+        grid = runtime.signature[1]
+        features = cluster_features(scored, grid, runtime.config.cluster_feature_weight)
+        kmeans_s = _time(
+            lambda: kmeans(features, runtime.num_clusters, runtime.config.kmeans_iters, runtime.config.seed), device, 5
+        )
+        vae_s = 0.0
+        if case.vae:
+            vae = pipe.vae
+
+            def decode():
+                lat = latents / vae.config.scaling_factor + vae.config.shift_factor
+                return vae.decode(lat.to(vae.dtype), return_dict=False)[0]
+
+            vae_s = _time(decode, device, repeats=3)
+        catprune.remove(pipe)
+    return BenchResult(
+        case=case,
+        device=torch.cuda.get_device_name() if torch.device(device).type == "cuda" else platform.processor() or "cpu",
+        dense=dense,
+        cat=cat,
+        vae_decode_s=vae_s,
+        cache_mem_gb=cache_bytes / 2**30,
+        select_s=select_s,
+        kmeans_s=kmeans_s,
+        latents=latents.detach().cpu(),
+    )
+
+
+def format_table(results: list[BenchResult]) -> str:
+    """A plain-text table, one row per case."""
+    head = (
+        f"{'preset':<12}{'size':>10}{'B':>3}{'N':>4}{'mode':>19}{'dense ms/step':>14}{'pruned ms/step':>15}"
+        f"{'loop dense s':>13}{'loop CAT s':>11}{'MACs x':>8}{'loop x':>8}{'eff':>6}{'e2e x':>7}{'sel %':>7}"
+        f"{'cache GB':>9}{'peak GB':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        c = r.case
+        pruned = r.cat.pruned_step_s
+        lines.append(
+            f"{c.preset:<12}{f'{c.width}x{c.height}':>10}{c.batch_size:>3}{c.steps:>4}{c.mode:>19}"
+            f"{r.dense.full_step_s * 1e3:>14.2f}{(pruned or 0) * 1e3:>15.2f}{r.dense.loop_s:>13.3f}"
+            f"{r.cat.loop_s:>11.3f}{r.macs_speedup:>8.2f}{r.loop_speedup:>8.2f}"
+            f"{r.loop_speedup / r.macs_speedup:>6.2f}{r.end_to_end_speedup:>7.2f}"
+            f"{(100 * r.select_s / pruned if pruned else 0):>7.2f}{r.cache_mem_gb:>9.2f}{r.dense.peak_mem_gb:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def save_json(results: list[BenchResult], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": environment(), "results": [r.to_dict() for r in results]}, f, indent=2)

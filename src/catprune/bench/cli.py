@@ -1,0 +1,72 @@
+"""``catprune bench`` subcommand."""
+
+from __future__ import annotations
+
+import sys
+
+
+def _list(kind):
+    def parse(text):
+        return [kind(x) for x in text.split(",") if x]
+
+    return parse
+
+
+def _size(text):
+    w, h = text.lower().split("x")
+    return int(w), int(h)
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from catprune.bench import BenchCase, build_pipeline, format_table, run_case, save_json
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype))
+    pipe, entry = build_pipeline(args.preset, device, dtype)
+    results = []
+    for mode in args.modes:
+        for width, height in args.sizes:
+            for batch in args.batch_sizes:
+                for steps in args.steps:
+                    case = BenchCase(
+                        preset=args.preset,
+                        height=height,
+                        width=width,
+                        steps=steps,
+                        batch_size=batch,
+                        cfg=not args.no_cfg,
+                        dtype=str(dtype).replace("torch.", ""),
+                        mode=mode,
+                        keep_ratio=args.keep_ratio,
+                        start_step=args.start_step,
+                        repeats=args.repeats,
+                        vae=not args.no_vae,
+                    )
+                    result = run_case(case, pipe=pipe, entry=entry, device=device)
+                    results.append(result)
+                    print(format_table([result]).splitlines()[-1], file=sys.stderr, flush=True)
+                    if args.json:
+                        save_json(results, args.json)
+    print(f"device: {results[0].device}")
+    print(format_table(results))
+    return 0
+
+
+def add_bench(sub):
+    p = sub.add_parser("bench", help="time dense vs CAT on random-weight full-size models (GPU)")
+    p.add_argument("--preset", default="sd3-medium", help="sd3-medium, sd3.5-medium, sd3.5-large (or sd3-tiny)")
+    p.add_argument("--sizes", type=_list(_size), default=[(1024, 1024)], help="WxH list, e.g. 1024x1024,512x512")
+    p.add_argument("--steps", type=_list(int), default=[28], help="step counts, e.g. 28,50")
+    p.add_argument("--batch-sizes", type=_list(int), default=[1], help="images per prompt batch, e.g. 1,4")
+    p.add_argument("--modes", type=_list(str), default=["eager"], help="eager, compile, cudagraph, compile+cudagraph")
+    p.add_argument("--keep-ratio", type=float, default=0.3)
+    p.add_argument("--start-step", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
+    p.add_argument("--no-cfg", action="store_true", help="no classifier-free guidance (batch not doubled)")
+    p.add_argument("--no-vae", action="store_true", help="skip timing the VAE decode")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="write results with an environment block to this JSON file")
+    p.set_defaults(func=cmd_bench)
