@@ -66,11 +66,52 @@ def check_backends(pipe, entry, out) -> dict:
     return report
 
 
+def profile_steps(pipe, out) -> None:
+    """Kernel-time profile of one eager dense step and one eager pruned step (k = 0.3 M), for the write-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from catprune.adapters import LayerCache, adapter_for
+
+    model = pipe.transformer
+    adapter = adapter_for(model)
+    device = "cuda"
+    g = torch.Generator("cpu").manual_seed(2)
+    call = dict(
+        hidden_states=torch.randn(2, 16, 128, 128, generator=g).to(device, torch.bfloat16),
+        encoder_hidden_states=torch.randn(2, 333, 4096, generator=g).to(device, torch.bfloat16),
+        pooled_projections=torch.randn(2, 2048, generator=g).to(device, torch.bfloat16),
+        timestep=torch.tensor([500.0, 500.0], device=device),
+        return_dict=False,
+    )
+    info = adapter.inspect_call((), call)
+    caches = [LayerCache() for _ in model.transformer_blocks]
+    idx = torch.randperm(info.num_tokens, generator=g)[: round(0.3 * info.num_tokens)].sort().values
+    idx = idx.to(device).expand(2, -1).contiguous()
+    with torch.no_grad():
+        with adapter.capture(caches, info):
+            model(**call)
+        for _ in range(2):
+            model(**call)
+            adapter.pruned_forward(caches, idx, info)
+        torch.cuda.synchronize()
+        for name, fn in (("dense", lambda: model(**call)), ("pruned", lambda: adapter.pruned_forward(caches, idx, info))):
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+            total = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+            print(f"PROFILE {name}: total kernel time {total:.2f} ms", flush=True)
+            with open(os.path.join(out, f"profile_{name}.txt"), "w") as f:
+                f.write(f"total kernel time {total:.2f} ms\n{table}")
+            print(table, flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--part", default="main", choices=["main", "scaling", "all"])
     parser.add_argument("--modes", default="eager,cudagraph,compile+cudagraph")
+    parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-check", action="store_true")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -83,6 +124,8 @@ def main():
         if not args.no_check:
             check_backends(pipe, entry, args.out)
             print(f"checks done at {time.time() - start:.0f}s", flush=True)
+        if args.profile:
+            profile_steps(pipe, args.out)
         for mode in args.modes.split(","):
             for steps in (28, 50):
                 case = BenchCase(steps=steps, mode=mode, repeats=3)
@@ -90,6 +133,12 @@ def main():
                 print(format_table(results[-1:]).splitlines()[-1], f"t={time.time() - start:.0f}s", flush=True)
                 save_json(results, json_path)
         # the fast backends must give the eager path's images (bf16 tolerance): compare final CAT latents
+        try:
+            from torch._dynamo.utils import counters
+
+            print("DYNAMO", dict(counters["stats"]), "graph_breaks:", dict(counters["graph_break"]), flush=True)
+        except Exception as exc:  # diagnostics only
+            print("DYNAMO counters unavailable:", exc)
         by_mode = {r.case.mode: r.latents for r in results if r.case.steps == 28}
         for mode, lat in by_mode.items():
             if mode != "eager" and "eager" in by_mode:

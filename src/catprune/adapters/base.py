@@ -95,8 +95,12 @@ class Adapter(abc.ABC):
         """The per-token output n (B, M, P) from the transformer's own return value."""
 
     @abc.abstractmethod
+    def unpatchify(self, tokens: torch.Tensor, info: CallInfo) -> torch.Tensor:
+        """The output sample (e.g. (B, C, H, W)) from per-token outputs (B, M, P)."""
+
     def build_output(self, tokens: torch.Tensor, info: CallInfo):
         """The transformer's return value from per-token outputs (B, M, P)."""
+        return self.wrap_sample(self.unpatchify(tokens, info), info)
 
     @abc.abstractmethod
     def capture(self, caches: list[LayerCache], info: CallInfo):

@@ -100,7 +100,7 @@ class SD3Adapter(Adapter):
         tokens = sample.reshape(b, c, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
         return tokens.reshape(b, h * w, p * p * c)  # (B, M, P)
 
-    def build_output(self, tokens: torch.Tensor, info: CallInfo):
+    def unpatchify(self, tokens: torch.Tensor, info: CallInfo) -> torch.Tensor:
         # the same unpatchify as SD3Transformer2DModel.forward
         b = tokens.shape[0]
         h, w = info.grid
@@ -108,7 +108,7 @@ class SD3Adapter(Adapter):
         c = self.model.out_channels
         x = tokens.reshape(b, h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
-        return self.wrap_sample(x.reshape(b, c, h * p, w * p), info)  # (B, C, H, W)
+        return x.reshape(b, c, h * p, w * p)  # (B, C, H, W)
 
     # ---------------------------------------------------------------- dense step that fills the caches
     @contextlib.contextmanager

@@ -90,9 +90,9 @@ def kmeans(x: torch.Tensor, num_clusters: int, iters: int = 10, seed: int = 0) -
 
     labels = _sq_dist(x, centroids).argmin(-1)  # (S, M)
     for _ in range(iters):
-        onehot = torch.nn.functional.one_hot(labels, num_clusters).to(x.dtype)  # (S, M, C)
-        counts = onehot.sum(1)  # (S, C)
-        sums = torch.bmm(onehot.transpose(1, 2), x)  # (S, C, F)
+        # scatter_add instead of one_hot (one_hot validates its input with a host sync on CUDA)
+        counts = x.new_zeros(s, num_clusters).scatter_add_(1, labels, x.new_ones(s, m))  # (S, C)
+        sums = x.new_zeros(s, num_clusters, f).scatter_add_(1, labels.unsqueeze(-1).expand(-1, -1, f), x)  # (S, C, F)
         new = sums / counts.clamp_min(1).unsqueeze(-1)
         centroids = torch.where(counts.unsqueeze(-1) > 0, new, centroids)  # (S, C, F)
         labels = _sq_dist(x, centroids).argmin(-1)  # (S, M)

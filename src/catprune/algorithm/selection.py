@@ -99,7 +99,8 @@ def _rank_within_cluster(labels: torch.Tensor, order: torch.Tensor, num_clusters
     """Rank of every token inside its cluster, given a global priority ``order`` (S, M) (best first)."""
     grouped = labels.gather(1, order).sort(dim=1, stable=True).indices  # (S, M) stable: keeps priority per cluster
     by_cluster = order.gather(1, grouped)  # (S, M) tokens grouped by cluster, best first within each
-    counts = torch.nn.functional.one_hot(labels, num_clusters).sum(1)  # (S, C)
+    counts = torch.zeros(labels.shape[0], num_clusters, dtype=torch.long, device=labels.device)
+    counts.scatter_add_(1, labels, torch.ones_like(labels))  # (S, C) no one_hot: it syncs on CUDA
     starts = counts.cumsum(1) - counts  # (S, C)
     position = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)  # (S, M)
     rank_sorted = position - starts.gather(1, labels.gather(1, by_cluster))  # (S, M)
@@ -115,6 +116,7 @@ def select_tokens(
     magnitude_share: float,
     share_weights: tuple[float, ...] = (3.0, 2.0, 1.0),
     age: torch.Tensor | None = None,
+    quotas: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cluster-aware selection of exactly k tokens per sample.
 
@@ -139,6 +141,8 @@ def select_tokens(
         magnitude_share: rho in [0, 1].
         share_weights: quota parts by cluster rank.
         age: optional (S, M) steps since each token was last computed (tie-break of staleness).
+        quotas: optional precomputed ``cluster_quotas(round(magnitude_share * k), C, share_weights)`` as a device
+            tensor; pass it to avoid a host-to-device copy (required inside CUDA-graph capture).
 
     Returns:
         (S, k) int64 unique token indices per row, sorted ascending.
@@ -162,7 +166,8 @@ def select_tokens(
         by_age = by_score.gather(1, age.gather(1, by_score).sort(dim=1, descending=True, stable=True).indices)
     chosen = torch.zeros(s, m, dtype=torch.bool, device=device)
     if budget > 0:
-        quotas = torch.tensor(cluster_quotas(budget, num_clusters, share_weights), device=device)  # (C,) by rank
+        if quotas is None:
+            quotas = torch.tensor(cluster_quotas(budget, num_clusters, share_weights), device=device)  # (C,) by rank
         cluster_order = cluster_score.float().sort(dim=1, descending=True, stable=True).indices  # (S, C)
         rank_of_cluster = torch.empty_like(cluster_order).scatter_(
             1, cluster_order, torch.arange(num_clusters, device=device).expand(s, -1)

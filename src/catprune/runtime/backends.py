@@ -15,14 +15,17 @@ class GraphedCall:
     caches) must keep their addresses: the runtime allocates its caches once per shape signature.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor], pool=None, warmup: int = 2):
+    def __init__(self, fn, inputs: dict[str, torch.Tensor], pool=None, warmup: int = 2, state=()):
         self.static = {name: t.clone() for name, t in inputs.items()}
+        saved = [t.clone() for t in state]  # the warm-up must not advance mutable state
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(warmup):  # compiles / autotunes / initialises handles outside the capture
+            for _ in range(warmup):  # compiles / initialises handles outside the capture
                 fn(**self.static)
         torch.cuda.current_stream().wait_stream(side)
+        for t, value in zip(state, saved, strict=True):
+            t.copy_(value)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.output = fn(**self.static)
@@ -52,24 +55,33 @@ class StepRunner:
     def uses_compile(self) -> bool:
         return self.backend in ("compile", "compile+cudagraph")
 
-    def __call__(self, key, make_fn: Callable[[], Callable[..., torch.Tensor]], inputs: dict[str, torch.Tensor]):
-        """Run the function ``make_fn()`` (built once per ``key``) on ``inputs`` with this runner's backend."""
-        if self.uses_graphs and not all(t.is_cuda for t in inputs.values()):
-            raise ValueError(
-                f"CATConfig.backend: {self.backend!r} needs CUDA tensors, got inputs on "
-                f"{next(iter(inputs.values())).device}. Use backend='eager' or 'compile' on this device."
-            )
+    def compiled(self, key, make_fn: Callable[[], Callable[..., torch.Tensor]]):
+        """``make_fn()`` built once per ``key``, through ``torch.compile`` for the compile backends."""
         fn = self._compiled.get(key)
         if fn is None:
             fn = make_fn()
             if self.uses_compile:
                 fn = torch.compile(fn, dynamic=False)
             self._compiled[key] = fn
+        return fn
+
+    def run(self, key, fn, inputs: dict[str, torch.Tensor], state=()):
+        """Run ``fn(**inputs)``; with the graph backends, capture it once per ``key`` and replay.
+
+        ``state``: tensors ``fn`` mutates in place; restored after the warm-up so the first replay advances them
+        exactly once. Writes the warm-up makes to other tensors must be idempotent (the K/V cache writes are: the
+        same tokens get the same values again).
+        """
         if not self.uses_graphs:
             return fn(**inputs)
+        if not all(t.is_cuda for t in inputs.values()):
+            raise ValueError(
+                f"CATConfig.backend: {self.backend!r} needs CUDA tensors, got inputs on "
+                f"{next(iter(inputs.values())).device}. Use backend='eager' or 'compile' on this device."
+            )
         graphed = self._graphs.get(key)
         if graphed is None:
-            graphed = GraphedCall(fn, inputs, pool=self._pool)
+            graphed = GraphedCall(fn, inputs, pool=self._pool, warmup=1 if state else 2, state=state)
             self._pool = graphed.pool
             self._graphs[key] = graphed
         return graphed(**inputs).clone()  # capturing executes nothing: even the first call replays

@@ -9,6 +9,7 @@ import torch
 from ..adapters import Adapter, CallInfo, LayerCache
 from ..algorithm import (
     cluster_features,
+    cluster_quotas,
     cluster_scores,
     kmeans,
     ras_priority,
@@ -22,7 +23,26 @@ from ..config import CATConfig, CFGMode, Selection
 from .backends import StepRunner
 from .stats import PruneStats, StepRecord
 
-_MAX_SIGNATURES = 2  # shape signatures whose caches (and graphs) are kept alive at once
+_MAX_SIGNATURES = 2  # shape signatures whose buffers (and graphs) are kept alive at once
+
+
+class _SignatureState:
+    """Buffers of one shape signature, allocated once and then written in place: captured CUDA graphs keep
+    pointing at them across generations."""
+
+    def __init__(self, num_blocks: int):
+        self.caches = [LayerCache() for _ in range(num_blocks)]
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape, dtype, device) -> torch.Tensor:
+        t = self.tensors.get(name)
+        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != torch.device(device):
+            t = self.tensors[name] = torch.empty(tuple(shape), dtype=dtype, device=device)
+        return t
+
+    def put(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Copy ``value`` into the persistent buffer ``name`` (allocated on first use) and return the buffer."""
+        return self.get(name, value.shape, value.dtype, value.device).copy_(value)
 
 
 class Runtime:
@@ -32,6 +52,10 @@ class Runtime:
     pipeline's scheduler (``step_index`` is None at the first step of every diffusers generation) when catprune was
     applied to a pipeline, through the timestep otherwise (timesteps decrease within a generation), and always when
     the batch size, resolution, text length, device or dtype change. `reset` starts one explicitly.
+
+    All per-generation tensors live in persistent per-signature buffers written in place, so that with the CUDA-graph
+    backends a whole pruned step (the pruned forward, the output scatter, the staleness update and the selection of
+    the next step's tokens) is one graph replay with no host synchronisation.
     """
 
     def __init__(self, adapter: Adapter, config: CATConfig, pipe=None):
@@ -40,19 +64,23 @@ class Runtime:
         self._pipe = weakref.ref(pipe) if pipe is not None else None
         self.stats = PruneStats()
         self._macs_cache: dict[tuple, int] = {}
-        self.caches: list[LayerCache] = []
-        self._caches_by_signature: dict[tuple, list[LayerCache]] = {}
+        self._states: dict[tuple, _SignatureState] = {}
         self.runner = StepRunner(config.backend.value)
+        # the whole pruned step in one graph, except for RANDOM whose CPU generator cannot be captured
+        self.fuse = self.runner.uses_graphs and config.selection is not Selection.RANDOM
         self.reset()
 
     # ------------------------------------------------------------------ state
     def reset(self, release: bool = False) -> None:
-        """Forget the current generation; the next call is step 0. ``release`` also frees the cache buffers."""
+        """Forget the current generation; the next call is step 0. ``release`` also frees the buffers and graphs."""
         self.step = 0
         self.signature = None
         self._last_timestep = None  # timestep of the previous call (tensor or number)
         self._last_step_index: int | None = None
         self._broken = False
+        self.state: _SignatureState | None = None
+        self.caches: list[LayerCache] = []
+        # views of the persistent buffers of the current signature (None until the step that fills them)
         self.reference = None  # (S, M, P) float32 n_ref
         self.outputs = None  # (B, M, P) latest per-token output of every token
         self.labels = None  # (S, M) cluster labels
@@ -62,8 +90,7 @@ class Runtime:
         self.idx_rows = None  # (B, k) the same, per batch row
         self.stats = PruneStats()
         if release:
-            self.caches = []
-            self._caches_by_signature.clear()
+            self._states.clear()
             self._macs_cache.clear()
             self.runner.clear()
 
@@ -107,29 +134,33 @@ class Runtime:
 
     def _start_generation(self, info: CallInfo) -> None:
         # everything that can fail is computed before any state is touched
+        cfg = self.config
         m = info.num_tokens
-        k = self.config.tokens_kept(m)
-        clusters = self.config.clusters_for(m)
+        k = cfg.tokens_kept(m)
+        clusters = cfg.clusters_for(m)
         shared = self._cfg_shared(info.batch)
         num_blocks = len(self.adapter.model.transformer_blocks)
         signature = info.signature
 
-        # caches live per shape signature: graphs captured for a signature keep pointing at its buffers
-        caches = self._caches_by_signature.get(signature)
-        if caches is None:
-            if len(self._caches_by_signature) >= _MAX_SIGNATURES:
-                self._caches_by_signature.clear()
+        state = self._states.get(signature)
+        if state is None:
+            if len(self._states) >= _MAX_SIGNATURES:
+                self._states.clear()
                 self.runner.clear()
-            caches = self._caches_by_signature[signature] = [LayerCache() for _ in range(num_blocks)]
+            state = self._states[signature] = _SignatureState(num_blocks)
         self.reset()
-        self.caches = caches
-        self.signature = signature
+        self.state, self.caches, self.signature = state, state.caches, signature
         self.k, self.num_clusters, self.shared = k, clusters, shared
-        b = info.batch
+        b, device = info.batch, info.device
         groups = b // 2 if shared else b
-        rows = torch.arange(b, device=info.device)
-        self.score_rows = rows[groups:] if shared else None  # conditional rows score the shared selection
-        self.row_group = rows % groups if shared else None
+        rows = torch.arange(b, device=device)
+        self.score_rows = state.put("score_rows", rows[groups:]) if shared else None  # conditional rows score
+        self.row_group = state.put("row_group", rows % groups) if shared else None
+        policy_clusters = clusters if cfg.selection is Selection.CAT else 1
+        quotas = cluster_quotas(round(cfg.magnitude_share * k), policy_clusters, cfg.cluster_share_weights)
+        self.quotas = state.put("quotas", torch.tensor(quotas, device=device))  # (C,) by cluster rank
+        self.idx = state.get("idx", (groups, k), torch.long, device)
+        self.idx_rows = self.idx if self.row_group is None else state.get("idx_rows", (b, k), torch.long, device)
 
     # ------------------------------------------------------------------ one call
     def __call__(self, original, args, kwargs):
@@ -158,41 +189,29 @@ class Runtime:
         if i < t0 - 1:
             out = self._dense(original, args, kwargs, info)
             if i == t0 - 2:
-                self.reference = self._score_view(self.adapter.output_tokens(out, info)).float().clone()
+                tokens = self._score_view(self.adapter.output_tokens(out, info)).float()  # (S, M, P)
+                self.reference = self.state.put("reference", tokens)
             self._record(info, "dense", m)
             return out
         if i == t0 - 1:
             with self.adapter.capture(self.caches, info):
                 out = original(*args, **kwargs)
-            self.outputs = self.adapter.output_tokens(out, info).clone()  # (B, M, P)
+            self.outputs = self.state.put("outputs", self.adapter.output_tokens(out, info))  # (B, M, P)
             scored = self._score_view(self.outputs).float()  # (S, M, P)
+            shape, device = scored.shape[:2], scored.device
             if self.config.selection is Selection.CAT:
                 features = cluster_features(scored, info.grid, self.config.cluster_feature_weight)
-                self.labels = kmeans(features, self.num_clusters, self.config.kmeans_iters, self.config.seed)
+                labels = kmeans(features, self.num_clusters, self.config.kmeans_iters, self.config.seed)  # (S, M)
             else:  # ablations / baselines: one cluster
-                self.labels = torch.zeros(scored.shape[:2], device=scored.device, dtype=torch.long)  # (S, M)
+                labels = torch.zeros(shape, device=device, dtype=torch.long)
+            self.labels = self.state.put("labels", labels)
             self._rng = torch.Generator(device="cpu").manual_seed(self.config.seed)
-            self.staleness = torch.zeros(scored.shape[:2], device=scored.device)  # (S, M)
-            self.age = torch.zeros(scored.shape[:2], device=scored.device, dtype=torch.long)  # (S, M)
+            self.staleness = self.state.get("staleness", shape, torch.float32, device).zero_()  # (S, M)
+            self.age = self.state.get("age", shape, torch.long, device).zero_()  # (S, M)
             self._select_next()
             self._record(info, "capture", m)
             return out
-        # pruned step
-        inputs = None if self.runner.backend == "eager" else self.adapter.fast_inputs(info)
-        if inputs is None:
-            selected = self.adapter.pruned_forward(self.caches, self.idx_rows, info)  # (B, k, P)
-        else:
-            caches = self.caches
-            selected = self.runner(
-                ("pruned", info.signature, self.k),
-                lambda: self.adapter.pruned_fn(caches, info),
-                dict(idx=self.idx_rows, **inputs),
-            )  # (B, k, P)
-        scatter_tokens_(self.outputs, self.idx_rows, selected)  # (B, M, P)
-        out = self.adapter.build_output(self.outputs, info)
-        self.staleness = update_staleness(self.staleness, self.idx, self.config.staleness_decay)
-        self.age = update_age(self.age, self.idx)
-        self._select_next()
+        out = self._pruned(info)
         self._record(info, "pruned", self.k)
         return out
 
@@ -200,42 +219,75 @@ class Runtime:
         inputs = None if self.runner.backend == "eager" else self.adapter.fast_inputs(info)
         if inputs is None:
             return original(*args, **kwargs)
-        sample = self.runner(("dense", info.signature), lambda: self.adapter.dense_fn(original), inputs)
+        dense = self.runner.compiled(("dense", info.signature), lambda: self.adapter.dense_fn(original))
+        sample = self.runner.run(("dense", info.signature), dense, inputs)
         return self.adapter.wrap_sample(sample, info)
+
+    def _pruned(self, info: CallInfo):
+        static = self.runner.backend != "eager" or self.fuse  # fuse on eager: the fused logic without graphs (tests)
+        inputs = self.adapter.fast_inputs(info) if static else None
+        if inputs is None:  # eager (or a call the static path does not cover)
+            selected = self.adapter.pruned_forward(self.caches, self.idx_rows, info)  # (B, k, P)
+            self._advance(selected)
+            return self.adapter.build_output(self.outputs, info)
+        caches, key = self.caches, ("pruned", info.signature, self.k)
+        core = self.runner.compiled(key, lambda: self.adapter.pruned_fn(caches, info))
+        if not self.fuse:
+            selected = self.runner.run(key, core, dict(idx=self.idx_rows, **inputs))  # (B, k, P)
+            self._advance(selected)
+            return self.adapter.build_output(self.outputs, info)
+
+        def step(**tensors):
+            self._advance(core(idx=self.idx_rows, **tensors))
+            return self.adapter.unpatchify(self.outputs, info)  # (B, C, H, W)
+
+        mutable = [self.outputs, self.staleness, self.age, self.idx, self.idx_rows]
+        sample = self.runner.run(("step",) + key, step, inputs, state=mutable)
+        return self.adapter.wrap_sample(sample, info)
+
+    def _advance(self, selected: torch.Tensor) -> None:
+        """After a pruned step: store the fresh outputs, age the staleness, choose the next step's tokens."""
+        scatter_tokens_(self.outputs, self.idx_rows, selected)  # (B, M, P)
+        self.staleness.copy_(update_staleness(self.staleness, self.idx, self.config.staleness_decay))
+        self.age.copy_(update_age(self.age, self.idx))
+        self._select_next()
 
     def _score_view(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens if self.score_rows is None else tokens[self.score_rows]  # (S, M, P)
 
     def _select_next(self) -> None:
+        """Choose the next step's tokens into the persistent ``idx`` / ``idx_rows`` buffers (in place)."""
         cfg = self.config
         current = self._score_view(self.outputs)  # (S, M, P)
         delta = current.float() - self.reference  # (S, M, P)
         score = delta.norm(dim=-1)  # (S, M)
         policy = cfg.selection
-        if policy is Selection.CAT:
-            per_cluster = cluster_scores(delta, self.labels, self.num_clusters)  # (S, C)
-        else:
-            per_cluster = score.new_zeros(score.shape[0], 1)  # (S, 1) a single cluster
         if policy is Selection.MAGNITUDE:
-            self.idx = topk_tokens(score, self.k)
+            idx = topk_tokens(score, self.k)
         elif policy is Selection.RANDOM:
             noise = torch.rand(score.shape[1], generator=self._rng).to(score.device)  # (M,) same for every sample
-            self.idx = topk_tokens(noise.expand_as(score), self.k)
+            idx = topk_tokens(noise.expand_as(score), self.k)
         elif policy is Selection.RAS:
-            self.idx = topk_tokens(ras_priority(current, self.age, cfg.ras_starvation), self.k)
+            idx = topk_tokens(ras_priority(current, self.age, cfg.ras_starvation), self.k)
         else:  # CAT, NO_CLUSTERING (one cluster), STALENESS (no magnitude part)
-            share = 0.0 if policy is Selection.STALENESS else cfg.magnitude_share
-            self.idx = select_tokens(
+            if policy is Selection.CAT:
+                per_cluster = cluster_scores(delta, self.labels, self.num_clusters)  # (S, C)
+            else:
+                per_cluster = score.new_zeros(score.shape[0], 1)  # (S, 1) a single cluster
+            idx = select_tokens(
                 score,
                 per_cluster,
                 self.labels,
                 self.staleness,
                 self.k,
-                share,
+                0.0 if policy is Selection.STALENESS else cfg.magnitude_share,
                 cfg.cluster_share_weights,
                 age=self.age,
+                quotas=self.quotas,
             )  # (S, k)
-        self.idx_rows = self.idx if self.row_group is None else self.idx[self.row_group]  # (B, k)
+        self.idx.copy_(idx)
+        if self.row_group is not None:
+            torch.index_select(self.idx, 0, self.row_group, out=self.idx_rows)  # (B, k)
 
     def _record(self, info: CallInfo, phase: str, computed: int) -> None:
         key = (info.signature, computed)
