@@ -55,7 +55,7 @@ def load_pipeline(
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(name_or_path), torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(str(name_or_path), dtype=dtype)
     except (OSError, ValueError) as exc:
         raise OSError(
             f"load_pipeline: could not load {str(name_or_path)!r} with diffusers ({exc}). Expected 'shapes' (the "
