@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import torch
 
@@ -74,6 +75,14 @@ def apply(pipe_or_transformer, config: CATConfig | None = None):
             "Pass e.g. catprune.CATConfig(keep_ratio=0.3, start_step=8)."
         )
     model, pipe = _resolve(pipe_or_transformer, "apply")
+    target = pipe.transformer if pipe is not None else pipe_or_transformer
+    if model is not target and config.backend.value == "eager":
+        warnings.warn(
+            "catprune.apply: the transformer is wrapped by torch.compile; catprune's forward runs outside Dynamo "
+            "(no per-step recompiles), so that compile has no effect. For compiled steps use "
+            "CATConfig(backend='compile') or backend='compile+cudagraph' on CUDA.",
+            stacklevel=2,
+        )
     adapter = adapter_for(model)
     adapter.validate_model()
     runtime = Runtime(adapter, config, pipe)
