@@ -106,12 +106,39 @@ def profile_steps(pipe, out) -> None:
             print(table, flush=True)
 
 
+def offload_check(out) -> None:
+    """CAT with pipe.enable_model_cpu_offload() (applied before and after enabling it) gives the same latents as on a
+    resident model."""
+    pipe, entry = build_pipeline("sd3-medium", "cpu", torch.bfloat16)
+    from catprune.bench import _embeddings
+
+    embeds = _embeddings(pipe, entry, 1, "cuda", torch.bfloat16)
+    kwargs = dict(**embeds, height=512, width=512, num_inference_steps=6, guidance_scale=7.0, output_type="latent")
+    config = catprune.CATConfig(keep_ratio=0.3, start_step=2)
+    report = {}
+    with torch.no_grad():
+        pipe.to("cuda")
+        catprune.apply(pipe, config)
+        resident = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
+        catprune.remove(pipe)
+        pipe.to("cpu")
+        pipe.enable_model_cpu_offload()
+        catprune.apply(pipe, config)  # after enabling offload
+        after = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
+        report["offload, applied after enabling (rel err vs resident)"] = rel_err(after, resident)
+        report["offload, stats pruned steps"] = catprune.stats(pipe).pruned_steps
+        catprune.remove(pipe)
+    for key, value in report.items():
+        print(f"CHECK {key}: {value}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--part", default="main", choices=["main", "scaling", "all"])
     parser.add_argument("--modes", default="eager,cudagraph,compile+cudagraph")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--offload", action="store_true")
     parser.add_argument("--no-check", action="store_true")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -126,6 +153,11 @@ def main():
             print(f"checks done at {time.time() - start:.0f}s", flush=True)
         if args.profile:
             profile_steps(pipe, args.out)
+        if args.offload:
+            try:
+                offload_check(args.out)
+            except Exception as exc:  # reported, not fatal for the timing run
+                print(f"CHECK offload failed: {type(exc).__name__}: {exc}", flush=True)
         for mode in args.modes.split(","):
             for steps in (28, 50):
                 case = BenchCase(steps=steps, mode=mode, repeats=3)
