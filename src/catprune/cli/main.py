@@ -220,6 +220,7 @@ def _add_bench(sub):
 
 
 COMMANDS = [_add_generate, _add_env, _add_bench]
+COMMANDS.append(__import__("catprune.cli.eval_cmd", fromlist=["add_parser"]).add_parser)  # catprune eval
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,174 @@
+"""``catprune eval``: quality against speed for dense, fewer steps, CAT Pruning, ablations, baselines and peers.
+
+Phases (``--phase``): ``generate`` (images, timings, MACs; cached on disk, resumable), ``score`` (metrics from the
+cache), ``report`` (results.json, results.csv, report.html with plots, grids and heat maps), or ``all`` (default).
+
+Example:
+    >>> parser = build_parser()
+    >>> args = parser.parse_args(["--num-prompts", "20", "--steps", "8", "--methods", "quick"])
+    >>> args.phase, args.num_prompts, args.methods
+    ('all', 20, 'quick')
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+PHASES = ("all", "generate", "score", "report")
+
+
+def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--phase", default="all", choices=PHASES, help="which phase(s) to run (default: all)")
+    p.add_argument("--model", default="shapes", help="'shapes' (embedded, offline) or a hub id / local folder")
+    p.add_argument("--num-prompts", type=int, default=200, help="prompts to evaluate (default 200)")
+    p.add_argument(
+        "--prompt-seed", type=int, default=20_000, help="seed of the shapes captions (default: the held-out set)"
+    )
+    p.add_argument("--prompts", default=None, help="text file with one prompt per line (required for hub models)")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps of the dense reference (default 28)")
+    p.add_argument(
+        "--methods",
+        default="default",
+        help="comma-separated methods or presets: default, quick, dense[:STEPS], cat[:KEEP:START], random, "
+        "magnitude, staleness, no_clustering, ras (same form), dbcache[:THRESHOLD] (default: default)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="image j is generated with seed SEED + j (default 0)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (pipeline default)")
+    p.add_argument("--height", type=int, default=None, help="image height (pipeline default)")
+    p.add_argument("--width", type=int, default=None, help="image width (pipeline default)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default="outputs/eval", help="root folder; the run goes to OUT/<settings name>")
+    p.add_argument("--folder", default=None, help="an existing evaluation folder to score / report (skips --out)")
+    p.add_argument("--force", action="store_true", help="regenerate even where images are cached")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up image of every method")
+    p.add_argument("--grid-rows", type=int, default=6, help="seeds shown in the image grids (default 6)")
+    p.add_argument("--list-methods", action="store_true", help="print the methods that would run, then exit")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser with the ``eval`` options (the ``catprune`` command adds them as a subcommand)."""
+    return _configure(argparse.ArgumentParser(prog="catprune eval", description=__doc__.splitlines()[0]))
+
+
+def add_parser(sub) -> None:
+    """Register ``eval`` on the ``catprune`` command's subparsers."""
+    p = sub.add_parser(
+        "eval",
+        help="evaluate quality vs speed: dense, fewer steps, CAT, ablations, RAS-style, cache-dit",
+        description="Generate (cached), score and report: dense at N steps (reference), dense with fewer steps, CAT "
+        "at several keep ratios / start steps, ablations and the RAS-style baseline at CAT's budget, cache-dit's "
+        "DBCache when installed. Writes results.json, results.csv and report.html.",
+    )
+    _configure(p)
+    p.set_defaults(func=run)
+
+
+def _settings(args):
+    from ..evaluation import EvalSettings
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return EvalSettings(
+        model=args.model,
+        num_prompts=args.num_prompts,
+        prompt_seed=args.prompt_seed,
+        prompts_file=args.prompts,
+        steps=args.steps,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        device=device,
+        dtype=args.dtype,
+    )
+
+
+def _table(results: dict) -> str:
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    lines = [
+        f"{'method':<24} {'group':<12} {'MACs':>6} {'s/img':>8} {'wall x':>7} {'PSNR':>7} {'SSIM':>6} "
+        f"{'col@cell':>8} {'shape':>6}"
+    ]
+    for r in results["methods"]:
+        if r.get("status") != "ok":
+            lines.append(f"{r['name']:<24} {r.get('group', ''):<12} {r.get('status', '')}")
+            continue
+        psnr = "inf" if r.get("psnr") is None and r.get("psnr_identical") else fmt(r.get("psnr"), "7.2f")
+        lines.append(
+            f"{r['name']:<24} {r['group']:<12} {fmt(r.get('macs_ratio'), '6.3f')} "
+            f"{fmt(r.get('seconds_per_image'), '8.4f')} {fmt(r.get('wall_speedup'), '7.2f')} {psnr:>7} "
+            f"{fmt(r.get('ssim'), '6.4f')} {fmt(r.get('colour_at_cell'), '8.3f')} {fmt(r.get('shape'), '6.3f')}"
+        )
+    for check in results["acceptance"]:
+        mark = {True: "HOLDS", False: "MISS", None: "INFO"}[check["holds"]]
+        lines.append(f"[{mark}] {check['criterion']}: {check['detail']}")
+    return "\n".join(lines)
+
+
+def _command(args) -> str:
+    """The ``catprune eval`` command line that reproduces these options (non-default ones only)."""
+    defaults = vars(build_parser().parse_args([]))
+    words = ["catprune", "eval"]
+    for key, value in vars(args).items():
+        if key not in defaults or value == defaults[key] or key in ("phase", "folder", "force", "list_methods"):
+            continue
+        flag = "--" + key.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def run(args) -> int:
+    """Entry point of ``catprune eval``."""
+    from ..evaluation import generate, parse_methods, score, write_report
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.folder is not None:
+        if args.phase in ("all", "generate"):
+            raise ValueError(
+                "catprune eval: --folder: expected --phase score or --phase report with an existing folder, got "
+                f"--phase {args.phase}. Use --out to generate, or add --phase score."
+            )
+        folder = Path(args.folder)
+    else:
+        settings = _settings(args)
+        folder = Path(args.out) / settings.folder_name()
+        methods = parse_methods(args.methods, steps=settings.steps)
+        if args.list_methods:
+            for m in methods:
+                print(f"{m.name:<26} {m.group:<12} {m.description}")
+            return 0
+        if args.phase in ("all", "generate"):
+            generate(settings, methods, folder, force=args.force, warmup=not args.no_warmup)
+    if args.phase in ("all", "score"):
+        score(folder)
+    if args.phase in ("all", "score", "report"):
+        results = write_report(folder, grid_rows=args.grid_rows, command=_command(args))
+        print(_table(results))
+        print(f"report: {folder / 'report.html'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``catprune eval`` stand-alone (``python -m catprune.cli.eval_cmd``)."""
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

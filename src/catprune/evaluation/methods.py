@@ -1,0 +1,304 @@
+"""The methods an evaluation compares: dense references, fewer steps, CAT Pruning, ablations, baselines and peers.
+
+A method is a name plus what it runs. Every catprune method (CAT, its ablations, the RAS-style baseline) is a
+`CATConfig`: the same pruned step, caches and token budget, only ``selection`` differs. Peers are other libraries'
+accelerators driven through their public API (today cache-dit's DBCache, the optional ``catprune[peers]`` extra).
+
+Method specs, as the CLI takes them (``--methods``), comma-separated:
+
+- ``dense`` or ``dense:STEPS``: the dense model (``dense`` = the evaluation's step count, the reference);
+- ``cat:KEEP:START`` (e.g. ``cat:0.3:8``) and the same for ``random``, ``magnitude``, ``staleness``,
+  ``no_clustering`` and ``ras`` (see `catprune.Selection`); ``KEEP`` and ``START`` default to 0.3 and 8;
+- ``dbcache`` or ``dbcache:THRESHOLD`` (cache-dit's DBCache, F1B0, warm-up 8 steps);
+- presets: ``default`` (the issue's full set) and ``quick`` (a small set for smoke tests).
+
+Example:
+    >>> [m.name for m in parse_methods("dense,dense:14,cat:0.3:8,ras", steps=28)]
+    ['dense-28', 'dense-14', 'cat-a0.3-t8', 'ras-a0.3-t8']
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from ..config import CATConfig, Selection
+
+
+class Kind(str, enum.Enum):
+    """How a method runs: the dense model, catprune with a CATConfig, or a peer library."""
+
+    DENSE = "dense"
+    CATPRUNE = "catprune"
+    PEER = "peer"
+
+
+#: Report groups, in display order.
+GROUPS = ("reference", "fewer steps", "CAT", "ablation", "baseline", "peer")
+
+#: The rule names of the ablations / baselines, with the group they are shown in.
+_SELECTION_GROUP = {
+    Selection.CAT: "CAT",
+    Selection.RANDOM: "ablation",
+    Selection.MAGNITUDE: "ablation",
+    Selection.STALENESS: "ablation",
+    Selection.NO_CLUSTERING: "ablation",
+    Selection.RAS: "baseline",
+}
+
+_DESCRIPTIONS = {
+    Selection.CAT: "CAT Pruning: cluster-aware change magnitude + staleness",
+    Selection.RANDOM: "ablation: k tokens uniformly at random per step",
+    Selection.MAGNITUDE: "ablation: the k largest changes, no clusters, no staleness",
+    Selection.STALENESS: "ablation: the k stalest tokens, no change signal",
+    Selection.NO_CLUSTERING: "ablation: the CAT rule with one cluster (no spatial grouping)",
+    Selection.RAS: "RAS-style baseline: std of the output x exp(starvation x age), top-k",
+}
+
+DEFAULT_KEEP_RATIO = 0.3
+DEFAULT_START_STEP = 8
+DBCACHE_DEFAULTS = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.08}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of an evaluation.
+
+    Attributes:
+        name: unique, file-system safe (``dense-28``, ``cat-a0.3-t8``, ``dbcache-r0.08``).
+        kind: `Kind`.
+        steps: denoising steps the method runs.
+        group: report group (one of `GROUPS`).
+        description: one line for the report.
+        config: the CATConfig of a catprune method, else None.
+        peer: the settings of a peer method (``{"library": "cache-dit", ...}``), else None.
+
+    Example:
+        >>> Method.dense(14, reference_steps=28).group
+        'fewer steps'
+    """
+
+    name: str
+    kind: Kind
+    steps: int
+    group: str
+    description: str
+    config: CATConfig | None = None
+    peer: dict | None = field(default=None, compare=False, hash=False)
+
+    @classmethod
+    def dense(cls, steps: int, reference_steps: int) -> Method:
+        """The dense model at ``steps`` steps (the reference when ``steps == reference_steps``)."""
+        reference = steps == reference_steps
+        return cls(
+            name=f"dense-{steps}",
+            kind=Kind.DENSE,
+            steps=steps,
+            group="reference" if reference else "fewer steps",
+            description=f"dense model, {steps} steps" + (" (the reference)" if reference else ""),
+        )
+
+    @classmethod
+    def catprune(cls, config: CATConfig, steps: int) -> Method:
+        """A catprune method (CAT, an ablation or the RAS-style baseline) for ``config``.
+
+        Example:
+            >>> Method.catprune(CATConfig(keep_ratio=0.5, start_step=4, selection="random"), 28).name
+            'random-a0.5-t4'
+        """
+        sel = config.selection
+        name = f"{sel.value}-a{config.keep_ratio:g}-t{config.start_step}"
+        extra = {k: v for k, v in config.to_dict().items() if k not in ("keep_ratio", "start_step", "selection")}
+        defaults = {k: v for k, v in CATConfig().to_dict().items() if k in extra}
+        if extra != defaults:  # a non-default knob: keep names unique and honest
+            name += "-" + hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:6]
+        return cls(
+            name=name,
+            kind=Kind.CATPRUNE,
+            steps=steps,
+            group=_SELECTION_GROUP[sel],
+            description=f"{_DESCRIPTIONS[sel]}; keep_ratio {config.keep_ratio:g}, start_step {config.start_step}",
+            config=config,
+        )
+
+    @classmethod
+    def dbcache(cls, steps: int, threshold: float = 0.08, warmup: int = DEFAULT_START_STEP) -> Method:
+        """cache-dit's DBCache (F1B0: the first block always computed, the others cached while the first block's
+        residual changes by less than ``threshold``), ``warmup`` dense steps."""
+        settings = {**DBCACHE_DEFAULTS, "residual_diff_threshold": threshold, "max_warmup_steps": warmup}
+        return cls(
+            name=f"dbcache-r{threshold:g}",
+            kind=Kind.PEER,
+            steps=steps,
+            group="peer",
+            description=f"cache-dit DBCache F1B0, residual threshold {threshold:g}, {warmup} warm-up steps",
+            peer={"library": "cache-dit", "cache": "DBCache", **settings},
+        )
+
+    @property
+    def is_reference(self) -> bool:
+        return self.group == "reference"
+
+    def fingerprint(self) -> dict:
+        """Everything that determines this method's images (the generation cache is keyed on it)."""
+        return {
+            "name": self.name,
+            "kind": self.kind.value,
+            "steps": self.steps,
+            "config": self.config.to_dict() if self.config is not None else None,
+            "peer": self.peer,
+        }
+
+    def to_dict(self) -> dict:
+        out = self.fingerprint()
+        out.update(group=self.group, description=self.description)
+        return out
+
+
+def default_methods(steps: int = 28) -> list[Method]:
+    """The issue's full comparison at ``steps`` steps: dense (reference), dense with fewer steps, CAT at several keep
+    ratios and start steps, the four ablations and the RAS-style baseline at CAT's main budget (keep 0.3, start 8),
+    and cache-dit's DBCache (skipped at run time when cache-dit is not installed or does not support the model).
+
+    The fewer-steps list brackets the MACs of CAT's main configuration (about 0.51 of dense on the shapes model at
+    28 steps), so that a dense run of equal or higher cost exists for the acceptance comparison.
+
+    Example:
+        >>> [m.name for m in default_methods(28)][:4]
+        ['dense-28', 'dense-20', 'dense-16', 'dense-15']
+    """
+    fewer = sorted({max(1, round(steps * f)) for f in (20 / 28, 16 / 28, 15 / 28, 14 / 28, 10 / 28)}, reverse=True)
+    methods = [Method.dense(steps, steps)] + [Method.dense(s, steps) for s in fewer if s != steps]
+    start = min(DEFAULT_START_STEP, max(2, steps - 1))
+    for keep, t0 in ((0.3, start), (0.2, start), (0.5, start), (0.3, max(2, start // 2)), (0.3, min(steps - 1, 12))):
+        methods.append(Method.catprune(CATConfig(keep_ratio=keep, start_step=t0), steps))
+    for selection in (Selection.RANDOM, Selection.MAGNITUDE, Selection.STALENESS, Selection.NO_CLUSTERING):
+        methods.append(Method.catprune(CATConfig(keep_ratio=0.3, start_step=start, selection=selection), steps))
+    methods.append(Method.catprune(CATConfig(keep_ratio=0.3, start_step=start, selection=Selection.RAS), steps))
+    methods.append(Method.dbcache(steps, warmup=start))
+    return _unique(methods)
+
+
+def quick_methods(steps: int = 28) -> list[Method]:
+    """A small set for smoke tests: dense, dense at half the steps, CAT, random and the RAS-style baseline.
+
+    Example:
+        >>> [m.name for m in quick_methods(8)]
+        ['dense-8', 'dense-4', 'cat-a0.3-t4', 'random-a0.3-t4', 'ras-a0.3-t4']
+    """
+    start = min(DEFAULT_START_STEP, max(2, steps // 2))
+    return _unique(
+        [Method.dense(steps, steps), Method.dense(max(1, steps // 2), steps)]
+        + [
+            Method.catprune(CATConfig(keep_ratio=0.3, start_step=start, selection=s), steps)
+            for s in (Selection.CAT, Selection.RANDOM, Selection.RAS)
+        ]
+    )
+
+
+PRESETS = {"default": default_methods, "quick": quick_methods}
+
+
+def _unique(methods: list[Method]) -> list[Method]:
+    seen, out = set(), []
+    for m in methods:
+        if m.name not in seen:
+            seen.add(m.name)
+            out.append(m)
+    return out
+
+
+def _number(text: str, kind, what: str, spec: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(
+            f"methods: {spec!r}: expected {what} after ':', got {text!r}. Write e.g. 'cat:0.3:8' or 'dense:14'."
+        ) from None
+
+
+def parse_methods(spec: str | list[str], steps: int) -> list[Method]:
+    """Parse a comma-separated method spec (see the module docstring) into methods at ``steps`` steps.
+
+    The reference ``dense-STEPS`` is always included (fidelity is measured against it) and comes first.
+
+    Raises:
+        ValueError: naming the item that could not be parsed and the accepted forms.
+
+    Example:
+        >>> [m.name for m in parse_methods("quick,magnitude:0.3:4", steps=8)][-1]
+        'magnitude-a0.3-t4'
+    """
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    selections = {s.value: s for s in Selection}
+    methods: list[Method] = [Method.dense(steps, steps)]
+    for raw in items:
+        item = raw.strip()
+        if not item:
+            continue
+        head, *args = item.split(":")
+        head = head.strip().lower()
+        if head in PRESETS and not args:
+            methods.extend(PRESETS[head](steps))
+        elif head == "dense":
+            if len(args) > 1:
+                raise ValueError(f"methods: {item!r}: expected 'dense' or 'dense:STEPS', e.g. 'dense:14'.")
+            n = _number(args[0], int, "an int number of steps", item) if args else steps
+            if not 1 <= n <= steps:
+                raise ValueError(
+                    f"methods: {item!r}: expected a step count in [1, {steps}] (the evaluation's steps), got {n}."
+                )
+            methods.append(Method.dense(n, steps))
+        elif head in selections:
+            if len(args) > 2:
+                raise ValueError(f"methods: {item!r}: expected '{head}:KEEP_RATIO:START_STEP', e.g. '{head}:0.3:8'.")
+            keep = _number(args[0], float, "a keep ratio", item) if args else DEFAULT_KEEP_RATIO
+            start = _number(args[1], int, "an int start step", item) if len(args) > 1 else DEFAULT_START_STEP
+            try:
+                config = CATConfig(keep_ratio=keep, start_step=start, selection=selections[head])
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"methods: {item!r}: {exc}") from None
+            methods.append(Method.catprune(config, steps))
+        elif head == "dbcache":
+            if len(args) > 1:
+                raise ValueError(f"methods: {item!r}: expected 'dbcache' or 'dbcache:THRESHOLD', e.g. 'dbcache:0.08'.")
+            threshold = _number(args[0], float, "a residual threshold", item) if args else 0.08
+            methods.append(Method.dbcache(steps, threshold, warmup=min(DEFAULT_START_STEP, steps)))
+        else:
+            accepted = ", ".join(["dense[:STEPS]", *(f"{s}[:KEEP:START]" for s in selections), "dbcache[:THR]"])
+            raise ValueError(
+                f"methods: unknown method {item!r}. Accepted: {accepted}, or a preset ({', '.join(PRESETS)})."
+            )
+    return _unique(methods)
+
+
+def method_from_dict(data: dict) -> Method:
+    """Rebuild a method from `Method.to_dict` (used when re-scoring a cached generation)."""
+    config = data.get("config")
+    if config is not None:
+        config = dict(config)
+        config["cluster_share_weights"] = tuple(config["cluster_share_weights"])
+        config = CATConfig(**config)
+    return Method(
+        name=data["name"],
+        kind=Kind(data["kind"]),
+        steps=int(data["steps"]),
+        group=data["group"],
+        description=data["description"],
+        config=config,
+        peer=data.get("peer"),
+    )
+
+
+__all__ = [
+    "GROUPS",
+    "Kind",
+    "Method",
+    "PRESETS",
+    "default_methods",
+    "method_from_dict",
+    "parse_methods",
+    "quick_methods",
+]

@@ -1,0 +1,382 @@
+"""`catprune eval`: metrics, method specs, the generation cache, scoring, the report and the CLI (tiny random
+shapes pipelines at 64x64, few prompts, few steps)."""
+
+import csv
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import catprune
+from catprune.evaluation import EvalSettings, generate, parse_methods, score, write_report
+from catprune.evaluation.harness import load_generation, load_images
+from catprune.evaluation.methods import Kind, Method, default_methods
+from catprune.evaluation.metrics import finite_mean, paired_difference, psnr, ssim
+from catprune.evaluation.report import acceptance
+
+STEPS, START, SIZE = 6, 3, 64  # 16x16 tokens at patch 4
+TOKENS = (SIZE // 4) ** 2
+QUIET = dict(log=lambda s: None)
+
+
+def tiny_pipe(seed=0):
+    from catprune.models.shapes import build_random_shapes_pipeline
+
+    pipe = build_random_shapes_pipeline(seed=seed, num_layers=2, attention_head_dim=8, num_attention_heads=2)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_settings(**overrides):
+    base = dict(num_prompts=3, steps=STEPS, batch_size=2, height=SIZE, width=SIZE)
+    return EvalSettings(**{**base, **overrides})
+
+
+METHODS = f"dense:3,cat:0.5:{START},random:0.5:{START},ras:0.5:{START}"
+
+
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory):
+    """One generation + scoring + report, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("eval") / tiny_settings().folder_name()
+    pipe = tiny_pipe()
+    generate(tiny_settings(), parse_methods(METHODS, STEPS), out, pipe=pipe, **QUIET)
+    score(out, **QUIET)
+    results = write_report(out)
+    return out, pipe, results
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_psnr_hand_computed_and_identical_is_inf():
+    a = torch.zeros(2, 3, 4, 4)
+    b = a.clone()
+    b[0] += 0.1  # mse 0.01 -> 20 dB
+    values = psnr(a, b)
+    assert values[0].item() == pytest.approx(20.0)
+    assert math.isinf(values[1].item())
+
+
+def test_ssim_of_constant_images_matches_formula():
+    # constant images: variances and covariance vanish, SSIM = (2 mu_a mu_b + C1) / (mu_a^2 + mu_b^2 + C1)
+    a, b = torch.full((1, 3, 16, 16), 0.5), torch.full((1, 3, 16, 16), 0.75)  # exact in float32
+    c1 = 0.01**2
+    expected = (2 * 0.5 * 0.75 + c1) / (0.5**2 + 0.75**2 + c1)
+    assert ssim(a, b).item() == pytest.approx(expected, rel=1e-9)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert ssim(x, x).tolist() == pytest.approx([1.0, 1.0])
+    assert ssim(x, 1 - x).tolist() == pytest.approx(ssim(1 - x, x).tolist())  # symmetric
+    assert (ssim(x, 1 - x) < 0).all()  # anti-correlated
+
+
+def test_metric_errors_name_the_argument():
+    with pytest.raises(ValueError, match="same shape"):
+        psnr(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 5))
+    with pytest.raises(TypeError, match="two tensors"):
+        psnr(np.zeros((1, 3, 4, 4)), torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+
+
+def test_finite_mean_and_paired_difference():
+    assert finite_mean([float("inf"), 1.0, 3.0]) == 2.0
+    assert finite_mean([float("inf")]) is None
+    d = paired_difference([2.0, 3.0, 4.0, float("inf")], [1.0, 1.0, 1.0, 1.0])
+    assert d["n"] == 3 and d["mean"] == pytest.approx(2.0) and d["ci_low"] < 2.0 < d["ci_high"]
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def test_default_methods_cover_the_issue():
+    methods = {m.name: m for m in default_methods(28)}
+    assert methods["dense-28"].group == "reference"
+    assert {"dense-20", "dense-14", "dense-10", "dense-15"} <= set(methods)
+    main = methods["cat-a0.3-t8"].config
+    for name in ("random", "magnitude", "staleness", "no_clustering", "ras"):
+        cfg = methods[f"{name}-a0.3-t8"].config
+        assert (cfg.keep_ratio, cfg.start_step, cfg.num_clusters) == (main.keep_ratio, main.start_step, None)
+        assert cfg.selection.value == name
+    assert {m.config.keep_ratio for m in methods.values() if m.group == "CAT"} >= {0.2, 0.3, 0.5}
+    assert {m.config.start_step for m in methods.values() if m.group == "CAT"} >= {4, 8, 12}
+    assert methods["dbcache-r0.08"].kind is Kind.PEER
+
+
+def test_parse_methods_always_includes_the_reference_first():
+    names = [m.name for m in parse_methods("ras:0.2:4,dense:5,dense", 8)]
+    assert names == ["dense-8", "ras-a0.2-t4", "dense-5"]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("bogus", "unknown method 'bogus'"),
+        ("cat:abc", "expected a keep ratio"),
+        ("cat:1.5:8", "keep_ratio"),
+        ("dense:40", r"step count in \[1, 28\]"),
+        ("dense:2:3", "dense:STEPS"),
+    ],
+)
+def test_parse_methods_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_methods(spec, 28)
+
+
+def test_settings_validation_and_folder_name(tmp_path):
+    assert tiny_settings().folder_name() == f"shapes-p3-s{STEPS}-seed0-{SIZE}x{SIZE}"
+    with pytest.raises(ValueError, match="EvalSettings.num_prompts: expected an int >= 1"):
+        EvalSettings(num_prompts=0)
+    with pytest.raises(ValueError, match="prompts_file"):
+        EvalSettings(model="some/hub-model").prompts()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\ntwo\n")
+    assert EvalSettings(model="x", prompts_file=str(prompts), num_prompts=2).prompts() == ["one", "two"]
+    with pytest.raises(ValueError, match="at most the 2 prompts"):
+        EvalSettings(model="x", prompts_file=str(prompts), num_prompts=3).prompts()
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def test_generation_cache_layout_timings_and_macs(evaluation):
+    out, _, _ = evaluation
+    settings, caches, skipped = load_generation(out)
+    assert settings == tiny_settings() and skipped == {}
+    by_name = {c.method.name: c for c in caches}
+    assert set(by_name) == {f"dense-{STEPS}", "dense-3", f"cat-a0.5-t{START}", f"random-a0.5-t{START}",
+                            f"ras-a0.5-t{START}"}  # fmt: skip
+    for cache in caches:
+        batches = cache.batches()
+        assert [b["indices"] for b in batches] == [[0, 1], [2]]
+        assert all(b["seconds"] > 0 and b["macs"] > 0 for b in batches)
+        assert all(cache.image_path(i).is_file() for i in range(3))
+    dense_call = by_name[f"dense-{STEPS}"].batches()[0]["dense_macs_per_call"]
+    assert by_name[f"dense-{STEPS}"].batches()[0]["macs"] == STEPS * dense_call
+    assert by_name["dense-3"].batches()[0]["macs"] == 3 * dense_call
+
+
+def test_images_match_a_direct_pipeline_call(evaluation):
+    out, pipe, _ = evaluation
+    settings = tiny_settings()
+    prompts = settings.prompts()
+    config = catprune.CATConfig(keep_ratio=0.5, start_step=START)
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    with catprune.applied(pipe, config):
+        direct = pipe(prompts[:2], num_inference_steps=STEPS, generator=generators, output_type="pt",
+                      height=SIZE, width=SIZE).images  # fmt: skip
+        stats = catprune.stats(pipe)
+    cache = {c.method.name: c for c in load_generation(out)[1]}[f"cat-a0.5-t{START}"]
+    stored = load_images([cache.image_path(0), cache.image_path(1)])
+    assert (stored - direct).abs().max() <= 0.5 / 255 + 1e-6  # PNG quantisation only
+    assert cache.batches()[0]["macs"] == stats.macs
+
+
+def test_selection_counts_match_the_budget(evaluation):
+    out, _, _ = evaluation
+    caches = {c.method.name: c for c in load_generation(out)[1]}
+    k = catprune.CATConfig(keep_ratio=0.5).tokens_kept(TOKENS)
+    for name in (f"cat-a0.5-t{START}", f"random-a0.5-t{START}", f"ras-a0.5-t{START}"):
+        tokens = caches[name].tokens()
+        counts = tokens["counts"]  # (images, M)
+        assert counts.shape == (3, TOKENS) and tuple(tokens["grid"]) == (SIZE // 4, SIZE // 4)
+        # full steps 0..START-1 compute every token; each pruned step computes exactly k tokens
+        assert (counts.sum(axis=1) == START * TOKENS + (STEPS - START) * k).all()
+        assert counts.min() >= START and counts.max() <= STEPS
+    assert caches[f"dense-{STEPS}"].tokens() is None
+    assert not catprune.is_applied(evaluation[1])  # nothing left on the pipeline
+
+
+def test_generation_resumes_and_invalidates_only_changed_methods(evaluation, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(evaluation[0], out)
+    pipe = tiny_pipe()
+    calls = []
+    original = type(pipe).__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(len(args[0]))
+        return original(self, *args, **kwargs)
+
+    type(pipe).__call__, saved = counting, original
+    try:
+        generate(tiny_settings(), parse_methods(METHODS, STEPS), out, pipe=pipe, **QUIET)
+        assert calls == []  # everything cached: no pipeline call, not even the warm-up
+        generate(tiny_settings(), parse_methods(f"dense:3,cat:0.5:{START},random:0.3:{START}", STEPS), out,
+                 pipe=pipe, warmup=False, **QUIET)  # fmt: skip
+        assert calls == [2, 1]  # only the new method, in two batches
+    finally:
+        type(pipe).__call__ = saved
+    with pytest.raises(ValueError, match="holds images of other settings"):
+        generate(tiny_settings(seed=5), parse_methods("dense", STEPS), out, pipe=pipe, **QUIET)
+
+
+def test_unavailable_peer_is_skipped_with_reason(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cache_dit", None)  # import cache_dit -> ImportError
+    out = tmp_path / "peer"
+    generate(tiny_settings(num_prompts=1), parse_methods("dbcache", STEPS), out, pipe=tiny_pipe(), **QUIET)
+    _, caches, skipped = load_generation(out)
+    assert [c.method.name for c in caches] == [f"dense-{STEPS}"]
+    assert "pip install 'catprune[peers]'" in skipped["dbcache-r0.08"]
+    score(out, **QUIET)
+    rows = write_report(out)["methods"]
+    assert rows[-1]["name"] == "dbcache-r0.08" and rows[-1]["status"].startswith("skipped: cache-dit is not")
+
+
+def test_dbcache_runs_when_cache_dit_is_installed(tmp_path):
+    pytest.importorskip("cache_dit", reason="cache-dit (catprune[peers]) is not installed")
+    out = tmp_path / "peer"
+    method = Method.dbcache(STEPS, threshold=10.0, warmup=2)  # a huge threshold: every step after warm-up cached
+    generate(tiny_settings(num_prompts=1), [Method.dense(STEPS, STEPS), method], out, pipe=tiny_pipe(), **QUIET)
+    score(out, **QUIET)
+    row = {r["name"]: r for r in write_report(out)["methods"]}[method.name]
+    assert row["status"] == "ok" and row["macs_estimated"] is True
+    assert row["cached_steps_per_generation"] >= 1 and row["macs_ratio"] < 1
+    assert math.isfinite(row["psnr"])  # differs from dense
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def test_scores_reference_and_adherence(evaluation):
+    out, _, _ = evaluation
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["reference"] == f"dense-{STEPS}"
+    ref = scores["methods"][f"dense-{STEPS}"]
+    assert ref["per_image"]["psnr"] == [math.inf] * 3 and ref["summary"]["ssim"] == 1.0
+    for name, entry in scores["methods"].items():
+        summary = entry["summary"]
+        assert 0 <= summary["colour_at_cell"] <= 1 and 0 <= summary["shape"] <= 1 and summary["num_objects"] >= 3
+        if name != f"dense-{STEPS}":
+            assert all(math.isfinite(v) and v > 0 for v in entry["per_image"]["psnr"])
+    assert scores["metrics"]["clip_score"]["available"] is False
+    assert scores["metrics"]["lpips"]["available"] in (True, False) and "reason" in scores["metrics"]["lpips"]
+
+
+def test_rescoring_reads_only_the_cache(evaluation, monkeypatch):
+    out, _, _ = evaluation
+    import catprune.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("scoring must not load a pipeline")
+
+    monkeypatch.setattr(catprune.models, "load_pipeline", no_loading)
+    before = json.loads((out / "scores.json").read_text())
+    again = score(out, **QUIET)
+    assert json.loads(json.dumps(again)) == before
+
+
+# ------------------------------------------------------------------------------------------------ report
+def test_report_files(evaluation):
+    out, _, results = evaluation
+    rows = {r["name"]: r for r in results["methods"]}
+    assert rows["dense-3"]["macs_ratio"] == pytest.approx(0.5)
+    assert rows[f"dense-{STEPS}"]["macs_ratio"] == 1.0 and rows[f"dense-{STEPS}"]["wall_speedup"] == 1.0
+    assert 0 < rows[f"cat-a0.5-t{START}"]["macs_ratio"] < 1
+    assert json.loads((out / "results.json").read_text())["methods"] == json.loads(json.dumps(results["methods"]))
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["name"] for r in table] == [r["name"] for r in results["methods"]]
+    page = (out / "report.html").read_text()
+    for rel in ("grids/overview.png", "grids/focus.png"):
+        assert (out / rel).is_file() and rel in page
+    assert "id='image-status'" in page and "Acceptance" in page
+    if _has_matplotlib():
+        for rel in ("plots/pareto_psnr_wall.png", "plots/pareto_adherence_macs.png", "heatmaps/selection_mean.png"):
+            assert (out / rel).is_file() and rel in page
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _row(name, group, steps, macs, seconds, psnr_value, selection=None, keep=None, start=None, **extra):
+    return dict(name=name, group=group, status="ok", steps=steps, macs_ratio=macs, seconds_per_image=seconds,
+                psnr=psnr_value, selection=selection, keep_ratio=keep, start_step=start, **extra)  # fmt: skip
+
+
+def _synthetic(cat_psnr=30.0, cat_seconds=1.0, ablation_psnr=25.0):
+    adh = dict(colour_at_cell=0.9, shape=0.8, adherence=0.85)
+    return [
+        _row("dense-28", "reference", 28, 1.0, 2.0, None, psnr_identical=10, **adh),
+        _row("dense-15", "fewer steps", 15, 15 / 28, 1.1, 28.0),
+        _row("dense-14", "fewer steps", 14, 0.5, 1.0, 27.0),
+        _row("cat-a0.3-t8", "CAT", 28, 0.51, cat_seconds, cat_psnr, "cat", 0.3, 8,
+             colour_at_cell=0.88, shape=0.76, adherence=0.82),  # fmt: skip
+        *[_row(f"{s}-a0.3-t8", "ablation", 28, 0.51, 1.0, ablation_psnr, s, 0.3, 8) for s in
+          ("random", "magnitude", "staleness")],  # fmt: skip
+        _row("ras-a0.3-t8", "baseline", 28, 0.51, 1.0, 29.0, "ras", 0.3, 8, adherence=0.8),
+    ]
+
+
+def test_acceptance_on_synthetic_rows():
+    checks = acceptance(_synthetic(), {})
+    assert [c["holds"] for c in checks] == [False, True, True, None]  # shape drops 4 points: a miss
+    assert "matched dense run dense-15" in checks[1]["detail"]
+    assert "ras-a0.3-t8" in checks[3]["detail"]
+    slow = acceptance(_synthetic(cat_seconds=1.5), {})[1]
+    assert slow["holds"] is False and "wall-clock condition fails" in slow["detail"]
+    assert acceptance(_synthetic(cat_psnr=27.5), {})[1]["holds"] is False  # beaten by dense-15
+    assert acceptance(_synthetic(ablation_psnr=31.0), {})[2]["holds"] is False
+    assert [c["holds"] for c in acceptance([], {})] == [None, None, None, None]
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_eval_end_to_end(tmp_path, monkeypatch, capsys):
+    import catprune.models
+    from catprune.cli.main import main
+
+    monkeypatch.setattr(catprune.models, "load_pipeline", lambda *a, **k: tiny_pipe())
+    args = ["eval", "--num-prompts", "2", "--steps", "4", "--methods", "cat:0.5:2", "--height", "32",
+            "--width", "32", "--out", str(tmp_path), "--device", "cpu", "--no-warmup"]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    folder = tmp_path / "shapes-p2-s4-seed0-32x32"
+    assert "cat-a0.5-t2" in text and str(folder / "report.html") in text
+    results = json.loads((folder / "results.json").read_text())
+    assert results["command"].startswith("catprune eval --num-prompts 2 --steps 4 --methods cat:0.5:2")
+    # re-score and re-report an existing folder without generating
+    assert main(["eval", "--phase", "report", "--folder", str(folder)]) == 0
+    assert main(["eval", "--phase", "generate", "--folder", str(folder)]) == 2
+    assert "--folder: expected --phase score or --phase report" in capsys.readouterr().err
+    assert main(["eval", "--methods", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_cli_list_methods(capsys):
+    from catprune.cli.main import main
+
+    assert main(["eval", "--list-methods", "--steps", "28"]) == 0
+    text = capsys.readouterr().out
+    for name in ("dense-28", "dense-14", "cat-a0.3-t8", "staleness-a0.3-t8", "ras-a0.3-t8", "dbcache-r0.08"):
+        assert name in text
+
+
+# ------------------------------------------------------------------------------------------------ browser
+def test_report_images_load_in_headless_chromium(evaluation, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium); the report's images are not "
+                    "checked in a browser on this machine")  # fmt: skip
+    out = tmp_path / "report"
+    shutil.copytree(evaluation[0], out)
+
+    def status():
+        done = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom",
+             (out / "report.html").as_uri()],  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        import re
+
+        match = re.search(r"id=\"image-status\"[^>]*data-loaded=\"(\d+)\" data-total=\"(\d+)\"", done.stdout)
+        assert match, done.stdout[-2000:] + done.stderr[-2000:]
+        return int(match.group(1)), int(match.group(2))
+
+    loaded, total = status()
+    assert total >= 2 and loaded == total
+    (out / "grids" / "overview.png").unlink()  # a broken image is detected
+    assert status() == (total - 1, total)
