@@ -515,8 +515,10 @@ def generate(
             if todo[name]:
                 try:
                     runner.run(prompts[:1], [settings.seed], settings, device, record_tokens=False)
-                except PeerUnavailable as exc:
-                    _skip(caches, runners, todo, name, str(exc), log)
+                except Exception as exc:
+                    if runner.method.kind is not Kind.PEER:
+                        raise
+                    _skip(caches, runners, todo, name, _peer_failure(exc), log)
     token_counts = {name: _load_counts(caches[name], len(prompts)) for name in caches}
     done, started = 0, time.perf_counter()
     for start in starts:
@@ -529,8 +531,10 @@ def generate(
                 images, seconds, record, counts, grid = runner.run(
                     [prompts[i] for i in indices], [settings.seed + i for i in indices], settings, device, True
                 )
-            except PeerUnavailable as exc:
-                _skip(caches, runners, todo, name, str(exc), log)
+            except Exception as exc:
+                if runner.method.kind is not Kind.PEER:
+                    raise
+                _skip(caches, runners, todo, name, _peer_failure(exc), log)
                 continue
             for i, image in zip(indices, images, strict=True):
                 _save_png(image, cache.image_path(i))
@@ -551,6 +555,11 @@ def generate(
                 f" (elapsed {elapsed / 60:.1f} min, eta {elapsed / done * (total - done) / 60:.1f} min)"
             )
     return out
+
+
+def _peer_failure(exc: Exception) -> str:
+    """A peer library failing on this model is reported, not fatal: the other methods still run."""
+    return str(exc) if isinstance(exc, PeerUnavailable) else f"failed on this model: {type(exc).__name__}: {exc}"
 
 
 def _skip(caches, runners, todo, name, reason, log) -> None:
@@ -619,7 +628,9 @@ def load_generation(out_dir: str | os.PathLike) -> tuple[EvalSettings, list[Meth
     return settings, caches, skipped
 
 
-def score(out_dir: str | os.PathLike, log: Log = _print, only: Sequence[str] | None = None) -> dict:
+def score(
+    out_dir: str | os.PathLike, log: Log = _print, only: Sequence[str] | None = None, device: str | None = None
+) -> dict:
     """Scoring phase: per method and image, fidelity to the reference (PSNR, SSIM, LPIPS if available) and, on the
     shapes model, adherence to the caption; on other models CLIP score and FID where their weights are available.
     Reads only the generation cache. Writes and returns ``scores.json``.
@@ -627,6 +638,8 @@ def score(out_dir: str | os.PathLike, log: Log = _print, only: Sequence[str] | N
     Args:
         out_dir: the evaluation folder.
         only: score only these methods (default: every method with complete images).
+        device: where the metrics run (default: the generation's device if it is available here, else the CPU;
+            the adherence checker is much faster on a GPU).
 
     Example:
         >>> import tempfile
@@ -646,6 +659,10 @@ def score(out_dir: str | os.PathLike, log: Log = _print, only: Sequence[str] | N
     settings, caches, skipped = load_generation(out)
     prompts = settings.prompts()
     n = len(prompts)
+    if device is None:
+        device = (
+            settings.device if torch.device(settings.device).type != "cuda" or torch.cuda.is_available() else "cpu"
+        )
     ref_name = reference_name(settings)
     by_name = {c.method.name: c for c in caches}
     complete = {name: c for name, c in by_name.items() if all(c.image_path(i).is_file() for i in range(n))}
@@ -653,7 +670,9 @@ def score(out_dir: str | os.PathLike, log: Log = _print, only: Sequence[str] | N
         log(f"[eval] {name}: images incomplete, not scored (run the generation phase again to finish it)")
     if only is not None:
         complete = {k: v for k, v in complete.items() if k in set(only) | {ref_name}}
-    reference = load_images([complete[ref_name].image_path(i) for i in range(n)]) if ref_name in complete else None
+    reference = None
+    if ref_name in complete:
+        reference = load_images([complete[ref_name].image_path(i) for i in range(n)]).to(device)  # (n, 3, H, W)
     if reference is None:
         log(f"[eval] reference {ref_name} missing: fidelity metrics (PSNR, SSIM, LPIPS) skipped")
 
@@ -670,7 +689,7 @@ def score(out_dir: str | os.PathLike, log: Log = _print, only: Sequence[str] | N
 
     results: dict[str, dict] = {}
     for name, cache in complete.items():
-        images = load_images([cache.image_path(i) for i in range(n)])  # (n, 3, H, W)
+        images = load_images([cache.image_path(i) for i in range(n)]).to(device)  # (n, 3, H, W)
         per_image: dict[str, list] = {}
         summary: dict[str, float | None] = {}
         if reference is not None:
@@ -682,11 +701,11 @@ def score(out_dir: str | os.PathLike, log: Log = _print, only: Sequence[str] | N
             summary["psnr_identical"] = int(torch.isinf(p).sum())
             summary["ssim"] = float(s.mean())
             if statuses["lpips"].available:
-                lp = metrics.lpips(images, reference)
+                lp = metrics.lpips(images.cpu(), reference.cpu())
                 per_image["lpips"] = lp.tolist()
                 summary["lpips"] = float(lp.mean())
             if statuses["fid"].available and name != ref_name:
-                summary["fid_to_reference"] = metrics.fid(reference, images)
+                summary["fid_to_reference"] = metrics.fid(reference.cpu(), images.cpu())
         if settings.is_shapes:
             from .adherence import check_adherence
 
@@ -705,7 +724,7 @@ def score(out_dir: str | os.PathLike, log: Log = _print, only: Sequence[str] | N
             summary["adherence"] = 0.5 * (report.colour_at_cell + report.shape)
             summary["num_objects"] = report.num_objects
         if statuses["clip_score"].available:
-            cs = metrics.clip_score(images, prompts)
+            cs = metrics.clip_score(images.cpu(), prompts)
             per_image["clip_score"] = cs.tolist()
             summary["clip_score"] = float(cs.mean())
         results[name] = {"summary": summary, "per_image": per_image}

@@ -63,12 +63,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return 10.0 * torch.log10(data_range**2 / mse)  # (B,), inf where mse == 0
 
 
-def _gaussian_window(size: int, sigma: float, channels: int, dtype, device) -> torch.Tensor:
+def _gaussian_1d(size: int, sigma: float, dtype, device) -> torch.Tensor:
     x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2  # (S,)
     g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    window = g[:, None] * g[None, :]  # (S, S)
-    return window.expand(channels, 1, size, size).contiguous()  # (C, 1, S, S) depthwise
+    return g / g.sum()  # (S,)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -94,10 +92,12 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
             f"ssim: a, b: expected images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {h}x{w}. Use PSNR "
             "for smaller images."
         )
-    window = _gaussian_window(SSIM_WINDOW, SSIM_SIGMA, c, a.dtype, a.device)  # (C, 1, S, S)
+    g = _gaussian_1d(SSIM_WINDOW, SSIM_SIGMA, a.dtype, a.device)  # (S,)
+    rows = g.view(1, 1, -1, 1).expand(c, 1, -1, 1)  # (C, 1, S, 1) depthwise
+    cols = g.view(1, 1, 1, -1).expand(c, 1, 1, -1)  # (C, 1, 1, S)
 
-    def blur(x):
-        return F.conv2d(x, window, groups=c)  # (B, C, H-S+1, W-S+1)
+    def blur(x):  # the 2-D Gaussian is separable: two 1-D passes
+        return F.conv2d(F.conv2d(x, rows, groups=c), cols, groups=c)  # (B, C, H-S+1, W-S+1)
 
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     mu_a, mu_b = blur(a), blur(b)

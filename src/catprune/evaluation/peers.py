@@ -54,6 +54,8 @@ class DBCachePeer:
             raise PeerUnavailable(
                 f"cache-dit is not installed ({exc}); install the optional extra: pip install 'catprune[peers]'"
             ) from None
+        except Exception as exc:  # an installed cache-dit that fails to import (version mismatch, ...)
+            raise PeerUnavailable(f"cache-dit failed to import: {type(exc).__name__}: {exc}") from None
         from diffusers import SD3Transformer2DModel
 
         transformer = getattr(pipe, "transformer", None)
