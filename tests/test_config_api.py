@@ -211,3 +211,35 @@ def test_user_torch_compile_wrapper_works_without_recompiles():
     assert [r.phase for r in catprune.stats(compiled).steps] == ["dense", "capture", "pruned", "pruned"]
     catprune.remove(compiled)
     assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("hook_first", [True, False])
+def test_survives_accelerate_hook_resets(hook_first):
+    """diffusers' enable_model_cpu_offload installs accelerate hooks and re-installs them after every generation
+    (remove_hook_from_module + add_hook_to_module); CAT must stay applied through that, and remove must undo it."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    model = tiny_sd3_transformer(num_layers=1)
+    inputs = tiny_sd3_inputs(model, batch=1, height=8, width=8)
+
+    def run():
+        with torch.no_grad():
+            return [model(**inputs, timestep=torch.tensor([t]), return_dict=False)[0] for t in (900.0, 700.0, 500.0)]
+
+    dense = run()
+    config = CATConfig(keep_ratio=0.3, start_step=2)
+    if hook_first:
+        hooks.add_hook_to_module(model, hooks.ModelHook())
+        catprune.apply(model, config)
+    else:
+        catprune.apply(model, config)
+        hooks.add_hook_to_module(model, hooks.ModelHook())
+    first = run()
+    hooks.remove_hook_from_module(model)  # what diffusers' maybe_free_model_hooks does between generations
+    hooks.add_hook_to_module(model, hooks.ModelHook())
+    assert catprune.is_applied(model)
+    second = run()
+    assert [r.phase for r in catprune.stats(model).steps] == ["dense", "capture", "pruned"]
+    assert torch.equal(first[-1], second[-1]) and not torch.equal(second[-1], dense[-1])
+    catprune.remove(model)
+    assert not catprune.is_applied(model)
+    assert all(torch.equal(a, b) for a, b in zip(run(), dense, strict=True))

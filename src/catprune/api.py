@@ -36,9 +36,10 @@ def _resolve(obj, fn: str):
 
 def _patched_wrapper(model: torch.nn.Module):
     """Our forward wrapper on ``model`` and the attribute holding it, or (None, None)."""
-    for attr in ("forward", "_old_forward"):  # accelerate keeps the wrapped forward in _old_forward
+    for attr in ("forward", "_old_forward"):  # accelerate keeps the forward it wraps in _old_forward
         fn = model.__dict__.get(attr)
-        if fn is not None and hasattr(fn, _MARK):
+        # identity check: accelerate's functools.update_wrapper copies our attributes onto its own wrapper
+        if fn is not None and getattr(fn, "__catprune_self__", None) is fn:
             return fn, attr
     return None, None
 
@@ -88,7 +89,11 @@ def apply(pipe_or_transformer, config: CATConfig | None = None):
     runtime = Runtime(adapter, config, pipe)
     remove(model)
 
-    original = model.forward
+    # Under an accelerate hook (enable_model_cpu_offload, device maps) patch the forward the hook calls: diffusers
+    # removes and re-adds those hooks after every generation, which restores `_old_forward` and would drop a patch
+    # on `forward`.
+    attr = "_old_forward" if ("_old_forward" in model.__dict__ and hasattr(model, "_hf_hook")) else "forward"
+    original = getattr(model, attr)
 
     @functools.wraps(original)
     @torch.compiler.disable  # a user's torch.compile(transformer) graph-breaks here; CATConfig.backend compiles
@@ -96,8 +101,9 @@ def apply(pipe_or_transformer, config: CATConfig | None = None):
         return runtime(original, args, kwargs)
 
     setattr(forward, _MARK, runtime)
-    forward.__catprune_previous__ = model.__dict__.get("forward")  # an instance forward we wrap (accelerate's)
-    model.forward = forward
+    forward.__catprune_self__ = forward
+    forward.__catprune_previous__ = model.__dict__.get(attr)  # an instance attribute we replace, if any
+    setattr(model, attr, forward)
     return pipe_or_transformer
 
 
