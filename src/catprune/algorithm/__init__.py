@@ -1,6 +1,6 @@
 """Pure-torch CAT Pruning algorithm: scoring, clustering, selection, gather/scatter. Never imports diffusers."""
 
-from .kmeans import cluster_features, grid_positions, kmeans
+from .kmeans import cluster_features, grid_positions, kmeans, kmeans_init_uniforms
 from .selection import (
     cluster_quotas,
     cluster_scores,
@@ -20,6 +20,7 @@ __all__ = [
     "gather_tokens",
     "grid_positions",
     "kmeans",
+    "kmeans_init_uniforms",
     "scatter_tokens_",
     "select_tokens",
     "ras_priority",

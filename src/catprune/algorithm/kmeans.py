@@ -42,7 +42,14 @@ def _sq_dist(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return (d + (centroids * centroids).sum(-1).unsqueeze(1)).clamp_min_(0)  # (S, M, C)
 
 
-def kmeans(x: torch.Tensor, num_clusters: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
+def kmeans_init_uniforms(num_clusters: int, seed: int) -> torch.Tensor:
+    """The random numbers of the k-means++ initialisation: (C,) uniforms drawn on the CPU from ``seed``."""
+    return torch.rand(num_clusters, generator=torch.Generator(device="cpu").manual_seed(seed))
+
+
+def kmeans(
+    x: torch.Tensor, num_clusters: int, iters: int = 10, seed: int = 0, uniforms: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cluster the tokens of every sample independently with k-means (k-means++ init, ``iters`` Lloyd steps).
 
     Deterministic for a given ``seed``, and the same for a sample whatever its position in the batch: the
@@ -55,6 +62,8 @@ def kmeans(x: torch.Tensor, num_clusters: int, iters: int = 10, seed: int = 0) -
         num_clusters: C, 1 <= C <= M.
         iters: Lloyd iterations.
         seed: seed of the initialisation.
+        uniforms: optional precomputed ``kmeans_init_uniforms(C, seed)`` already on ``x``'s device (no host copy:
+            needed inside CUDA-graph capture).
 
     Returns:
         (S, M) int64 labels in [0, C).
@@ -69,8 +78,7 @@ def kmeans(x: torch.Tensor, num_clusters: int, iters: int = 10, seed: int = 0) -
     if not 1 <= num_clusters <= m:
         raise ValueError(f"kmeans: num_clusters must be in [1, {m}] (the number of tokens), got {num_clusters}.")
     x = x.float()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    u = torch.rand(num_clusters, generator=gen).to(x.device)  # (C,) shared by every sample
+    u = kmeans_init_uniforms(num_clusters, seed).to(x.device) if uniforms is None else uniforms  # (C,) every sample
     rows = torch.arange(s, device=x.device)
 
     # k-means++: first centre uniform, then proportional to the squared distance to the nearest centre

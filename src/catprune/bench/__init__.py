@@ -18,6 +18,7 @@ import torch
 import catprune
 from catprune.algorithm import cluster_features, kmeans
 from catprune.models import model_configs
+from catprune.runtime.backends import GraphedCall
 
 MODES = ("eager", "compile", "cudagraph", "compile+cudagraph")
 DENSE_START = 10**6
@@ -306,13 +307,20 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None) -> BenchResult
         runtime = pipe.transformer.forward.__catprune_runtime__
         cache_bytes = sum(c.nbytes() for c in runtime.caches)
         cache_bytes += sum(t.numel() * t.element_size() for t in (runtime.outputs, runtime.reference))
-        select_s = _time(runtime._select_next, device, repeats=20)
         scored = runtime._score_view(runtime.outputs).float()
         grid = runtime.signature[1]
         features = cluster_features(scored, grid, runtime.config.cluster_feature_weight)
-        kmeans_s = _time(
-            lambda: kmeans(features, runtime.num_clusters, runtime.config.kmeans_iters, runtime.config.seed), device, 5
-        )
+
+        def cluster():
+            cfg = runtime.config
+            return kmeans(features, runtime.num_clusters, cfg.kmeans_iters, cfg.seed, runtime.uniforms)
+
+        select, clusterer = runtime._select_next, cluster
+        if runtime.fuse:  # time them as they run in the fused step: inside a CUDA graph
+            select = GraphedCall(lambda: runtime._select_next(), {}, state=[runtime.idx, runtime.idx_rows])
+            clusterer = GraphedCall(lambda: cluster(), {})
+        select_s = _time(select, device, repeats=20)
+        kmeans_s = _time(clusterer, device, 5)
         vae_s = 0.0
         if case.vae:
             vae = pipe.vae

@@ -74,7 +74,7 @@ class StepRunner:
         """
         if not self.uses_graphs:
             return fn(**inputs)
-        if not all(t.is_cuda for t in inputs.values()):
+        if inputs and not all(t.is_cuda for t in inputs.values()):
             raise ValueError(
                 f"CATConfig.backend: {self.backend!r} needs CUDA tensors, got inputs on "
                 f"{next(iter(inputs.values())).device}. Use backend='eager' or 'compile' on this device."

@@ -12,6 +12,7 @@ from ..algorithm import (
     cluster_quotas,
     cluster_scores,
     kmeans,
+    kmeans_init_uniforms,
     ras_priority,
     scatter_tokens_,
     select_tokens,
@@ -159,6 +160,7 @@ class Runtime:
         policy_clusters = clusters if cfg.selection is Selection.CAT else 1
         quotas = cluster_quotas(round(cfg.magnitude_share * k), policy_clusters, cfg.cluster_share_weights)
         self.quotas = state.put("quotas", torch.tensor(quotas, device=device))  # (C,) by cluster rank
+        self.uniforms = state.put("uniforms", kmeans_init_uniforms(clusters, cfg.seed).to(device))  # (C,)
         self.idx = state.get("idx", (groups, k), torch.long, device)
         self.idx_rows = self.idx if self.row_group is None else state.get("idx_rows", (b, k), torch.long, device)
 
@@ -197,23 +199,35 @@ class Runtime:
             with self.adapter.capture(self.caches, info):
                 out = original(*args, **kwargs)
             self.outputs = self.state.put("outputs", self.adapter.output_tokens(out, info))  # (B, M, P)
-            scored = self._score_view(self.outputs).float()  # (S, M, P)
-            shape, device = scored.shape[:2], scored.device
-            if self.config.selection is Selection.CAT:
-                features = cluster_features(scored, info.grid, self.config.cluster_feature_weight)
-                labels = kmeans(features, self.num_clusters, self.config.kmeans_iters, self.config.seed)  # (S, M)
-            else:  # ablations / baselines: one cluster
-                labels = torch.zeros(shape, device=device, dtype=torch.long)
-            self.labels = self.state.put("labels", labels)
+            shape, device = (self.idx.shape[0], m), self.outputs.device
+            self.labels = self.state.get("labels", shape, torch.long, device)  # (S, M)
+            self.staleness = self.state.get("staleness", shape, torch.float32, device)  # (S, M)
+            self.age = self.state.get("age", shape, torch.long, device)  # (S, M)
             self._rng = torch.Generator(device="cpu").manual_seed(self.config.seed)
-            self.staleness = self.state.get("staleness", shape, torch.float32, device).zero_()  # (S, M)
-            self.age = self.state.get("age", shape, torch.long, device).zero_()  # (S, M)
-            self._select_next()
+            if self.fuse:  # k-means (~250 small kernels) and the first selection as one graph replay
+                mutable = [self.labels, self.staleness, self.age, self.idx, self.idx_rows]
+                self.runner.run(("cluster", info.signature), lambda **_: self._cluster_and_select(info), {}, mutable)
+            else:
+                self._cluster_and_select(info)
             self._record(info, "capture", m)
             return out
         out = self._pruned(info)
         self._record(info, "pruned", self.k)
         return out
+
+    def _cluster_and_select(self, info: CallInfo) -> torch.Tensor:
+        """End of the capture step: cluster the tokens (fixed for the generation) and choose the first selection."""
+        scored = self._score_view(self.outputs).float()  # (S, M, P)
+        cfg = self.config
+        if cfg.selection is Selection.CAT:
+            features = cluster_features(scored, info.grid, cfg.cluster_feature_weight)  # (S, M, P + 2)
+            self.labels.copy_(kmeans(features, self.num_clusters, cfg.kmeans_iters, cfg.seed, self.uniforms))
+        else:  # ablations / baselines: one cluster
+            self.labels.zero_()
+        self.staleness.zero_()
+        self.age.zero_()
+        self._select_next()
+        return self.idx
 
     def _dense(self, original, args, kwargs, info: CallInfo):
         inputs = None if self.runner.backend == "eager" else self.adapter.fast_inputs(info)
