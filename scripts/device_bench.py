@@ -25,6 +25,18 @@ def rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+def random_call(device, seed: int) -> dict:
+    """Random inputs of one SD3-medium transformer call at 1024x1024 with CFG (batch 2), bf16."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(2, 16, 128, 128, generator=g).to(device, torch.bfloat16),
+        encoder_hidden_states=torch.randn(2, 333, 4096, generator=g).to(device, torch.bfloat16),
+        pooled_projections=torch.randn(2, 2048, generator=g).to(device, torch.bfloat16),
+        timestep=torch.tensor([500.0, 500.0], device=device),
+        return_dict=False,
+    )
+
+
 def check_backends(pipe, entry, out) -> dict:
     """CAT eager vs dense latents (12 steps), and a full-selection pruned step against the dense step in bf16.
     (The backends are compared against eager on the bench's own runs, see main.)"""
@@ -44,14 +56,7 @@ def check_backends(pipe, entry, out) -> dict:
 
         model = pipe.transformer
         adapter = adapter_for(model)
-        g = torch.Generator("cpu").manual_seed(1)
-        call = dict(
-            hidden_states=torch.randn(2, 16, 128, 128, generator=g).to(device, torch.bfloat16),
-            encoder_hidden_states=torch.randn(2, 333, 4096, generator=g).to(device, torch.bfloat16),
-            pooled_projections=torch.randn(2, 2048, generator=g).to(device, torch.bfloat16),
-            timestep=torch.tensor([500.0, 500.0], device=device),
-            return_dict=False,
-        )
+        call = random_call(device, seed=1)
         info = adapter.inspect_call((), call)
         caches = [LayerCache() for _ in model.transformer_blocks]
         with adapter.capture(caches, info):
@@ -76,13 +81,7 @@ def profile_steps(pipe, out) -> None:
     adapter = adapter_for(model)
     device = "cuda"
     g = torch.Generator("cpu").manual_seed(2)
-    call = dict(
-        hidden_states=torch.randn(2, 16, 128, 128, generator=g).to(device, torch.bfloat16),
-        encoder_hidden_states=torch.randn(2, 333, 4096, generator=g).to(device, torch.bfloat16),
-        pooled_projections=torch.randn(2, 2048, generator=g).to(device, torch.bfloat16),
-        timestep=torch.tensor([500.0, 500.0], device=device),
-        return_dict=False,
-    )
+    call = random_call(device, seed=2)
     info = adapter.inspect_call((), call)
     caches = [LayerCache() for _ in model.transformer_blocks]
     idx = torch.randperm(info.num_tokens, generator=g)[: round(0.3 * info.num_tokens)].sort().values

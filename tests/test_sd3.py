@@ -188,7 +188,9 @@ def test_macs_match_flop_counter():
 # ---------------------------------------------------------------- a stock diffusers pipeline
 def _tiny_sd3_pipeline():
     pytest.importorskip("transformers", reason="diffusers' StableDiffusion3Pipeline imports transformers")
-    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+    from diffusers import AutoencoderKL
+
+    from catprune.models.testing import sd3_pipeline_from_components
 
     torch.manual_seed(0)
     vae = AutoencoderKL(
@@ -204,18 +206,7 @@ def _tiny_sd3_pipeline():
         shift_factor=0.0,
         scaling_factor=1.0,
     ).eval()
-    pipe = StableDiffusion3Pipeline(
-        transformer=tiny_sd3_transformer(),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sd3_pipeline_from_components(tiny_sd3_transformer(), vae)
     return pipe
 
 

@@ -172,25 +172,20 @@ class CATConfig:
         if not all(w > 0 and math.isfinite(w) for w in weights):
             fail("cluster_share_weights", "a non-empty tuple of positive floats", "Pass e.g. (3, 2, 1).")
         object.__setattr__(self, "cluster_share_weights", tuple(float(w) for w in weights))
-        try:
-            object.__setattr__(self, "cfg", CFGMode(self.cfg))
-        except ValueError:
-            choices = ", ".join(repr(m.value) for m in CFGMode)
-            fail("cfg", f"a CFGMode or one of {choices}", "Pass e.g. cfg='auto'.")
-        try:
-            object.__setattr__(self, "selection", Selection(self.selection))
-        except ValueError:
-            choices = ", ".join(repr(m.value) for m in Selection)
-            fail("selection", f"a Selection or one of {choices}", "Pass e.g. selection='cat'.")
+        def parse_enum(name, enum_cls, fix):
+            try:
+                object.__setattr__(self, name, enum_cls(getattr(self, name)))
+            except ValueError:
+                choices = ", ".join(repr(m.value) for m in enum_cls)
+                fail(name, f"a {enum_cls.__name__} or one of {choices}", fix)
+
+        parse_enum("cfg", CFGMode, "Pass e.g. cfg='auto'.")
+        parse_enum("selection", Selection, "Pass e.g. selection='cat'.")
+        parse_enum("backend", Backend, "Pass e.g. backend='cudagraph' on a GPU.")
         if not _is_real(self.ras_starvation):
             fail("ras_starvation", "a finite float >= 0", "Pass e.g. 0.1.", TypeError)
         if not (self.ras_starvation >= 0 and math.isfinite(self.ras_starvation)):
             fail("ras_starvation", "a finite float >= 0", "Pass e.g. 0.1.")
-        try:
-            object.__setattr__(self, "backend", Backend(self.backend))
-        except ValueError:
-            choices = ", ".join(repr(m.value) for m in Backend)
-            fail("backend", f"a Backend or one of {choices}", "Pass e.g. backend='compile+cudagraph' on a GPU.")
         if not _is_int(self.seed):
             fail("seed", "an int >= 0", "Pass e.g. seed=0.", TypeError)
         if self.seed < 0:

@@ -160,7 +160,8 @@ def environment() -> dict:
 def build_pipeline(preset: str, device, dtype: torch.dtype, seed: int = 0):
     """A StableDiffusion3Pipeline with random full-size weights for ``preset`` (an SD3-family config)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import StableDiffusion3Pipeline
+
+    from catprune.models.testing import sd3_pipeline_from_components
 
     configs = {**model_configs(), **TEST_PRESETS}
     if preset not in configs:
@@ -175,18 +176,7 @@ def build_pipeline(preset: str, device, dtype: torch.dtype, seed: int = 0):
     with torch.device(device):
         transformer = SD3Transformer2DModel(**entry["config"]).to(dtype).eval()
         vae = AutoencoderKL(**configs[entry.get("vae", "sd3-vae")]["config"]).to(dtype).eval()
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sd3_pipeline_from_components(transformer, vae, FlowMatchEulerDiscreteScheduler(shift=3.0))
     return pipe, entry
 
 

@@ -41,3 +41,24 @@ def tiny_sd3_inputs(model, batch: int = 2, height: int = 8, width: int = 8, text
         encoder_hidden_states=torch.randn(batch, text_tokens, cfg.joint_attention_dim, generator=g),
         pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
     )
+
+
+def sd3_pipeline_from_components(transformer, vae, scheduler=None):
+    """A stock diffusers ``StableDiffusion3Pipeline`` without text encoders: call it with ``prompt_embeds`` /
+    ``pooled_prompt_embeds`` (and the negative ones). Needs ``transformers`` installed (diffusers imports it)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
