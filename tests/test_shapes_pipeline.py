@@ -179,6 +179,14 @@ def test_missing_or_corrupt_weights_name_the_path(tiny, tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="transformer.safetensors"):
         load_shapes_pipeline(empty)
+    shipped = sorted(WEIGHTS_DIR.glob("*.safetensors"))
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for f in shipped:
+        if not f.name.startswith("transformer-00002"):
+            (partial / f.name).symlink_to(f)
+    with pytest.raises(FileNotFoundError, match="transformer-00002-of-00002.safetensors"):
+        load_shapes_pipeline(partial)
     save_flat_weights(tiny, tmp_path / "bad")
     corrupt = tmp_path / "bad" / "transformer.safetensors"
     corrupt.write_bytes(b"\x00garbage" * 10)

@@ -148,6 +148,15 @@ def _load_state(directory: Path, component: str) -> dict[str, torch.Tensor]:
             f"{component}-*-of-*.safetensors). Reinstall catprune, or pass path= a folder written by "
             "ShapesPipeline.save_pretrained or scripts/train_shapes.py."
         )
+    if len(files) > 1 or files[0].name != f"{component}.safetensors":
+        total = int(files[0].stem.rsplit("-of-", 1)[1])
+        for k in range(1, total + 1):
+            shard = directory / f"{component}-{k:05d}-of-{total:05d}.safetensors"
+            if not shard.is_file():
+                raise FileNotFoundError(
+                    f"missing weights file {shard} (shard {k} of {total}). Reinstall catprune, or re-create the "
+                    "folder with scripts/train_shapes.py."
+                )
     state: dict[str, torch.Tensor] = {}
     for file in files:
         try:
