@@ -80,3 +80,14 @@ def test_bench_tiny_preset_writes_json(tmp_path, capsys):
 def test_psnr():
     assert psnr(torch.zeros(3), torch.zeros(3)) == float("inf")
     assert psnr(torch.zeros(4), torch.full((4,), 0.1)) == pytest.approx(20.0)
+
+
+def test_generate_with_the_default_embedded_model(tmp_path, capsys):
+    """`catprune generate "a red circle"` on the shipped model, offline (few steps to keep CI fast)."""
+    out = tmp_path / "red.png"
+    assert main(["generate", "a red circle", "--steps", "4", "--start-step", "2", "--out", str(out)]) == 0
+    image = Image.open(out).convert("RGB")
+    assert image.size == (128, 128)
+    assert "catprune stats" in capsys.readouterr().out
+    assert main(["generate", "a red hexagon", "--steps", "2", "--out", str(out)]) == 2
+    assert "hexagon" in capsys.readouterr().err  # unknown words are named

@@ -119,7 +119,7 @@ def cmd_generate(args) -> int:
         canvas = _side_by_side(
             _to_pil(dense_images[0]),
             _to_pil(cat_images[0]),
-            (f"dense {dense_time:.2f}s", f"CAT a={args.keep_ratio} t0={args.start_step} {cat_time:.2f}s"),
+            (f"dense: {dense_time:.2f} s", f"CAT (keep {args.keep_ratio}, start {args.start_step}): {cat_time:.2f} s"),
         )
         out.parent.mkdir(parents=True, exist_ok=True)
         canvas.save(out)
