@@ -91,3 +91,19 @@ def test_generate_with_the_default_embedded_model(tmp_path, capsys):
     assert "catprune stats" in capsys.readouterr().out
     assert main(["generate", "a red hexagon", "--steps", "2", "--out", str(out)]) == 2
     assert "hexagon" in capsys.readouterr().err  # unknown words are named
+
+
+def test_bench_reads_real_weights_from_a_pipeline_folder(tmp_path, capsys):
+    from catprune.bench import build_pipeline
+
+    pipe, _ = build_pipeline("sd3-tiny", "cpu", torch.float32, seed=3)
+    pipe.transformer.save_pretrained(str(tmp_path / "transformer"))
+    pipe.vae.save_pretrained(str(tmp_path / "vae"))
+    loaded, entry = build_pipeline("sd3-tiny", "cpu", torch.float32, weights=str(tmp_path))
+    weight = next(iter(pipe.transformer.state_dict().values()))
+    assert torch.equal(next(iter(loaded.transformer.state_dict().values())), weight)
+    assert main(["bench", "--preset", "sd3-tiny", "--weights", str(tmp_path), "--sizes", "64x64", "--steps", "5",
+                 "--start-step", "2", "--repeats", "1", "--dtype", "fp32", "--no-vae"]) == 0  # fmt: skip
+    assert "sd3-tiny" in capsys.readouterr().out
+    assert main(["bench", "--preset", "sd3-tiny", "--weights", str(tmp_path / "missing")]) == 2
+    assert "weights" in capsys.readouterr().err

@@ -157,8 +157,11 @@ def environment() -> dict:
     return env
 
 
-def build_pipeline(preset: str, device, dtype: torch.dtype, seed: int = 0):
-    """A StableDiffusion3Pipeline with random full-size weights for ``preset`` (an SD3-family config)."""
+def build_pipeline(preset: str, device, dtype: torch.dtype, seed: int = 0, weights: str | None = None):
+    """A StableDiffusion3Pipeline for ``preset`` (an SD3-family config): random full-size weights, or with
+    ``weights`` (a hub id or a local diffusers pipeline folder) the real transformer and VAE read from its
+    ``transformer/`` and ``vae/`` subfolders. Prompt embeddings are random either way: text encoding is outside the
+    timed loop and the same for dense and CAT."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
     from catprune.models.testing import sd3_pipeline_from_components
@@ -172,6 +175,17 @@ def build_pipeline(preset: str, device, dtype: torch.dtype, seed: int = 0):
             f"bench: preset {preset!r} is a {entry.get('class')}; catprune has no adapter for it yet (supported: "
             f"{', '.join(catprune.adapters.supported_models())}), so it cannot be benchmarked with CAT."
         )
+    if weights is not None:
+        try:
+            transformer = SD3Transformer2DModel.from_pretrained(weights, subfolder="transformer", dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(weights, subfolder="vae", dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise OSError(
+                f"bench: weights: could not load transformer/ and vae/ from {weights!r} ({exc}). Pass a hub id or a "
+                "local diffusers SD3 pipeline folder, or leave --weights out for random weights."
+            ) from exc
+        entry = {**entry, "config": dict(transformer.config)}
+        return sd3_pipeline_from_components(transformer.to(device).eval(), vae.to(device).eval()), entry
     torch.manual_seed(seed)
     with torch.device(device):
         transformer = SD3Transformer2DModel(**entry["config"]).to(dtype).eval()

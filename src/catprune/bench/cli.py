@@ -24,7 +24,7 @@ def cmd_bench(args) -> int:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype))
-    pipe, entry = build_pipeline(args.preset, device, dtype)
+    pipe, entry = build_pipeline(args.preset, device, dtype, weights=args.weights)
     results = []
     for mode in args.modes:
         for width, height in args.sizes:
@@ -61,6 +61,9 @@ def add_bench(sub):
     p.add_argument("--steps", type=_list(int), default=[28], help="step counts, e.g. 28,50")
     p.add_argument("--batch-sizes", type=_list(int), default=[1], help="images per prompt batch, e.g. 1,4")
     p.add_argument("--modes", type=_list(str), default=["eager"], help="eager, compile, cudagraph, compile+cudagraph")
+    p.add_argument(
+        "--weights", default=None, help="real weights: a hub id or local SD3 pipeline folder (default: random weights)"
+    )
     p.add_argument("--keep-ratio", type=float, default=0.3)
     p.add_argument("--start-step", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
