@@ -113,7 +113,7 @@ def _table(results: dict) -> str:
             f"{fmt(r.get('ssim'), '6.4f')} {fmt(r.get('colour_at_cell'), '8.3f')} {fmt(r.get('shape'), '6.3f')}"
         )
     for check in results["acceptance"]:
-        mark = {True: "HOLDS", False: "MISS", None: "INFO"}[check["holds"]]
+        mark = check["status"].upper()
         lines.append(f"[{mark}] {check['criterion']}: {check['detail']}")
     return "\n".join(lines)
 

@@ -258,6 +258,9 @@ def acceptance(rows: list[dict], scores: dict) -> list[dict]:
             bits.append(f"{row['seconds_per_image']:.4g} s/image vs CAT {cat['seconds_per_image']:.4g}")
         parts.append(", ".join(bits))
     out.append({"criterion": crit, "holds": None, "detail": "; ".join(parts) or "no baseline or peer was run"})
+    for entry in out[:3]:
+        entry["status"] = {True: "holds", False: "miss", None: "not evaluated"}[entry["holds"]]
+    out[3]["status"] = "reported"
     return out
 
 
@@ -306,8 +309,9 @@ def pareto_plots(rows: list[dict], folder: Path) -> dict[str, str]:
                         s=36,
                         zorder=2,
                     )
-            for r in points:
-                ax.annotate(r["name"], (r[x_key], r[y_key]), fontsize=6.5, xytext=(3, 3), textcoords="offset points")
+            for i, r in enumerate(sorted(points, key=lambda r: (r[x_key], r[y_key]))):
+                dy = (3, -9, 10)[i % 3]  # stagger the labels of points that sit at the same budget
+                ax.annotate(r["name"], (r[x_key], r[y_key]), fontsize=6.5, xytext=(4, dy), textcoords="offset points")
             ax.set_xlabel(x_label)
             ax.set_ylabel(y_label)
             ax.grid(alpha=0.3)
@@ -358,7 +362,9 @@ def image_grid(caches: list[MethodCache], indices: list[int], path: Path, scale:
     canvas.save(path)
 
 
-def selection_heatmaps(caches: list[MethodCache], steps: int, indices: list[int], folder: Path) -> dict[str, str]:
+def selection_heatmaps(
+    caches: list[MethodCache], steps: int, indices: list[int], folder: Path, image_cache: MethodCache | None = None
+) -> dict[str, str]:
     """Heat maps of how many steps recomputed each token: the mean over all images per method, and per-image maps
     next to the image for a few seeds. Returns {title: relative path}; empty without matplotlib or token records."""
     plt = _matplotlib()
@@ -393,9 +399,10 @@ def selection_heatmaps(caches: list[MethodCache], steps: int, indices: list[int]
         squeeze=False,
     )
     for i, index in enumerate(indices):
-        image = load_images([recorded[0][0].image_path(index)])[0].permute(1, 2, 0).numpy()
+        shown = image_cache if image_cache is not None else recorded[0][0]
+        image = load_images([shown.image_path(index)])[0].permute(1, 2, 0).numpy()
         axes[i, 0].imshow(image)
-        axes[i, 0].set_title(f"seed {index} ({recorded[0][0].method.name})", fontsize=7)
+        axes[i, 0].set_title(f"seed {index} ({shown.method.name})", fontsize=7)
         for j, (cache, tokens) in enumerate(recorded, start=1):
             gh, gw = (int(g) for g in tokens["grid"])
             axes[i, j].imshow(tokens["counts"][index].reshape(gh, gw), vmin=0, vmax=steps, cmap="viridis")
@@ -467,14 +474,17 @@ def write_report(out_dir: str | os.PathLike, grid_rows: int = 6, command: str | 
         notes.append("Pareto plots and heat maps skipped: matplotlib is not installed (pip install 'catprune[eval]').")
     else:
         figures["plots"] = pareto_plots(rows, out / "plots")
-        figures["heatmaps"] = selection_heatmaps(complete, settings.steps, indices[:4], out / "heatmaps")
+        reference = next((c for c in complete if c.method.is_reference), None)
+        figures["heatmaps"] = selection_heatmaps(complete, settings.steps, indices[:4], out / "heatmaps", reference)
     for status in scores.get("metrics", {}).values():
         if not status.get("available"):
             notes.append(f"{status['name']}: {status['reason']}")
     for name, reason in skipped.items():
         notes.append(f"method {name} skipped: {reason}")
 
+    prompts = settings.prompts()
     results = {
+        "grid_prompts": [f"seed {settings.seed + i}: {prompts[i]}" for i in indices],
         "settings": settings.to_dict(),
         "machine": stored.get("machine"),
         "command": command,
@@ -561,12 +571,8 @@ def _html(results: dict, title: str) -> str:
         "<h2>Acceptance (issue 5)</h2><table><tr><th class='l'>criterion</th><th>holds</th><th class='l'>measured</th></tr>"
     )
     for c in results["acceptance"]:
-        holds = c["holds"]
-        mark = (
-            ("<span class='ok'>yes</span>" if holds else "<span class='miss'>MISS</span>")
-            if holds is not None
-            else "<span class='na'>reported</span>"
-        )
+        css = {"holds": "ok", "miss": "miss"}.get(c["status"], "na")
+        mark = f"<span class='{css}'>{'MISS' if c['status'] == 'miss' else e(c['status'])}</span>"
         parts.append(
             f"<tr><td class='l'>{e(c['criterion'])}</td><td>{mark}</td><td class='l'>{e(c['detail'])}</td></tr>"
         )
@@ -615,6 +621,8 @@ def _html(results: dict, title: str) -> str:
         if not figures:
             continue
         parts.append(f"<h2>{heading}</h2>")
+        if section == "grids":
+            parts.append("<p>Rows: " + "; ".join(e(p) for p in results.get("grid_prompts", [])) + "</p>")
         if section == "heatmaps":
             parts.append(
                 "<p>How many of the steps computed each image token (dense and capture steps compute all tokens; a "
