@@ -1,4 +1,5 @@
-"""The ``catprune`` command: ``generate`` and ``env`` (more subcommands register themselves in `COMMANDS`)."""
+"""The ``catprune`` command: ``generate``, ``env``, ``bench`` and ``eval`` (each subcommand adds itself through
+`COMMANDS`)."""
 
 from __future__ import annotations
 
@@ -221,8 +222,13 @@ def _add_bench(sub):
     add_bench(sub)
 
 
-COMMANDS = [_add_generate, _add_env, _add_bench]
-COMMANDS.append(__import__("catprune.cli.eval_cmd", fromlist=["add_parser"]).add_parser)  # catprune eval
+def _add_eval(sub):
+    from catprune.cli.eval_cmd import add_parser
+
+    add_parser(sub)
+
+
+COMMANDS = [_add_generate, _add_env, _add_bench, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
