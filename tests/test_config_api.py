@@ -243,3 +243,10 @@ def test_survives_accelerate_hook_resets(hook_first):
     catprune.remove(model)
     assert not catprune.is_applied(model)
     assert all(torch.equal(a, b) for a, b in zip(run(), dense, strict=True))
+
+
+def test_top_level_load_pipeline_loads_the_embedded_model():
+    pipe = catprune.load_pipeline("shapes")
+    assert type(pipe).__name__ == "ShapesPipeline" and pipe.transformer.config.patch_size == 4
+    with pytest.raises(TypeError, match="name_or_path"):
+        catprune.load_pipeline(3)

@@ -9,6 +9,7 @@ Example:
 
 from .api import applied, apply, get_config, is_applied, remove, reset, stats
 from .config import Backend, CATConfig, CFGMode, Selection
+from .models import load_pipeline
 from .runtime import PruneStats, StepRecord
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "apply",
     "get_config",
     "is_applied",
+    "load_pipeline",
     "remove",
     "reset",
     "stats",
