@@ -140,6 +140,11 @@ class Runtime:
         k = cfg.tokens_kept(m)
         clusters = cfg.clusters_for(m)
         shared = self._cfg_shared(info.batch)
+        if self.runner.uses_graphs and info.device.type != "cuda":
+            raise ValueError(
+                f"CATConfig.backend: {cfg.backend.value!r} captures CUDA graphs and needs CUDA inputs, got inputs on "
+                f"{info.device}. Use backend='eager' or 'compile' on this device."
+            )
         num_blocks = len(self.adapter.model.transformer_blocks)
         signature = info.signature
 
