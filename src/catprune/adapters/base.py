@@ -45,10 +45,10 @@ class LayerCache:
         self.kv: dict[str, torch.Tensor] = {}
 
     def buffer(self, name: str, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+        """The buffer ``name``, allocated (uninitialised) when missing or of another shape, device or dtype."""
         buf = self.kv.get(name)
-        if buf is None or tuple(buf.shape) != shape or buf.device != device or buf.dtype != dtype:
-            buf = torch.empty(shape, device=device, dtype=dtype)
-            self.kv[name] = buf
+        if buf is None or tuple(buf.shape) != tuple(shape) or buf.device != torch.device(device) or buf.dtype != dtype:
+            buf = self.kv[name] = torch.empty(tuple(shape), device=device, dtype=dtype)
         return buf
 
     def nbytes(self) -> int:

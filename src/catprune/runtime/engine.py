@@ -33,13 +33,10 @@ class _SignatureState:
 
     def __init__(self, num_blocks: int):
         self.caches = [LayerCache() for _ in range(num_blocks)]
-        self.tensors: dict[str, torch.Tensor] = {}
+        self._store = LayerCache()  # the same named-buffer store as the K/V caches
 
     def get(self, name: str, shape, dtype, device) -> torch.Tensor:
-        t = self.tensors.get(name)
-        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != torch.device(device):
-            t = self.tensors[name] = torch.empty(tuple(shape), dtype=dtype, device=device)
-        return t
+        return self._store.buffer(name, shape, device, dtype)
 
     def put(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """Copy ``value`` into the persistent buffer ``name`` (allocated on first use) and return the buffer."""
@@ -108,10 +105,9 @@ class Runtime:
             return float(t.reshape(-1)[0].item())
         return float(t)
 
-    def _is_new_generation(self, info: CallInfo) -> bool:
+    def _is_new_generation(self, info: CallInfo, tracked: bool, step_index) -> bool:
         if self.step == 0 or self._broken or info.signature != self.signature:
             return True
-        tracked, step_index = self._scheduler_step_index()
         if tracked and step_index is not None:
             return self._last_step_index is not None and step_index <= self._last_step_index
         if tracked and self._last_step_index is not None:
@@ -176,9 +172,9 @@ class Runtime:
         info = self.adapter.inspect_call(args, kwargs)
         if self.adapter.is_auxiliary(info):
             return original(*args, **kwargs)
-        if self._is_new_generation(info):
-            self._start_generation(info)
         tracked, step_index = self._scheduler_step_index()
+        if self._is_new_generation(info, tracked, step_index):
+            self._start_generation(info)
         try:
             out = self._step(original, args, kwargs, info)
         except BaseException:
@@ -278,32 +274,33 @@ class Runtime:
         """Choose the next step's tokens into the persistent ``idx`` / ``idx_rows`` buffers (in place)."""
         cfg = self.config
         current = self._score_view(self.outputs)  # (S, M, P)
-        delta = current.float() - self.reference  # (S, M, P)
-        score = delta.norm(dim=-1)  # (S, M)
         policy = cfg.selection
-        if policy is Selection.MAGNITUDE:
-            idx = topk_tokens(score, self.k)
-        elif policy is Selection.RANDOM:
-            noise = torch.rand(score.shape[1], generator=self._rng).to(score.device)  # (M,) same for every sample
-            idx = topk_tokens(noise.expand_as(score), self.k)
+        if policy is Selection.RANDOM:
+            noise = torch.rand(current.shape[1], generator=self._rng).to(current.device)  # (M,) same for every sample
+            idx = topk_tokens(noise.expand(current.shape[:2]), self.k)
         elif policy is Selection.RAS:
             idx = topk_tokens(ras_priority(current, self.age, cfg.ras_starvation), self.k)
-        else:  # CAT, NO_CLUSTERING (one cluster), STALENESS (no magnitude part)
-            if policy is Selection.CAT:
-                per_cluster = cluster_scores(delta, self.labels, self.num_clusters)  # (S, C)
-            else:
-                per_cluster = score.new_zeros(score.shape[0], 1)  # (S, 1) a single cluster
-            idx = select_tokens(
-                score,
-                per_cluster,
-                self.labels,
-                self.staleness,
-                self.k,
-                0.0 if policy is Selection.STALENESS else cfg.magnitude_share,
-                cfg.cluster_share_weights,
-                age=self.age,
-                quotas=self.quotas,
-            )  # (S, k)
+        else:  # the change-based rules: only they read n_i - n_ref
+            delta = current.float() - self.reference  # (S, M, P)
+            score = delta.norm(dim=-1)  # (S, M)
+            if policy is Selection.MAGNITUDE:
+                idx = topk_tokens(score, self.k)
+            else:  # CAT, NO_CLUSTERING (one cluster), STALENESS (no magnitude part)
+                if policy is Selection.CAT:
+                    per_cluster = cluster_scores(delta, self.labels, self.num_clusters)  # (S, C)
+                else:
+                    per_cluster = score.new_zeros(score.shape[0], 1)  # (S, 1) a single cluster
+                idx = select_tokens(
+                    score,
+                    per_cluster,
+                    self.labels,
+                    self.staleness,
+                    self.k,
+                    0.0 if policy is Selection.STALENESS else cfg.magnitude_share,
+                    cfg.cluster_share_weights,
+                    age=self.age,
+                    quotas=self.quotas,
+                )  # (S, k)
         self.idx.copy_(idx)
         if self.row_group is not None:
             torch.index_select(self.idx, 0, self.row_group, out=self.idx_rows)  # (B, k)
