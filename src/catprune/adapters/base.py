@@ -78,6 +78,10 @@ class Adapter(abc.ABC):
         arguments.pop("self", None)
         return arguments
 
+    def num_caches(self) -> int:
+        """How many `LayerCache` objects a generation needs (one per block that attends over image tokens)."""
+        return len(self.model.transformer_blocks)
+
     def validate_model(self) -> None:
         """Raise ValueError/TypeError if this model instance cannot be pruned (checked at apply time)."""
         return None

@@ -141,7 +141,7 @@ class Runtime:
                 f"CATConfig.backend: {cfg.backend.value!r} captures CUDA graphs and needs CUDA inputs, got inputs on "
                 f"{info.device}. Use backend='eager' or 'compile' on this device."
             )
-        num_blocks = len(self.adapter.model.transformer_blocks)
+        num_blocks = self.adapter.num_caches()
         signature = info.signature
 
         state = self._states.get(signature)
