@@ -20,6 +20,36 @@ def _linear_macs(module: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
+def _modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``normed * (1 + scale) + shift`` per batch row, as one kernel. normed: (B, N, D); shift, scale: (B, D)."""
+    return torch.addcmul(shift[:, None], normed, 1 + scale[:, None])  # (B, N, D)
+
+
+def _gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + gate * y`` per batch row, as one kernel. x, y: (B, N, D); gate: (B, D)."""
+    return torch.addcmul(x, gate[:, None], y)  # (B, N, D)
+
+
+@torch.compiler.disable
+def cached_attention(kv, idx, m: int, q, key, value, text=None) -> torch.Tensor:
+    """Write the selected tokens' fresh keys / values (and this step's text K/V) into the cache ``kv`` in place,
+    then attend with all of it: queries (B, k [+ T], H, hd) over (B, M [+ T]) keys. Returns (B, H, k [+ T], hd).
+
+    Kept out of torch.compile's graphs on purpose: inductor functionalises in-place writes into a captured buffer
+    and then copies the whole buffer back (measured on H200: 2.7 ms of a 18 ms SD3-medium pruned step). Eager, the
+    writes are two small scatters; the compiled regions before and after still fuse the elementwise work. Under a
+    CUDA graph of the whole step the graph break costs nothing.
+    """
+    scatter_tokens_(kv[0, :, :m], idx, key)  # (B, M, H, hd) fresh keys of the selected tokens
+    scatter_tokens_(kv[1, :, :m], idx, value)
+    if text is not None:
+        kv[0, :, m:].copy_(text[0])  # (B, T, H, hd)
+        kv[1, :, m:].copy_(text[1])
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), kv[0].transpose(1, 2), kv[1].transpose(1, 2), dropout_p=0.0, is_causal=False
+    )  # (B, H, k + T, hd)
+
+
 class SD3Adapter(Adapter):
     """CAT Pruning for SD3-family MMDiT transformers (SD3-medium, SD3.5-medium with dual attention, SD3.5-large).
 
@@ -175,7 +205,7 @@ class SD3Adapter(Adapter):
         ctx = model.context_embedder(encoder_hidden_states)  # (B, T, D)
         blocks = model.transformer_blocks
         for index, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
-            ctx, x = self._block(block, cache, x, ctx, temb, idx, m)
+            ctx, x = self._block(block, cache.kv["attn"], cache.kv.get("attn2"), x, ctx, temb, idx, m)
             if controlnet is not None and block.context_pre_only is False:
                 interval = len(blocks) / len(controlnet)
                 x = x + gather_tokens(controlnet[int(index / interval)], idx)  # (B, k, D)
@@ -222,32 +252,46 @@ class SD3Adapter(Adapter):
             return (sample,)
         return Transformer2DModelOutput(sample=sample)
 
-    def _block(self, block, cache: LayerCache, x, ctx, temb, idx, m):
-        # mirrors JointTransformerBlock.forward with the image stream restricted to the selected tokens
+    def _block(self, block, kv, kv2, x, ctx, temb, idx, m):
+        # JointTransformerBlock.forward with the image stream restricted to the selected tokens. Same math, fewer
+        # memory passes: every `a * (1 + s) + b` modulation and `x + g * y` gated residual is one addcmul kernel (one
+        # rounding instead of two in bf16), which matters in a pruned step where these passes are ~20% of the time.
+        emb = block.norm1.linear(block.norm1.silu(temb))  # (B, 6D) or (B, 9D) with dual attention
         if block.use_dual_attention:
-            nx, gate_msa, shift_mlp, scale_mlp, gate_mlp, nx2, gate_msa2 = block.norm1(x, emb=temb)
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift2, scale2, gate_msa2 = emb.chunk(9, 1)
         else:
-            nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(x, emb=temb)  # nx: (B, k, D)
-        if block.context_pre_only:
-            nctx = block.norm1_context(ctx, temb)
-        else:
-            nctx, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(ctx, emb=temb)
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)  # (B, D) each
+        normed = block.norm1.norm(x)  # (B, k, D)
+        nx = _modulate(normed, shift_msa, scale_msa)
+        nctx, c_gates = self._norm1_context(block, ctx, temb)
 
-        img_out, ctx_out = self._attention(block.attn, cache.kv["attn"], nx, nctx, idx, m)
-        x = x + gate_msa.unsqueeze(1) * img_out  # (B, k, D)
+        img_out, ctx_out = self._attention(block.attn, kv, nx, nctx, idx, m)
+        x = _gated_add(x, gate_msa, img_out)  # (B, k, D)
         if block.use_dual_attention:
-            img_out2, _ = self._attention(block.attn2, cache.kv["attn2"], nx2, None, idx, m)
-            x = x + gate_msa2.unsqueeze(1) * img_out2
+            img_out2, _ = self._attention(block.attn2, kv2, _modulate(normed, shift2, scale2), None, idx, m)
+            x = _gated_add(x, gate_msa2, img_out2)
 
-        nx = block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]  # (B, k, D)
-        x = x + gate_mlp.unsqueeze(1) * block.ff(nx)
+        x = _gated_add(x, gate_mlp, block.ff(_modulate(block.norm2(x), shift_mlp, scale_mlp)))  # (B, k, D)
 
         if block.context_pre_only:
             return None, x
-        ctx = ctx + c_gate_msa.unsqueeze(1) * ctx_out  # (B, T, D) text stream stays dense
-        nctx = block.norm2_context(ctx) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        ctx = ctx + c_gate_mlp.unsqueeze(1) * block.ff_context(nctx)
+        c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_gates
+        ctx = _gated_add(ctx, c_gate_msa, ctx_out)  # (B, T, D) text stream stays dense
+        ctx = _gated_add(
+            ctx, c_gate_mlp, block.ff_context(_modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
+        )
         return ctx, x
+
+    @staticmethod
+    def _norm1_context(block, ctx, temb):
+        """The text stream's first norm and modulation (AdaLayerNormZero, or AdaLayerNormContinuous in the last
+        block): the modulated text and the remaining gates / shifts / scales (None in the last block)."""
+        norm = block.norm1_context
+        if block.context_pre_only:  # AdaLayerNormContinuous: (scale, shift) order, silu output cast to x's dtype
+            scale, shift = norm.linear(norm.silu(temb).to(ctx.dtype)).chunk(2, dim=1)
+            return _modulate(norm.norm(ctx), shift, scale), None
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = norm.linear(norm.silu(temb)).chunk(6, dim=1)
+        return _modulate(norm.norm(ctx), shift, scale), (gate, shift_mlp, scale_mlp, gate_mlp)
 
     @staticmethod
     def _attention(attn, kv: torch.Tensor, x, ctx, idx, m):
@@ -267,8 +311,7 @@ class SD3Adapter(Adapter):
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        scatter_tokens_(kv[0, :, :m], idx, key)  # (B, M, H, hd) fresh keys of the selected tokens
-        scatter_tokens_(kv[1, :, :m], idx, value)
+        text = None
         if ctx is not None:
             t = ctx.shape[1]
             qc = attn.add_q_proj(ctx).view(b, t, heads, head_dim)  # (B, T, H, hd)
@@ -278,12 +321,9 @@ class SD3Adapter(Adapter):
                 qc = attn.norm_added_q(qc)
             if attn.norm_added_k is not None:
                 kc = attn.norm_added_k(kc)
-            kv[0, :, m:].copy_(kc)
-            kv[1, :, m:].copy_(vc)
+            text = (kc, vc)
             q = torch.cat([q, qc], dim=1)  # (B, k + T, H, hd)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), kv[0].transpose(1, 2), kv[1].transpose(1, 2), dropout_p=0.0, is_causal=False
-        )  # (B, H, k + T, hd)
+        out = cached_attention(kv, idx, m, q, key, value, text)  # (B, H, k + T, hd)
         out = out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(q.dtype)  # (B, k + T, D)
         img, txt = out[:, :k], out[:, k:]
         if ctx is not None and not attn.context_pre_only:
