@@ -37,6 +37,22 @@ def random_call(device, seed: int) -> dict:
     )
 
 
+def replay_ms(fn, inputs, n=20) -> float:
+    """Median time of ``fn(**inputs)`` replayed as a CUDA graph (ms)."""
+    from catprune.runtime.backends import GraphedCall
+
+    graphed = GraphedCall(fn, inputs)
+    times = []
+    for _ in range(n + 3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graphed.graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times[3:])[n // 2]
+
+
 def check_backends(pipe, entry, out) -> dict:
     """CAT eager vs dense latents (12 steps), and a full-selection pruned step against the dense step in bf16.
     (The backends are compared against eager on the bench's own runs, see main.)"""
@@ -45,7 +61,7 @@ def check_backends(pipe, entry, out) -> dict:
 
     device = "cuda"
     embeds = _embeddings(pipe, entry, 1, device, torch.bfloat16)
-    kwargs = dict(**embeds, height=1024, width=1024, num_inference_steps=12, guidance_scale=7.0, output_type="latent")
+    kwargs = dict(**embeds, height=1024, width=1024, num_inference_steps=12, output_type="latent")
     report = {}
     with torch.no_grad():
         catprune.apply(pipe, catprune.CATConfig(keep_ratio=0.3, start_step=4))
@@ -64,8 +80,16 @@ def check_backends(pipe, entry, out) -> dict:
         idx = torch.arange(info.num_tokens, device=device).expand(2, -1)
         full = adapter.build_output(adapter.pruned_forward(caches, idx, info), info)[0]
         report["full-selection pruned step vs dense step (rel err, bf16)"] = rel_err(full, dense_out)
+        # how much of the speed-up is implementation rather than pruning: catprune's pruned-step code with every
+        # token selected, against the stock dense step, both replayed as CUDA graphs
+        inputs = adapter.fast_inputs(info)
+        pruned_all = adapter.pruned_fn(caches, info)
+        report["stock dense step, graph replay (ms)"] = replay_ms(adapter.dense_fn(model.forward), inputs)
+        report["catprune step with all tokens selected, graph replay (ms)"] = replay_ms(
+            lambda **t: pruned_all(idx=idx, **t), inputs
+        )
     for key, value in report.items():
-        print(f"CHECK {key}: {value:.2e}", flush=True)
+        print(f"CHECK {key}: {value:.4g}", flush=True)
     with open(os.path.join(out, "checks.json"), "w") as f:
         json.dump(report, f, indent=2)
     return report
@@ -110,7 +134,7 @@ def offload_check(pipe, entry) -> None:
     from catprune.bench import _embeddings
 
     embeds = _embeddings(pipe, entry, 1, "cuda", torch.bfloat16)
-    kwargs = dict(**embeds, height=512, width=512, num_inference_steps=6, guidance_scale=7.0, output_type="latent")
+    kwargs = dict(**embeds, height=512, width=512, num_inference_steps=6, output_type="latent")
     config = catprune.CATConfig(keep_ratio=0.3, start_step=2)
     report = {}
     with torch.no_grad():
@@ -136,11 +160,16 @@ def main():
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--text-encoders", action="store_true", help="resident random text encoders (peak memory)")
+    parser.add_argument("--steps", default="28,50")
+    parser.add_argument(
+        "--presets", default="", help="extra presets, one 1024x1024 28-step cudagraph row each (family defaults)"
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     print(json.dumps(environment()), flush=True)
     start = time.time()
-    pipe, entry = build_pipeline("sd3-medium", "cuda", torch.bfloat16)
+    pipe, entry = build_pipeline("sd3-medium", "cuda", torch.bfloat16, text_encoders=args.text_encoders)
     results = []
     json_path = os.path.join(args.out, f"bench_{args.part}.json")
     if args.part in ("main", "all"):
@@ -151,7 +180,7 @@ def main():
             profile_steps(pipe, args.out)
 
         for mode in args.modes.split(","):
-            for steps in (28, 50):
+            for steps in [int(x) for x in args.steps.split(",") if x]:
                 case = BenchCase(steps=steps, mode=mode, repeats=3)
                 results.append(run_case(case, pipe=pipe, entry=entry, device="cuda"))
                 print(format_table(results[-1:]).splitlines()[-1], f"t={time.time() - start:.0f}s", flush=True)
@@ -174,7 +203,20 @@ def main():
             results.append(run_case(case, pipe=pipe, entry=entry, device="cuda"))
             print(format_table(results[-1:]).splitlines()[-1], f"t={time.time() - start:.0f}s", flush=True)
             save_json(results, json_path)
-    if args.offload:  # last: it moves the pipeline to the CPU
+    for preset in [p for p in args.presets.split(",") if p]:
+        try:
+            del pipe
+            torch.cuda.empty_cache()
+            pipe, entry = build_pipeline(preset, "cuda", torch.bfloat16)
+            size = 128 if preset == "shapes" else 1024
+            case = BenchCase(preset=preset, width=size, height=size, steps=28, mode="cudagraph", repeats=3)
+            results.append(run_case(case, pipe=pipe, entry=entry, device="cuda"))
+            print(format_table(results[-1:]).splitlines()[-1], f"t={time.time() - start:.0f}s", flush=True)
+            save_json(results, json_path)
+        except Exception as exc:  # one preset failing must not lose the others' rows
+            print(f"PRESET {preset} failed: {type(exc).__name__}: {exc}", flush=True)
+            pipe = None
+    if args.offload and pipe is not None and not args.presets:  # last: it moves the pipeline to the CPU
         try:
             offload_check(pipe, entry)
         except Exception as exc:  # reported, not fatal for the timing run

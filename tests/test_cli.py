@@ -107,3 +107,29 @@ def test_bench_reads_real_weights_from_a_pipeline_folder(tmp_path, capsys):
     assert "sd3-tiny" in capsys.readouterr().out
     assert main(["bench", "--preset", "sd3-tiny", "--weights", str(tmp_path / "missing")]) == 2
     assert "weights" in capsys.readouterr().err
+
+
+def test_bench_embedded_shapes_preset(capsys):
+    """The shapes preset benchmarks the shipped model (pixel space: no VAE decode in the end-to-end time)."""
+    assert main(["bench", "--preset", "shapes", "--sizes", "64x64", "--steps", "5", "--start-step", "2",
+                 "--repeats", "1", "--dtype", "fp32"]) == 0  # fmt: skip
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith("shapes") and "64x64" in row
+
+
+def test_bench_text_encoders_stay_resident(monkeypatch):
+    from catprune.bench import build_pipeline, families
+
+    tiny = {
+        "clip-l": dict(kind="clip", hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1,
+                       projection_dim=8),
+        "clip-g": dict(kind="clip", hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1,
+                       projection_dim=8),
+        "t5-xxl": dict(kind="t5", d_model=8, d_ff=16, d_kv=4, num_heads=2, num_layers=1, vocab_size=32),
+    }  # fmt: skip
+    monkeypatch.setattr(families, "TEXT_ENCODER_CONFIGS", tiny)
+    pipe, _ = build_pipeline("sd3-tiny", "cpu", torch.float32, text_encoders=True)
+    kinds = [type(m).__name__ for m in pipe._catprune_bench_resident]
+    assert kinds == ["CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"]
+    with pytest.raises(ValueError, match="preset"):
+        build_pipeline("no-such-model", "cpu", torch.float32)

@@ -1,8 +1,10 @@
 """``catprune bench``: wall-clock speed of CAT Pruning against the dense model, in the same process and mode.
 
 Random weights by default (compute does not depend on weight values): full-size transformer and VAE built from the
-configs in ``catprune/models/model_configs.json``, inside a stock diffusers ``StableDiffusion3Pipeline`` fed random
-prompt embeddings (text encoding is outside the timed region and identical for both).
+configs in ``catprune/models/model_configs.json``, inside the family's stock diffusers pipeline
+(``StableDiffusion3Pipeline``, ``PixArtSigmaPipeline``, ``FluxPipeline``) fed random prompt embeddings (text encoding
+is outside the timed region and identical for both), or the embedded ``shapes`` pipeline. The transformer loop is
+timed from the first transformer call to the end of the last one (CUDA events, no host syncs).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import catprune
 from catprune.algorithm import cluster_features, kmeans
 from catprune.models import model_configs
 from catprune.runtime.backends import GraphedCall
+
+from .families import FAMILIES, build_text_encoders, family_of
 
 MODES = ("eager", "compile", "cudagraph", "compile+cudagraph")
 DENSE_START = 10**6
@@ -57,6 +61,7 @@ TEST_PRESETS = {
             shift_factor=0.0,
         ),
     },
+    "shapes": {"class": "ShapesPipeline", "note": "the embedded pixel-space model (catprune.load_pipeline('shapes'))"},
 }  # a start step no generation reaches: every step dense, through the same dispatch and backend
 
 
@@ -67,7 +72,7 @@ class BenchCase:
     width: int = 1024
     steps: int = 28
     batch_size: int = 1
-    cfg: bool = True
+    cfg: bool | None = None  # None: the family's usual setting (CFG for SD3 / PixArt / shapes, none for Flux)
     dtype: str = "bfloat16"
     mode: str = "eager"
     keep_ratio: float = 0.3
@@ -157,57 +162,42 @@ def environment() -> dict:
     return env
 
 
-def build_pipeline(preset: str, device, dtype: torch.dtype, seed: int = 0, weights: str | None = None):
-    """A StableDiffusion3Pipeline for ``preset`` (an SD3-family config): random full-size weights, or with
-    ``weights`` (a hub id or a local diffusers pipeline folder) the real transformer and VAE read from its
-    ``transformer/`` and ``vae/`` subfolders. Prompt embeddings are random either way: text encoding is outside the
-    timed loop and the same for dense and CAT."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+def build_pipeline(
+    preset: str,
+    device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    weights: str | None = None,
+    text_encoders: bool = False,
+):
+    """The stock pipeline of ``preset``'s family with random full-size weights, or with ``weights`` (a hub id or a
+    local diffusers pipeline folder) the real transformer and VAE read from its ``transformer/`` and ``vae/``
+    subfolders. Prompts are random embeddings either way (see the module docstring).
 
-    from catprune.models.testing import sd3_pipeline_from_components
+    ``text_encoders``: also build the family's text encoders with random weights and keep them resident on
+    ``device`` (not run), so that peak memory is that of a whole ``from_pretrained(...).to(device)`` pipeline.
 
+    Returns ``(pipe, entry)``, ``entry`` the preset's config record.
+    """
     configs = {**model_configs(), **TEST_PRESETS}
-    if preset not in configs:
-        raise ValueError(f"bench: preset: expected one of {sorted(configs)}, got {preset!r}.")
+    if preset not in configs or configs[preset].get("class") not in FAMILIES:
+        choices = sorted(k for k, v in configs.items() if v.get("class") in FAMILIES)
+        raise ValueError(f"bench: preset: expected one of {choices}, got {preset!r}.")
     entry = configs[preset]
-    if entry.get("class") != "SD3Transformer2DModel":
-        raise NotImplementedError(
-            f"bench: preset {preset!r} is a {entry.get('class')}; catprune has no adapter for it yet (supported: "
-            f"{', '.join(catprune.adapters.supported_models())}), so it cannot be benchmarked with CAT."
-        )
-    if weights is not None:
-        try:
-            transformer = SD3Transformer2DModel.from_pretrained(weights, subfolder="transformer", dtype=dtype)
-            vae = AutoencoderKL.from_pretrained(weights, subfolder="vae", dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise OSError(
-                f"bench: weights: could not load transformer/ and vae/ from {weights!r} ({exc}). Pass a hub id or a "
-                "local diffusers SD3 pipeline folder, or leave --weights out for random weights."
-            ) from exc
-        entry = {**entry, "config": dict(transformer.config)}
-        return sd3_pipeline_from_components(transformer.to(device).eval(), vae.to(device).eval()), entry
+    family = family_of(entry)
     torch.manual_seed(seed)
-    with torch.device(device):
-        transformer = SD3Transformer2DModel(**entry["config"]).to(dtype).eval()
-        vae = AutoencoderKL(**configs[entry.get("vae", "sd3-vae")]["config"]).to(dtype).eval()
-    pipe = sd3_pipeline_from_components(transformer, vae, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe = family.build(entry, device, dtype, weights, configs)
+    if weights is not None and hasattr(pipe.transformer, "config"):
+        entry = {**entry, "config": dict(pipe.transformer.config)}
+    if text_encoders:
+        pipe._catprune_bench_resident = build_text_encoders(family.text_encoders, device, dtype)
     return pipe, entry
 
 
-def _embeddings(pipe, entry, batch: int, device, dtype, seed: int = 0) -> dict:
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    cfg = pipe.transformer.config
-    t = entry.get("text_tokens", 333)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).to(device, dtype)
-
-    return dict(
-        prompt_embeds=rand(batch, t, cfg.joint_attention_dim),
-        pooled_prompt_embeds=rand(batch, cfg.pooled_projection_dim),
-        negative_prompt_embeds=rand(batch, t, cfg.joint_attention_dim),
-        negative_pooled_prompt_embeds=rand(batch, cfg.pooled_projection_dim),
-    )
+def _embeddings(pipe, entry, batch: int, device, dtype, seed: int = 0, cfg: bool | None = None) -> dict:
+    """Keyword arguments of one pipeline call for ``batch`` prompts (random embeddings, the family's guidance)."""
+    family = family_of(entry)
+    return family.inputs(pipe, entry, batch, family.cfg_default if cfg is None else cfg, device, dtype, seed)
 
 
 def _sync(device):
@@ -216,11 +206,17 @@ def _sync(device):
 
 
 class _StepTimer:
-    """Per-step wall times through the pipeline's step-end callback (CUDA events on GPU: no host sync)."""
+    """Per-step wall times of the transformer loop, from forward hooks on the transformer: a step is from one
+    transformer call's start to the next one's (the scheduler step included), the last one to its end. CUDA events
+    on GPU: no host syncs. Works with any pipeline; leaves no hooks behind after ``close``."""
 
-    def __init__(self, device):
+    def __init__(self, module, device):
         self.cuda = torch.device(device).type == "cuda"
-        self.marks = []
+        self.starts, self.end = [], None
+        self._handles = [
+            module.register_forward_pre_hook(lambda *_: self.starts.append(self._mark())),
+            module.register_forward_hook(lambda *_: setattr(self, "end", self._mark())),
+        ]
 
     def _mark(self):
         if self.cuda:
@@ -230,40 +226,37 @@ class _StepTimer:
         return time.perf_counter()
 
     def start(self):
-        self.marks = [self._mark()]
-
-    def callback(self, pipe, step, timestep, kwargs):
-        self.marks.append(self._mark())
-        return kwargs
+        self.starts, self.end = [], None
 
     def steps(self) -> list[float]:
+        marks = self.starts + [self.end]
         if self.cuda:
             torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
-        return [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:], strict=False)]
+        return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+
+    def close(self):
+        for handle in self._handles:
+            handle.remove()
 
 
 def _run_method(pipe, embeds, case: BenchCase, config, device, generator_seed=0):
     catprune.apply(pipe, config)
-    timer = _StepTimer(device)
-    kwargs = dict(
-        **embeds,
-        height=case.height,
-        width=case.width,
-        num_inference_steps=case.steps,
-        guidance_scale=7.0 if case.cfg else 1.0,
-        output_type="latent",
-        callback_on_step_end=timer.callback,
-    )
-    latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(generator_seed)).images  # warm-up
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    runs = []
-    for _ in range(case.repeats):
-        _sync(device)
-        timer.start()
-        latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(generator_seed)).images
-        runs.append(timer.steps())
+    timer = _StepTimer(pipe.transformer, device)
+    kwargs = dict(**embeds, height=case.height, width=case.width, num_inference_steps=case.steps)
+    kwargs["output_type"] = "latent"
+    try:
+        latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(generator_seed)).images  # warm-up
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        runs = []
+        for _ in range(case.repeats):
+            _sync(device)
+            timer.start()
+            latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(generator_seed)).images
+            runs.append(timer.steps())
+    finally:
+        timer.close()
     runs.sort(key=sum)
     steps = runs[len(runs) // 2]
     stats = catprune.stats(pipe)
@@ -303,7 +296,8 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None) -> BenchResult
     dtype = getattr(torch, case.dtype)
     if pipe is None:
         pipe, entry = build_pipeline(case.preset, device, dtype)
-    embeds = _embeddings(pipe, entry, case.batch_size, device, dtype)
+    family = family_of(entry)
+    embeds = _embeddings(pipe, entry, case.batch_size, device, dtype, cfg=case.cfg)
     base = dict(keep_ratio=case.keep_ratio, backend=case.mode)
     with torch.no_grad():
         dense, _ = _run_method(pipe, embeds, case, catprune.CATConfig(start_step=DENSE_START, **base), device)
@@ -326,15 +320,15 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None) -> BenchResult
         select_s = _time(select, device, repeats=20)
         kmeans_s = _time(clusterer, device, 5)
         vae_s = 0.0
-        if case.vae:
-            vae = pipe.vae
-
-            def decode():
-                lat = latents / vae.config.scaling_factor + vae.config.shift_factor
-                return vae.decode(lat.to(vae.dtype), return_dict=False)[0]
-
-            vae_s = _time(decode, device, repeats=3)
+        if case.vae and family.decode is not None:
+            vae_s = _time(lambda: family.decode(pipe, latents, case.height, case.width), device, repeats=3)
         catprune.remove(pipe)
+    resident = getattr(pipe, "_catprune_bench_resident", None)
+    extra = dict(
+        family=family.name,
+        cfg=family.cfg_default if case.cfg is None else case.cfg,
+        text_encoders_resident=[e.config.model_type for e in resident] if resident else [],
+    )
     return BenchResult(
         case=case,
         device=torch.cuda.get_device_name() if torch.device(device).type == "cuda" else platform.processor() or "cpu",
@@ -344,6 +338,7 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None) -> BenchResult
         cache_mem_gb=cache_bytes / 2**30,
         select_s=select_s,
         kmeans_s=kmeans_s,
+        extra=extra,
         latents=latents.detach().cpu(),
     )
 
@@ -351,7 +346,7 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None) -> BenchResult
 def format_table(results: list[BenchResult]) -> str:
     """A plain-text table, one row per case."""
     head = (
-        f"{'preset':<12}{'size':>10}{'B':>3}{'N':>4}{'mode':>19}{'dense ms/step':>14}{'pruned ms/step':>15}"
+        f"{'preset':<18}{'size':>10}{'B':>3}{'N':>4}{'mode':>19}{'dense ms/step':>14}{'pruned ms/step':>15}"
         f"{'loop dense s':>13}{'loop CAT s':>11}{'MACs x':>8}{'loop x':>8}{'eff':>6}{'e2e x':>7}{'sel %':>7}"
         f"{'cache GB':>9}{'peak GB':>9}"
     )
@@ -360,7 +355,7 @@ def format_table(results: list[BenchResult]) -> str:
         c = r.case
         pruned = r.cat.pruned_step_s
         lines.append(
-            f"{c.preset:<12}{f'{c.width}x{c.height}':>10}{c.batch_size:>3}{c.steps:>4}{c.mode:>19}"
+            f"{c.preset:<18}{f'{c.width}x{c.height}':>10}{c.batch_size:>3}{c.steps:>4}{c.mode:>19}"
             f"{r.dense.full_step_s * 1e3:>14.2f}{(pruned or 0) * 1e3:>15.2f}{r.dense.loop_s:>13.3f}"
             f"{r.cat.loop_s:>11.3f}{r.macs_speedup:>8.2f}{r.loop_speedup:>8.2f}"
             f"{r.loop_speedup / r.macs_speedup:>6.2f}{r.end_to_end_speedup:>7.2f}"

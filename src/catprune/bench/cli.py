@@ -24,7 +24,7 @@ def cmd_bench(args) -> int:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype))
-    pipe, entry = build_pipeline(args.preset, device, dtype, weights=args.weights)
+    pipe, entry = build_pipeline(args.preset, device, dtype, weights=args.weights, text_encoders=args.text_encoders)
     results = []
     for mode in args.modes:
         for width, height in args.sizes:
@@ -36,7 +36,7 @@ def cmd_bench(args) -> int:
                         width=width,
                         steps=steps,
                         batch_size=batch,
-                        cfg=not args.no_cfg,
+                        cfg=False if args.no_cfg else None,
                         dtype=str(dtype).replace("torch.", ""),
                         mode=mode,
                         keep_ratio=args.keep_ratio,
@@ -56,7 +56,12 @@ def cmd_bench(args) -> int:
 
 def add_bench(sub):
     p = sub.add_parser("bench", help="time dense vs CAT on random-weight full-size models (GPU)")
-    p.add_argument("--preset", default="sd3-medium", help="sd3-medium, sd3.5-medium, sd3.5-large (or sd3-tiny)")
+    p.add_argument(
+        "--preset",
+        default="sd3-medium",
+        help="sd3-medium, sd3.5-medium, sd3.5-large, pixart-sigma-1024, flux-dev, shapes (the embedded model; "
+        "real weights), or sd3-tiny for smoke tests",
+    )
     p.add_argument("--sizes", type=_list(_size), default=[(1024, 1024)], help="WxH list, e.g. 1024x1024,512x512")
     p.add_argument("--steps", type=_list(int), default=[28], help="step counts, e.g. 28,50")
     p.add_argument("--batch-sizes", type=_list(int), default=[1], help="images per prompt batch, e.g. 1,4")
@@ -68,7 +73,14 @@ def add_bench(sub):
     p.add_argument("--start-step", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
-    p.add_argument("--no-cfg", action="store_true", help="no classifier-free guidance (batch not doubled)")
+    p.add_argument(
+        "--no-cfg", action="store_true", help="no classifier-free guidance (batch not doubled; always so for Flux)"
+    )
+    p.add_argument(
+        "--text-encoders",
+        action="store_true",
+        help="keep the family's text encoders (random weights) resident, so peak memory is a whole pipeline's",
+    )
     p.add_argument("--no-vae", action="store_true", help="skip timing the VAE decode")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write results with an environment block to this JSON file")
