@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from .base import Adapter, CallInfo, LayerCache
+from .flux import FluxAdapter
 from .sd3 import SD3Adapter
 
 #: registered adapters, most specific first
-ADAPTERS: list[type[Adapter]] = [SD3Adapter]
+ADAPTERS: list[type[Adapter]] = [SD3Adapter, FluxAdapter]
 
 
 def supported_models() -> list[str]:

@@ -62,3 +62,104 @@ def sd3_pipeline_from_components(transformer, vae, scheduler=None):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+TINY_FLUX_CONFIG = dict(
+    patch_size=1,
+    in_channels=16,  # 4 latent channels packed 2x2, as FluxPipeline packs them
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    pooled_projection_dim=8,
+    guidance_embeds=True,  # FLUX.1-dev layout; guidance_embeds=False for schnell
+    axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+)
+
+
+def tiny_flux_transformer(seed: int = 0, **overrides):
+    """A tiny random ``FluxTransformer2DModel`` (FLUX.1-dev layout with guidance embedding; fp32, eval mode).
+
+    Example:
+        >>> tiny_flux_transformer(num_single_layers=1).config.num_single_layers
+        1
+    """
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**{**TINY_FLUX_CONFIG, **overrides}).eval()
+
+
+def flux_image_ids(grid_height: int, grid_width: int) -> torch.Tensor:
+    """(h * w, 3) position ids of a packed h x w token grid in raster order, as FluxPipeline builds them:
+    ``ids[j] = (0, j // w, j % w)``.
+
+    Example:
+        >>> flux_image_ids(2, 3)[4].tolist()
+        [0.0, 1.0, 1.0]
+    """
+    ids = torch.zeros(grid_height, grid_width, 3)
+    ids[..., 1] = torch.arange(grid_height)[:, None]  # row
+    ids[..., 2] = torch.arange(grid_width)[None, :]  # column
+    return ids.reshape(grid_height * grid_width, 3)  # (M, 3)
+
+
+def tiny_flux_inputs(model, batch: int = 2, height: int = 8, width: int = 8, text_tokens: int = 5, seed: int = 0):
+    """Random inputs for a Flux ``model`` as FluxPipeline passes them, for unpacked latents of ``height x width``
+    (even): ``hidden_states`` packed 2x2 into (batch, height/2 * width/2, in_channels) tokens, ``img_ids`` in raster
+    order, zero ``txt_ids``, ``pooled_projections``, and ``guidance`` (only when the model embeds it). The timestep
+    (t / 1000, as the pipeline passes it) is the caller's.
+
+    Example:
+        >>> model = tiny_flux_transformer()
+        >>> tiny_flux_inputs(model, batch=1, height=4, width=6)["hidden_states"].shape
+        torch.Size([1, 6, 16])
+    """
+    if height % 2 or width % 2:
+        raise ValueError(f"tiny_flux_inputs: height and width must be even (2x2 packing), got {height}x{width}.")
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    channels = cfg.in_channels // 4
+    latents = torch.randn(batch, channels, height, width, generator=g)  # (B, C, H, W)
+    packed = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    inputs = dict(
+        hidden_states=packed.reshape(batch, (height // 2) * (width // 2), channels * 4),  # (B, M, 4C)
+        encoder_hidden_states=torch.randn(batch, text_tokens, cfg.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+        img_ids=flux_image_ids(height // 2, width // 2),
+        txt_ids=torch.zeros(text_tokens, 3),
+    )
+    if cfg.guidance_embeds:
+        inputs["guidance"] = torch.full((batch,), 3.5)
+    return inputs
+
+
+def flux_pipeline_from_components(transformer, vae, scheduler=None):
+    """A stock diffusers ``FluxPipeline`` without text encoders: call it with ``prompt_embeds`` /
+    ``pooled_prompt_embeds`` (and ``negative_prompt_embeds`` / ``negative_pooled_prompt_embeds`` for true CFG). The
+    default scheduler is FLUX.1's (flow matching with resolution-dependent shift). Needs ``transformers`` installed
+    (diffusers imports it)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+    if scheduler is None:
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
