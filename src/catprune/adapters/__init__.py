@@ -6,10 +6,11 @@ import torch
 
 from .base import Adapter, CallInfo, LayerCache
 from .flux import FluxAdapter
+from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 
 #: registered adapters, most specific first
-ADAPTERS: list[type[Adapter]] = [SD3Adapter, FluxAdapter]
+ADAPTERS: list[type[Adapter]] = [SD3Adapter, PixArtAdapter, FluxAdapter]
 
 
 def supported_models() -> list[str]:

@@ -64,6 +64,77 @@ def sd3_pipeline_from_components(transformer, vae, scheduler=None):
     return pipe
 
 
+TINY_PIXART_CONFIG = dict(
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=8,  # learned sigma, as PixArt-Sigma
+    num_layers=2,
+    cross_attention_dim=16,
+    caption_channels=12,
+    sample_size=8,
+    patch_size=2,
+    norm_num_groups=4,
+    use_additional_conditions=False,
+)
+
+
+def tiny_pixart_transformer(seed: int = 0, **overrides):
+    """A tiny random ``PixArtTransformer2DModel`` (PixArt-Sigma layout, learned sigma; fp32, eval mode).
+
+    Example:
+        >>> tiny_pixart_transformer(num_layers=1).config.num_layers
+        1
+    """
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(**{**TINY_PIXART_CONFIG, **overrides}).eval()
+
+
+def tiny_pixart_inputs(
+    model,
+    batch: int = 2,
+    height: int = 8,
+    width: int = 8,
+    text_tokens: int = 5,
+    seed: int = 0,
+    masked_text_tokens: int = 0,
+):
+    """Random inputs for a PixArt ``model`` (latents of ``height x width``), with an ``encoder_attention_mask``
+    (int64, 1 keep) that discards the last ``masked_text_tokens`` text tokens of every row, as a padded T5 prompt."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    text_dim = cfg.caption_channels if cfg.caption_channels is not None else cfg.cross_attention_dim
+    mask = torch.ones(batch, text_tokens, dtype=torch.long)
+    if masked_text_tokens:
+        mask[:, text_tokens - masked_text_tokens :] = 0
+    return dict(
+        hidden_states=torch.randn(batch, cfg.in_channels, height, width, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_tokens, text_dim, generator=g),
+        encoder_attention_mask=mask,
+    )
+
+
+def pixart_pipeline_from_components(transformer, vae, scheduler=None):
+    """A stock diffusers ``PixArtSigmaPipeline`` without text encoder: call it with ``prompt_embeds`` /
+    ``prompt_attention_mask`` (and ``negative_prompt_embeds`` / ``negative_prompt_attention_mask`` when guidance
+    is on), and ``use_resolution_binning=False`` for sizes other than the PixArt presets. The default scheduler is
+    PixArt-Sigma's (DPM-Solver++ multistep). Needs ``transformers`` installed (diffusers imports it)."""
+    from diffusers import DPMSolverMultistepScheduler
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import PixArtSigmaPipeline
+
+    pipe = PixArtSigmaPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler or DPMSolverMultistepScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 TINY_FLUX_CONFIG = dict(
     patch_size=1,
     in_channels=16,  # 4 latent channels packed 2x2, as FluxPipeline packs them
