@@ -447,7 +447,7 @@ def _embeds(batch, seed=0, text_tokens=6, masked=0):
     )
 
 
-def _generate(pipe, embeds, seeds, height=16, width=16, steps=8, **extra):
+def _generate(pipe, embeds, seeds, height=16, width=16, steps=8, guidance_scale=3.0, **extra):
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     return pipe(
         **embeds,
@@ -455,7 +455,7 @@ def _generate(pipe, embeds, seeds, height=16, width=16, steps=8, **extra):
         height=height,
         width=width,
         num_inference_steps=steps,
-        guidance_scale=3.0,
+        guidance_scale=guidance_scale,
         output_type="pt",
         use_resolution_binning=False,
         generator=generators if len(generators) > 1 else generators[0],
@@ -497,15 +497,14 @@ def test_stock_pipeline_masked_text_tokens_are_ignored():
     assert torch.allclose(_generate(pipe, embeds, [2]), first, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime gap: PixArtSigmaPipeline has no do_classifier_free_guidance attribute, so cfg='auto' falls back "
-    "to per-row selection; remove this marker when the runtime detects CFG another way",
-)
 def test_stock_pipeline_cfg_auto_detects_guidance():
+    """PixArtSigmaPipeline has no do_classifier_free_guidance attribute: the runtime recognises the CFG batch by its
+    repeated latents (and a batch of distinct samples is not mistaken for one)."""
     pipe = catprune.apply(_tiny_pixart_pipeline(), CATConfig(keep_ratio=0.3, start_step=3))
     _generate(pipe, _embeds(1), [1], steps=4)
     assert pipe.transformer.forward.__catprune_runtime__.shared
+    _generate(pipe, _embeds(2), [1, 2], steps=4, guidance_scale=1.0)
+    assert not pipe.transformer.forward.__catprune_runtime__.shared
 
 
 def test_stock_pipeline_batch_equals_single_and_non_square():

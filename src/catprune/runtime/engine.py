@@ -115,13 +115,21 @@ class Runtime:
         # bare transformer: timesteps decrease within a generation (one host sync per call, only on this path)
         return self._timestep_value(info.timestep) >= self._timestep_value(self._last_timestep)
 
-    def _cfg_shared(self, batch: int) -> bool:
-        mode = self.config.cfg
+    def _cfg_shared(self, info: CallInfo) -> bool:
+        mode, batch = self.config.cfg, info.batch
         if mode is CFGMode.PER_ROW:
             return False
         if mode is CFGMode.AUTO:
             pipe = self._pipe() if self._pipe is not None else None
-            return bool(pipe is not None and getattr(pipe, "do_classifier_free_guidance", False) and batch % 2 == 0)
+            if pipe is None or batch % 2:
+                return False
+            flag = getattr(pipe, "do_classifier_free_guidance", None)
+            if flag is not None:
+                return bool(flag)
+            # pipelines that keep the decision in a local variable (PixArtSigmaPipeline): a CFG batch repeats the
+            # same latents as [uncond rows; cond rows]; one host sync per generation
+            x = info.arguments.get("hidden_states")
+            return isinstance(x, torch.Tensor) and torch.equal(x[: batch // 2], x[batch // 2 :])
         if batch % 2:
             raise ValueError(
                 f"CATConfig.cfg: 'shared' expects an even batch [unconditional rows, conditional rows], got "
@@ -135,7 +143,7 @@ class Runtime:
         m = info.num_tokens
         k = cfg.tokens_kept(m)
         clusters = cfg.clusters_for(m)
-        shared = self._cfg_shared(info.batch)
+        shared = self._cfg_shared(info)
         if self.runner.uses_graphs and info.device.type != "cuda":
             raise ValueError(
                 f"CATConfig.backend: {cfg.backend.value!r} captures CUDA graphs and needs CUDA inputs, got inputs on "
