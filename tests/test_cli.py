@@ -133,3 +133,19 @@ def test_bench_text_encoders_stay_resident(monkeypatch):
     assert kinds == ["CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"]
     with pytest.raises(ValueError, match="preset"):
         build_pipeline("no-such-model", "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("preset", ["pixart-tiny", "flux-tiny"])
+def test_bench_other_families(preset, capsys):
+    """PixArt-Sigma and Flux presets run through their stock pipelines (Flux without a CFG batch by default)."""
+    assert main(["bench", "--preset", preset, "--sizes", "64x48", "--steps", "5", "--start-step", "2",
+                 "--repeats", "1", "--dtype", "fp32"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.splitlines()[-1].startswith(preset)
+
+
+def test_bench_flux_refuses_a_cfg_batch():
+    from catprune.bench import _embeddings, build_pipeline
+
+    pipe, entry = build_pipeline("flux-tiny", "cpu", torch.float32)
+    with pytest.raises(ValueError, match="no-cfg"):
+        _embeddings(pipe, entry, 1, "cpu", torch.float32, cfg=True)

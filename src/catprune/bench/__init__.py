@@ -20,6 +20,7 @@ import torch
 import catprune
 from catprune.algorithm import cluster_features, kmeans
 from catprune.models import model_configs
+from catprune.models.testing import TINY_FLUX_CONFIG, TINY_PIXART_CONFIG
 from catprune.runtime.backends import GraphedCall
 
 from .families import FAMILIES, build_text_encoders, family_of
@@ -60,6 +61,20 @@ TEST_PRESETS = {
             scaling_factor=1.0,
             shift_factor=0.0,
         ),
+    },
+    "pixart-tiny": {
+        "class": "PixArtTransformer2DModel",
+        "config": TINY_PIXART_CONFIG,
+        "text_tokens": 8,
+        "vae": "tiny-vae",
+        "latent_channels": 4,
+    },
+    "flux-tiny": {
+        "class": "FluxTransformer2DModel",
+        "config": TINY_FLUX_CONFIG,
+        "text_tokens": 8,
+        "vae": "tiny-vae",
+        "latent_channels": 4,
     },
     "shapes": {"class": "ShapesPipeline", "note": "the embedded pixel-space model (catprune.load_pipeline('shapes'))"},
 }  # a start step no generation reaches: every step dense, through the same dispatch and backend

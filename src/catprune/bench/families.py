@@ -142,6 +142,7 @@ def _pixart_inputs(pipe, entry, batch, cfg, device, dtype, seed=0):
         prompt_attention_mask=mask,
         negative_prompt_embeds=_rand(g, device, dtype, batch, t, c.caption_channels),
         negative_prompt_attention_mask=mask,
+        negative_prompt=None,  # the pipeline's default "" conflicts with negative_prompt_embeds
         guidance_scale=4.5 if cfg else 1.0,
         use_resolution_binning=False,
     )
