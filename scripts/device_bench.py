@@ -95,6 +95,26 @@ def check_backends(pipe, entry, out) -> dict:
     return report
 
 
+def check_modes(pipe, entry) -> None:
+    """The fast backends give the eager path's images within bf16 tolerance: final CAT latents of one 12-step
+    generation (start_step 4) under each backend, against eager."""
+    from catprune.bench import _embeddings
+
+    embeds = _embeddings(pipe, entry, 1, "cuda", torch.bfloat16)
+    kwargs = dict(**embeds, height=1024, width=1024, num_inference_steps=12, output_type="latent")
+    latents = {}
+    with torch.no_grad():
+        for mode in ("eager", "cudagraph", "compile+cudagraph"):
+            catprune.apply(pipe, catprune.CATConfig(keep_ratio=0.3, start_step=4, backend=mode))
+            for _ in range(2):  # the second generation replays the captured graphs
+                latents[mode] = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
+        catprune.remove(pipe)
+        dense = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
+    for mode in ("cudagraph", "compile+cudagraph"):
+        print(f"CHECK CAT latents {mode} vs eager, 12 steps (rel err): {rel_err(latents[mode], latents['eager']):.2e}")
+    print(f"CHECK CAT eager vs dense latents, 12 steps (rel err, for scale): {rel_err(latents['eager'], dense):.2e}")
+
+
 def profile_steps(pipe, out) -> None:
     """Kernel-time profile of one eager dense step and one eager pruned step (k = 0.3 M), for the write-up."""
     from torch.profiler import ProfilerActivity, profile
@@ -117,7 +137,10 @@ def profile_steps(pipe, out) -> None:
             model(**call)
             adapter.pruned_forward(caches, idx, info)
         torch.cuda.synchronize()
-        for name, fn in (("dense", lambda: model(**call)), ("pruned", lambda: adapter.pruned_forward(caches, idx, info))):
+        for name, fn in (
+            ("dense", lambda: model(**call)),
+            ("pruned", lambda: adapter.pruned_forward(caches, idx, info)),
+        ):
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 fn()
                 torch.cuda.synchronize()
@@ -155,11 +178,12 @@ def offload_check(pipe, entry) -> None:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
-    parser.add_argument("--part", default="main", choices=["main", "scaling", "all"])
+    parser.add_argument("--part", default="main", choices=["main", "scaling", "all", "none"])
     parser.add_argument("--modes", default="eager,cudagraph,compile+cudagraph")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--check-modes", action="store_true", help="CAT latents per backend against eager")
     parser.add_argument("--text-encoders", action="store_true", help="resident random text encoders (peak memory)")
     parser.add_argument("--steps", default="28,50")
     parser.add_argument(
@@ -172,6 +196,9 @@ def main():
     pipe, entry = build_pipeline("sd3-medium", "cuda", torch.bfloat16, text_encoders=args.text_encoders)
     results = []
     json_path = os.path.join(args.out, f"bench_{args.part}.json")
+    if args.check_modes:
+        check_modes(pipe, entry)
+        print(f"mode checks done at {time.time() - start:.0f}s", flush=True)
     if args.part in ("main", "all"):
         if not args.no_check:
             check_backends(pipe, entry, args.out)
