@@ -17,17 +17,12 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxTransformer2DModel
-from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
 from ..algorithm import gather_tokens, scatter_tokens_
 from .base import Adapter, CallInfo, LayerCache
+from .ops import describe, gated_add, linear_macs, lora_scale, modulate
 
 _NAME = "FluxTransformer2DModel.forward"
-
-
-def _linear_macs(module: torch.nn.Module) -> int:
-    """Multiply-accumulates per input row of every nn.Linear inside ``module``."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -51,20 +46,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def _ids_2d(ids: torch.Tensor) -> torch.Tensor:
     """Position ids as (S, 3): diffusers still accepts a deprecated (1, S, 3) form and reads its first row."""
     return ids[0] if ids.dim() == 3 else ids
-
-
-def _describe(value) -> str:
-    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def _modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``normed * (1 + scale) + shift`` per batch row, as one kernel. normed: (B, N, D); shift, scale: (B, D)."""
-    return torch.addcmul(shift[:, None], normed, 1 + scale[:, None])  # (B, N, D)
-
-
-def _gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x + gate * y`` per batch row, as one kernel. x, y: (B, N, D); gate: (B, D)."""
-    return torch.addcmul(x, gate[:, None], y)  # (B, N, D)
 
 
 @torch.compiler.disable
@@ -214,25 +195,25 @@ class FluxAdapter(Adapter):
         if not isinstance(hs, torch.Tensor) or hs.dim() != 3 or hs.shape[-1] != cfg.in_channels:
             raise ValueError(
                 f"{_NAME}: hidden_states: expected packed latents of shape (batch, image_tokens, "
-                f"{cfg.in_channels}), got {_describe(hs)}. Pass the latents as FluxPipeline packs them."
+                f"{cfg.in_channels}), got {describe(hs)}. Pass the latents as FluxPipeline packs them."
             )
         b, m = hs.shape[:2]
         if not isinstance(ehs, torch.Tensor) or ehs.dim() != 3 or ehs.shape[0] != b:
             raise ValueError(
                 f"{_NAME}: encoder_hidden_states: expected a ({b}, text_tokens, {cfg.joint_attention_dim}) tensor, "
-                f"got {_describe(ehs)}. catprune keeps the text stream dense and needs it."
+                f"got {describe(ehs)}. catprune keeps the text stream dense and needs it."
             )
         t = ehs.shape[1]
         if not isinstance(pooled, torch.Tensor) or tuple(pooled.shape) != (b, cfg.pooled_projection_dim):
             raise ValueError(
                 f"{_NAME}: pooled_projections: expected a ({b}, {cfg.pooled_projection_dim}) tensor, got "
-                f"{_describe(pooled)}."
+                f"{describe(pooled)}."
             )
         timestep = a["timestep"]
         if not isinstance(timestep, torch.Tensor) or timestep.dim() > 1 or timestep.numel() not in (1, b):
             raise ValueError(
                 f"{_NAME}: timestep: expected a tensor of shape () or ({b},) (FluxPipeline passes t / 1000), got "
-                f"{_describe(timestep)}."
+                f"{describe(timestep)}."
             )
         guidance = a.get("guidance")
         if cfg.guidance_embeds and not (
@@ -240,19 +221,19 @@ class FluxAdapter(Adapter):
         ):
             raise ValueError(
                 f"{_NAME}: guidance: this model embeds the guidance scale (guidance_embeds=True, e.g. FLUX.1-dev) "
-                f"and needs a tensor of shape () or ({b},), got {_describe(guidance)}."
+                f"and needs a tensor of shape () or ({b},), got {describe(guidance)}."
             )
         if not cfg.guidance_embeds and guidance is not None:
             raise ValueError(
                 f"{_NAME}: guidance: this model has no guidance embedding (guidance_embeds=False, e.g. "
-                f"FLUX.1-schnell), expected None, got {_describe(guidance)}."
+                f"FLUX.1-schnell), expected None, got {describe(guidance)}."
             )
         for name, ids, rows in (("img_ids", a["img_ids"], m), ("txt_ids", a["txt_ids"], t)):
             ok = isinstance(ids, torch.Tensor) and ids.dim() in (2, 3) and (ids.dim() == 2 or ids.shape[0] >= 1)
             if not ok or tuple(_ids_2d(ids).shape) != (rows, len(cfg.axes_dims_rope)):
                 raise ValueError(
                     f"{_NAME}: {name}: expected position ids of shape ({rows}, {len(cfg.axes_dims_rope)}) (one row "
-                    f"per {'image' if name == 'img_ids' else 'text'} token), got {_describe(ids)}."
+                    f"per {'image' if name == 'img_ids' else 'text'} token), got {describe(ids)}."
                 )
         jak = a.get("joint_attention_kwargs") or {}
         if "ip_adapter_image_embeds" in jak or "ip_hidden_states" in jak:
@@ -329,11 +310,7 @@ class FluxAdapter(Adapter):
     # ---------------------------------------------------------------- pruned step
     def pruned_forward(self, caches: list[LayerCache], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
         a = info.arguments
-        jak = dict(a.get("joint_attention_kwargs") or {})
-        lora_scale = jak.pop("scale", 1.0)
-        if USE_PEFT_BACKEND:
-            scale_lora_layers(self.model, lora_scale)
-        try:
+        with lora_scale(self.model, a.get("joint_attention_kwargs")):
             return self._pruned(
                 caches,
                 idx,
@@ -348,9 +325,6 @@ class FluxAdapter(Adapter):
                 controlnet_single=a.get("controlnet_single_block_samples"),
                 controlnet_repeat=bool(a.get("controlnet_blocks_repeat")),
             )
-        finally:
-            if USE_PEFT_BACKEND:
-                unscale_lora_layers(self.model, lora_scale)
 
     def _pruned(
         self,
@@ -412,10 +386,10 @@ class FluxAdapter(Adapter):
         # SD3 adapter: fewer memory passes in a step where the elementwise work is a large share).
         norm = block.norm1  # AdaLayerNormZero: modulation from temb, once per row
         shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = norm.linear(norm.silu(temb)).chunk(6, dim=1)
-        nx = _modulate(norm.norm(x), shift, scale)  # (B, k, D); shift etc.: (B, D)
+        nx = modulate(norm.norm(x), shift, scale)  # (B, k, D); shift etc.: (B, D)
         norm = block.norm1_context
         c_shift, c_scale, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = norm.linear(norm.silu(temb)).chunk(6, 1)
-        nctx = _modulate(norm.norm(ctx), c_shift, c_scale)  # (B, T, D)
+        nctx = modulate(norm.norm(ctx), c_shift, c_scale)  # (B, T, D)
 
         attn = block.attn
         hd = attn.head_dim
@@ -434,12 +408,12 @@ class FluxAdapter(Adapter):
         img_out = attn.to_out[1](attn.to_out[0](out[:, t:].contiguous()))  # (B, k, D)
         txt_out = attn.to_add_out(out[:, :t].contiguous())  # (B, T, D)
 
-        x = _gated_add(x, gate_msa, img_out)  # (B, k, D)
-        x = _gated_add(x, gate_mlp, block.ff(_modulate(block.norm2(x), shift_mlp, scale_mlp)))
+        x = gated_add(x, gate_msa, img_out)  # (B, k, D)
+        x = gated_add(x, gate_mlp, block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp)))
 
-        ctx = _gated_add(ctx, c_gate_msa, txt_out)  # (B, T, D) text stream stays dense
-        ctx = _gated_add(
-            ctx, c_gate_mlp, block.ff_context(_modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
+        ctx = gated_add(ctx, c_gate_msa, txt_out)  # (B, T, D) text stream stays dense
+        ctx = gated_add(
+            ctx, c_gate_mlp, block.ff_context(modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
         )
         if ctx.dtype == torch.float16:
             ctx = ctx.clip(-65504, 65504)
@@ -450,7 +424,7 @@ class FluxAdapter(Adapter):
         attn = block.attn
         hd = attn.head_dim
         shift, scale, gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)  # (B, D) each
-        ns = _modulate(block.norm.norm(stream), shift, scale)  # (B, T + k, D)
+        ns = modulate(block.norm.norm(stream), shift, scale)  # (B, T + k, D)
         mlp = block.act_mlp(block.proj_mlp(ns))  # (B, T + k, F)
         q = attn.norm_q(attn.to_q(ns).unflatten(-1, (-1, hd)))  # (B, T + k, H, hd)
         key = attn.norm_k(attn.to_k(ns).unflatten(-1, (-1, hd)))
@@ -459,7 +433,7 @@ class FluxAdapter(Adapter):
         image, text = (key[:, t:], value[:, t:]), (key[:, :t], value[:, :t])  # (B, k | T, H, hd)
         out = cached_attention(kv, idx, q, image, text, attn.processor._attention_backend)  # (B, T + k, H, hd)
         out = out.flatten(2, 3).to(q.dtype)  # (B, T + k, D)
-        stream = _gated_add(stream, gate, block.proj_out(torch.cat([out, mlp], dim=2)))  # (B, T + k, D)
+        stream = gated_add(stream, gate, block.proj_out(torch.cat([out, mlp], dim=2)))  # (B, T + k, D)
         if stream.dtype == torch.float16:
             stream = stream.clip(-65504, 65504)
         return stream
@@ -518,21 +492,21 @@ class FluxAdapter(Adapter):
         model = self.model
         m, t, n = info.num_tokens, info.text_tokens, computed_tokens
         d = model.inner_dim
-        per_row = n * _linear_macs(model.x_embedder)  # the pruned step embeds only the selected tokens
-        per_row += _linear_macs(model.time_text_embed)
-        per_row += t * _linear_macs(model.context_embedder)
-        per_row += _linear_macs(model.norm_out) + n * _linear_macs(model.proj_out)
+        per_row = n * linear_macs(model.x_embedder)  # the pruned step embeds only the selected tokens
+        per_row += linear_macs(model.time_text_embed)
+        per_row += t * linear_macs(model.context_embedder)
+        per_row += linear_macs(model.norm_out) + n * linear_macs(model.proj_out)
         for block in model.transformer_blocks:
             attn = block.attn
-            per_row += _linear_macs(block.norm1) + _linear_macs(block.norm1_context)  # modulation, once per row
-            per_row += n * (_linear_macs(attn.to_q) + _linear_macs(attn.to_k) + _linear_macs(attn.to_v))
-            per_row += n * (_linear_macs(attn.to_out) + _linear_macs(block.ff))
-            per_row += t * (_linear_macs(attn.add_q_proj) + _linear_macs(attn.add_k_proj))
-            per_row += t * (_linear_macs(attn.add_v_proj) + _linear_macs(attn.to_add_out))
-            per_row += t * _linear_macs(block.ff_context)
+            per_row += linear_macs(block.norm1) + linear_macs(block.norm1_context)  # modulation, once per row
+            per_row += n * (linear_macs(attn.to_q) + linear_macs(attn.to_k) + linear_macs(attn.to_v))
+            per_row += n * (linear_macs(attn.to_out) + linear_macs(block.ff))
+            per_row += t * (linear_macs(attn.add_q_proj) + linear_macs(attn.add_k_proj))
+            per_row += t * (linear_macs(attn.add_v_proj) + linear_macs(attn.to_add_out))
+            per_row += t * linear_macs(block.ff_context)
             per_row += 2 * (n + t) * (m + t) * d  # QK^T and AV
         for block in model.single_transformer_blocks:
-            modulation = _linear_macs(block.norm)
-            per_row += modulation + (n + t) * (_linear_macs(block) - modulation)  # Q/K/V, MLP in, proj_out
+            modulation = linear_macs(block.norm)
+            per_row += modulation + (n + t) * (linear_macs(block) - modulation)  # Q/K/V, MLP in, proj_out
             per_row += 2 * (n + t) * (m + t) * d
         return info.batch * per_row

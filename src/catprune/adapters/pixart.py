@@ -20,17 +20,9 @@ from diffusers.models.transformers.pixart_transformer_2d import PixArtTransforme
 
 from ..algorithm import gather_tokens, scatter_tokens_
 from .base import Adapter, CallInfo, LayerCache
+from .ops import describe, gated_add, linear_macs, modulate
 
 _NAME = "PixArtTransformer2DModel.forward"
-
-
-def _linear_macs(module: torch.nn.Module) -> int:
-    """Multiply-accumulates per input row of every nn.Linear inside ``module``."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
-
-
-def _describe(x) -> str:
-    return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -39,16 +31,6 @@ def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     if mask is None or mask.dim() == 3:
         return mask
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)  # (B, 1, S)
-
-
-def _modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``normed * (1 + scale) + shift`` as one kernel. normed: (B, N, D); shift, scale: (B, 1, D)."""
-    return torch.addcmul(shift, normed, 1 + scale)  # (B, N, D)
-
-
-def _gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x + gate * y`` as one kernel. x, y: (B, N, D); gate: (B, 1, D) or None (no gate)."""
-    return x + y if gate is None else torch.addcmul(x, gate, y)  # (B, N, D)
 
 
 @torch.compiler.disable
@@ -166,20 +148,20 @@ class PixArtAdapter(Adapter):
         if not isinstance(hs, torch.Tensor) or hs.dim() != 4 or hs.shape[1] != cfg.in_channels:
             raise ValueError(
                 f"{_NAME}: hidden_states: expected a (batch, {cfg.in_channels}, height, width) latent tensor, got "
-                f"{_describe(hs)}. Pass the latents as produced by the pipeline."
+                f"{describe(hs)}. Pass the latents as produced by the pipeline."
             )
         b = hs.shape[0]
         text_dim = cfg.caption_channels if self.model.caption_projection is not None else cfg.cross_attention_dim
         if not isinstance(ehs, torch.Tensor) or ehs.dim() != 3 or ehs.shape[0] != b or ehs.shape[2] != text_dim:
             raise ValueError(
                 f"{_NAME}: encoder_hidden_states: expected a ({b}, text_tokens, {text_dim}) tensor, got "
-                f"{_describe(ehs)}. catprune needs the text embeddings for cross-attention; pass the prompt "
+                f"{describe(ehs)}. catprune needs the text embeddings for cross-attention; pass the prompt "
                 "embeddings (batch matching hidden_states)."
             )
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (b,):
             raise ValueError(
                 f"{_NAME}: timestep: expected a tensor of shape ({b},) (one timestep per batch row), got "
-                f"{_describe(t) if isinstance(t, torch.Tensor) else repr(t)}. Use t.expand(batch) as diffusers' "
+                f"{describe(t) if isinstance(t, torch.Tensor) else repr(t)}. Use t.expand(batch) as diffusers' "
                 "PixArt pipelines do."
             )
         p = cfg.patch_size
@@ -226,7 +208,7 @@ class PixArtAdapter(Adapter):
         if not ok:
             raise ValueError(
                 f"{_NAME}: {name}: expected None, a ({batch}, {length}) keep-mask (1 keep, 0 discard) or a "
-                f"({batch}, 1, {length}) additive bias over the {length} {what}, got {_describe(mask)}. catprune "
+                f"({batch}, 1, {length}) additive bias over the {length} {what}, got {describe(mask)}. catprune "
                 "supports key masks only (the same for every query)."
             )
 
@@ -239,7 +221,7 @@ class PixArtAdapter(Adapter):
                 raise ValueError(
                     f"{_NAME}: added_cond_kwargs[{key!r}]: this model uses additional conditions "
                     f"(use_additional_conditions=True) and needs a tensor of {numel} values ({batch} rows), got "
-                    f"{_describe(value)}. Pass added_cond_kwargs as PixArtAlphaPipeline does."
+                    f"{describe(value)}. Pass added_cond_kwargs as PixArtAlphaPipeline does."
                 )
 
     # ---------------------------------------------------------------- output <-> tokens
@@ -345,7 +327,7 @@ class PixArtAdapter(Adapter):
         for block, cache in zip(model.transformer_blocks, caches, strict=True):
             x = self._block(block, cache.kv["attn"], x, ctx, temb, idx, self_bias, cross_bias)
         shift, scale = (model.scale_shift_table[None] + embedded[:, None]).chunk(2, dim=1)  # (B, 1, D) each
-        x = _modulate(model.norm_out(x), shift, scale)  # (B, k, D)
+        x = modulate(model.norm_out(x), shift, scale)  # (B, k, D)
         return model.proj_out(x)  # (B, k, P)
 
     def _block(self, block, kv, x, ctx, temb, idx, self_bias, cross_bias):
@@ -355,10 +337,10 @@ class PixArtAdapter(Adapter):
         b = x.shape[0]
         table = block.scale_shift_table[None] + temb.reshape(b, 6, -1)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = table.chunk(6, dim=1)  # (B, 1, D) each
-        nx = _modulate(block.norm1(x), shift_msa, scale_msa)  # (B, k, D)
-        x = _gated_add(x, gate_msa, self._self_attention(block.attn1, kv, nx, idx, self_bias))  # (B, k, D)
-        x = _gated_add(x, None, self._cross_attention(block.attn2, x, ctx, cross_bias))  # no norm, no gate: PixArt
-        return _gated_add(x, gate_mlp, block.ff(_modulate(block.norm2(x), shift_mlp, scale_mlp)))  # (B, k, D)
+        nx = modulate(block.norm1(x), shift_msa, scale_msa)  # (B, k, D)
+        x = gated_add(x, gate_msa, self._self_attention(block.attn1, kv, nx, idx, self_bias))  # (B, k, D)
+        x = gated_add(x, None, self._cross_attention(block.attn2, x, ctx, cross_bias))  # no norm, no gate: PixArt
+        return gated_add(x, gate_mlp, block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp)))  # (B, k, D)
 
     @staticmethod
     def _self_attention(attn, kv: torch.Tensor, x, idx, bias):
@@ -472,18 +454,18 @@ class PixArtAdapter(Adapter):
         d = model.inner_dim
         per_row = m * model.pos_embed.proj.weight.numel()  # patch embedding runs on every token
         emb = model.adaln_single.emb
-        per_row += _linear_macs(emb.timestep_embedder) + _linear_macs(model.adaln_single.linear)
+        per_row += linear_macs(emb.timestep_embedder) + linear_macs(model.adaln_single.linear)
         if model.use_additional_conditions:  # two resolution values and one aspect ratio per row
-            per_row += 2 * _linear_macs(emb.resolution_embedder) + _linear_macs(emb.aspect_ratio_embedder)
+            per_row += 2 * linear_macs(emb.resolution_embedder) + linear_macs(emb.aspect_ratio_embedder)
         if model.caption_projection is not None:
-            per_row += t * _linear_macs(model.caption_projection)
-        per_row += n * _linear_macs(model.proj_out)
+            per_row += t * linear_macs(model.caption_projection)
+        per_row += n * linear_macs(model.proj_out)
         for block in model.transformer_blocks:
             a1, a2 = block.attn1, block.attn2
-            per_row += n * (_linear_macs(a1.to_q) + _linear_macs(a1.to_k) + _linear_macs(a1.to_v))
-            per_row += n * (_linear_macs(a1.to_out) + _linear_macs(block.ff))
+            per_row += n * (linear_macs(a1.to_q) + linear_macs(a1.to_k) + linear_macs(a1.to_v))
+            per_row += n * (linear_macs(a1.to_out) + linear_macs(block.ff))
             per_row += 2 * n * m * d  # self-attention QK^T and AV: selected queries over all image keys
-            per_row += n * (_linear_macs(a2.to_q) + _linear_macs(a2.to_out))
-            per_row += t * (_linear_macs(a2.to_k) + _linear_macs(a2.to_v))  # text K/V, recomputed every step
+            per_row += n * (linear_macs(a2.to_q) + linear_macs(a2.to_out))
+            per_row += t * (linear_macs(a2.to_k) + linear_macs(a2.to_v))  # text K/V, recomputed every step
             per_row += 2 * n * t * d  # cross-attention QK^T and AV
         return info.batch * per_row

@@ -9,25 +9,10 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
-from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
 from ..algorithm import gather_tokens, scatter_tokens_
 from .base import Adapter, CallInfo, LayerCache
-
-
-def _linear_macs(module: torch.nn.Module) -> int:
-    """Multiply-accumulates per input row of every nn.Linear inside ``module``."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
-
-
-def _modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``normed * (1 + scale) + shift`` per batch row, as one kernel. normed: (B, N, D); shift, scale: (B, D)."""
-    return torch.addcmul(shift[:, None], normed, 1 + scale[:, None])  # (B, N, D)
-
-
-def _gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x + gate * y`` per batch row, as one kernel. x, y: (B, N, D); gate: (B, D)."""
-    return torch.addcmul(x, gate[:, None], y)  # (B, N, D)
+from .ops import gated_add, linear_macs, lora_scale, modulate
 
 
 @torch.compiler.disable
@@ -178,11 +163,7 @@ class SD3Adapter(Adapter):
     # ---------------------------------------------------------------- pruned step
     def pruned_forward(self, caches: list[LayerCache], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
         a = info.arguments
-        jak = dict(a.get("joint_attention_kwargs") or {})
-        lora_scale = jak.pop("scale", 1.0)
-        if USE_PEFT_BACKEND:
-            scale_lora_layers(self.model, lora_scale)
-        try:
+        with lora_scale(self.model, a.get("joint_attention_kwargs")):
             return self._pruned(
                 caches,
                 idx,
@@ -193,9 +174,6 @@ class SD3Adapter(Adapter):
                 info.num_tokens,
                 a.get("block_controlnet_hidden_states"),
             )
-        finally:
-            if USE_PEFT_BACKEND:
-                unscale_lora_layers(self.model, lora_scale)
 
     def _pruned(self, caches, idx, hidden_states, encoder_hidden_states, pooled, timestep, m, controlnet=None):
         model = self.model
@@ -262,23 +240,23 @@ class SD3Adapter(Adapter):
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)  # (B, D) each
         normed = block.norm1.norm(x)  # (B, k, D)
-        nx = _modulate(normed, shift_msa, scale_msa)
+        nx = modulate(normed, shift_msa, scale_msa)
         nctx, c_gates = self._norm1_context(block, ctx, temb)
 
         img_out, ctx_out = self._attention(block.attn, kv, nx, nctx, idx, m)
-        x = _gated_add(x, gate_msa, img_out)  # (B, k, D)
+        x = gated_add(x, gate_msa, img_out)  # (B, k, D)
         if block.use_dual_attention:
-            img_out2, _ = self._attention(block.attn2, kv2, _modulate(normed, shift2, scale2), None, idx, m)
-            x = _gated_add(x, gate_msa2, img_out2)
+            img_out2, _ = self._attention(block.attn2, kv2, modulate(normed, shift2, scale2), None, idx, m)
+            x = gated_add(x, gate_msa2, img_out2)
 
-        x = _gated_add(x, gate_mlp, block.ff(_modulate(block.norm2(x), shift_mlp, scale_mlp)))  # (B, k, D)
+        x = gated_add(x, gate_mlp, block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp)))  # (B, k, D)
 
         if block.context_pre_only:
             return None, x
         c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_gates
-        ctx = _gated_add(ctx, c_gate_msa, ctx_out)  # (B, T, D) text stream stays dense
-        ctx = _gated_add(
-            ctx, c_gate_mlp, block.ff_context(_modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
+        ctx = gated_add(ctx, c_gate_msa, ctx_out)  # (B, T, D) text stream stays dense
+        ctx = gated_add(
+            ctx, c_gate_mlp, block.ff_context(modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
         )
         return ctx, x
 
@@ -289,9 +267,9 @@ class SD3Adapter(Adapter):
         norm = block.norm1_context
         if block.context_pre_only:  # AdaLayerNormContinuous: (scale, shift) order, silu output cast to x's dtype
             scale, shift = norm.linear(norm.silu(temb).to(ctx.dtype)).chunk(2, dim=1)
-            return _modulate(norm.norm(ctx), shift, scale), None
+            return modulate(norm.norm(ctx), shift, scale), None
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = norm.linear(norm.silu(temb)).chunk(6, dim=1)
-        return _modulate(norm.norm(ctx), shift, scale), (gate, shift_mlp, scale_mlp, gate_mlp)
+        return modulate(norm.norm(ctx), shift, scale), (gate, shift_mlp, scale_mlp, gate_mlp)
 
     @staticmethod
     def _attention(attn, kv: torch.Tensor, x, ctx, idx, m):
@@ -338,19 +316,19 @@ class SD3Adapter(Adapter):
         d = model.inner_dim
         conv = model.pos_embed.proj
         per_row = m * conv.weight.numel()  # patch embedding runs on every token
-        per_row += _linear_macs(model.time_text_embed)
-        per_row += t * _linear_macs(model.context_embedder)
-        per_row += _linear_macs(model.norm_out) + n * _linear_macs(model.proj_out)
+        per_row += linear_macs(model.time_text_embed)
+        per_row += t * linear_macs(model.context_embedder)
+        per_row += linear_macs(model.norm_out) + n * linear_macs(model.proj_out)
         for block in model.transformer_blocks:
             attn = block.attn
-            per_row += _linear_macs(block.norm1) + _linear_macs(block.norm1_context)
-            per_row += n * (_linear_macs(attn.to_q) + _linear_macs(attn.to_k) + _linear_macs(attn.to_v))
-            per_row += n * (_linear_macs(attn.to_out) + _linear_macs(block.ff))
-            per_row += t * (_linear_macs(attn.add_q_proj) + _linear_macs(attn.add_k_proj))
-            per_row += t * _linear_macs(attn.add_v_proj)
+            per_row += linear_macs(block.norm1) + linear_macs(block.norm1_context)
+            per_row += n * (linear_macs(attn.to_q) + linear_macs(attn.to_k) + linear_macs(attn.to_v))
+            per_row += n * (linear_macs(attn.to_out) + linear_macs(block.ff))
+            per_row += t * (linear_macs(attn.add_q_proj) + linear_macs(attn.add_k_proj))
+            per_row += t * linear_macs(attn.add_v_proj)
             if not block.context_pre_only:
-                per_row += t * (_linear_macs(attn.to_add_out) + _linear_macs(block.ff_context))
+                per_row += t * (linear_macs(attn.to_add_out) + linear_macs(block.ff_context))
             per_row += 2 * (n + t) * (m + t) * d  # QK^T and AV
             if block.attn2 is not None:
-                per_row += n * _linear_macs(block.attn2) + 2 * n * m * d
+                per_row += n * linear_macs(block.attn2) + 2 * n * m * d
         return info.batch * per_row
