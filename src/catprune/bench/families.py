@@ -150,7 +150,7 @@ def _pixart_inputs(pipe, entry, batch, cfg, device, dtype, seed=0):
 
 # ---------------------------------------------------------------- Flux
 def _flux_build(entry, device, dtype, weights, configs):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     from catprune.models.testing import flux_pipeline_from_components
 
@@ -162,15 +162,7 @@ def _flux_build(entry, device, dtype, weights, configs):
         transformer = FluxTransformer2DModel(**entry["config"]).to(dtype).eval()
         vae_config = _vae_config(configs, entry, scaling_factor=0.3611, shift_factor=0.1159)
         vae = AutoencoderKL(**vae_config).to(dtype).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
-    return flux_pipeline_from_components(transformer, vae, scheduler)
+    return flux_pipeline_from_components(transformer, vae)  # FLUX.1's shifting flow-matching scheduler
 
 
 def _flux_inputs(pipe, entry, batch, cfg, device, dtype, seed=0):
