@@ -363,7 +363,7 @@ def format_table(results: list[BenchResult]) -> str:
     head = (
         f"{'preset':<18}{'size':>10}{'B':>3}{'N':>4}{'mode':>19}{'dense ms/step':>14}{'pruned ms/step':>15}"
         f"{'loop dense s':>13}{'loop CAT s':>11}{'MACs x':>8}{'loop x':>8}{'eff':>6}{'e2e x':>7}{'sel %':>7}"
-        f"{'cache GB':>9}{'peak GB':>9}"
+        f"{'kmeans ms':>10}{'cache GiB':>10}{'peak GiB dense/CAT':>19}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -374,7 +374,8 @@ def format_table(results: list[BenchResult]) -> str:
             f"{r.dense.full_step_s * 1e3:>14.2f}{(pruned or 0) * 1e3:>15.2f}{r.dense.loop_s:>13.3f}"
             f"{r.cat.loop_s:>11.3f}{r.macs_speedup:>8.2f}{r.loop_speedup:>8.2f}"
             f"{r.loop_speedup / r.macs_speedup:>6.2f}{r.end_to_end_speedup:>7.2f}"
-            f"{(100 * r.select_s / pruned if pruned else 0):>7.2f}{r.cache_mem_gb:>9.2f}{r.dense.peak_mem_gb:>9.2f}"
+            f"{(100 * r.select_s / pruned if pruned else 0):>7.2f}{r.kmeans_s * 1e3:>10.2f}{r.cache_mem_gb:>10.2f}"
+            f"{f'{r.dense.peak_mem_gb:.2f}/{r.cat.peak_mem_gb:.2f}':>19}"
         )
     return "\n".join(lines)
 

@@ -66,8 +66,17 @@ def add_bench(sub):
     p.add_argument("--steps", type=_list(int), default=[28], help="step counts, e.g. 28,50")
     p.add_argument("--batch-sizes", type=_list(int), default=[1], help="images per prompt batch, e.g. 1,4")
     p.add_argument("--modes", type=_list(str), default=["eager"], help="eager, compile, cudagraph, compile+cudagraph")
-    p.add_argument(
-        "--weights", default=None, help="real weights: a hub id or local SD3 pipeline folder (default: random weights)"
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="full-size models with random weights built from the preset's config (the default; compute does not "
+        "depend on weight values)",
+    )
+    weights.add_argument(
+        "--weights",
+        default=None,
+        help="real weights: a hub id or a local diffusers pipeline folder of the preset's family",
     )
     p.add_argument("--keep-ratio", type=float, default=0.3)
     p.add_argument("--start-step", type=int, default=8)
