@@ -110,6 +110,12 @@ def check_modes(pipe, entry) -> None:
                 latents[mode] = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
         catprune.remove(pipe)
         dense = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
+        # the scale of compile's own bf16 drift: the dense model, stock vs compiled (through catprune's backend)
+        catprune.apply(pipe, catprune.CATConfig(start_step=10**6, backend="compile+cudagraph"))
+        for _ in range(2):
+            dense_compiled = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
+        catprune.remove(pipe)
+    print(f"CHECK dense latents compile+cudagraph vs eager, 12 steps (rel err): {rel_err(dense_compiled, dense):.2e}")
     for mode in ("cudagraph", "compile+cudagraph"):
         print(f"CHECK CAT latents {mode} vs eager, 12 steps (rel err): {rel_err(latents[mode], latents['eager']):.2e}")
     print(f"CHECK CAT eager vs dense latents, 12 steps (rel err, for scale): {rel_err(latents['eager'], dense):.2e}")
