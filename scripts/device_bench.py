@@ -17,7 +17,15 @@ import time
 import torch
 
 import catprune
-from catprune.bench import BenchCase, build_pipeline, environment, format_table, run_case, save_json
+from catprune.bench import (
+    BenchCase,
+    build_pipeline,
+    environment,
+    format_table,
+    graph_replay_ms,
+    run_case,
+    save_json,
+)
 
 
 def rel_err(a, b) -> float:
@@ -35,22 +43,6 @@ def random_call(device, seed: int) -> dict:
         timestep=torch.tensor([500.0, 500.0], device=device),
         return_dict=False,
     )
-
-
-def replay_ms(fn, inputs, n=20) -> float:
-    """Median time of ``fn(**inputs)`` replayed as a CUDA graph (ms)."""
-    from catprune.runtime.backends import GraphedCall
-
-    graphed = GraphedCall(fn, inputs)
-    times = []
-    for _ in range(n + 3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graphed.graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times[3:])[n // 2]
 
 
 def check_backends(pipe, entry, out) -> dict:
@@ -84,10 +76,10 @@ def check_backends(pipe, entry, out) -> dict:
         # token selected, against the stock dense step, both replayed as CUDA graphs
         inputs = adapter.fast_inputs(info)
         pruned_all = adapter.pruned_fn(caches, info)
-        report["stock dense step, graph replay (ms)"] = replay_ms(adapter.dense_fn(model.forward), inputs)
-        report["catprune step with all tokens selected, graph replay (ms)"] = replay_ms(
+        report["stock dense step, graph replay (ms)"] = graph_replay_ms(adapter.dense_fn(model.forward), inputs)[0]
+        report["catprune step with all tokens selected, graph replay (ms)"] = graph_replay_ms(
             lambda **t: pruned_all(idx=idx, **t), inputs
-        )
+        )[0]
     for key, value in report.items():
         print(f"CHECK {key}: {value:.4g}", flush=True)
     with open(os.path.join(out, "checks.json"), "w") as f:

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
 
 from catprune.adapters import LayerCache, adapter_for
 from catprune.adapters.sd3 import SD3Adapter
-from catprune.bench import build_pipeline
-from catprune.runtime.backends import GraphedCall
+from catprune.bench import build_pipeline, graph_replay_ms
 
 
 def unfused_block(self, block, kv, kv2, x, ctx, temb, idx, m):
@@ -46,22 +44,6 @@ def unfused_block(self, block, kv, kv2, x, ctx, temb, idx, m):
     nctx = block.norm2_context(ctx) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
     ctx = ctx + c_gate_mlp.unsqueeze(1) * block.ff_context(nctx)
     return ctx, x
-
-
-def replay_ms(fn, inputs, n=30) -> float:
-    graphed = GraphedCall(fn, inputs)
-    for _ in range(3):
-        graphed.graph.replay()
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graphed.graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    out = graphed.output.clone() if isinstance(graphed.output, torch.Tensor) else None
-    return statistics.median(times), out
 
 
 def main():
@@ -116,7 +98,8 @@ def main():
             t0 = time.time()
             try:
                 fn = make()
-                ms, out = replay_ms(fn, inputs)
+                ms, graphed = graph_replay_ms(fn, inputs, repeats=30)
+                out = graphed.output.clone()
                 SD3Adapter._block = fused_block
                 ref = pruned_with(fused_block)(**inputs) if name.startswith("pruned") else dense(**inputs)
                 err = float((out.float() - ref.float()).norm() / ref.float().norm())
@@ -168,7 +151,7 @@ def main():
                         return torch.nn.functional.scaled_dot_product_attention(q, kk, vv)
 
                 try:
-                    ms, _ = replay_ms(lambda: attn(), {})
+                    ms, _ = graph_replay_ms(lambda: attn(), {}, repeats=30)
                     print(f"SDPA {label} q={q_len} {backend}: {ms * 24:.2f} ms per step (24 blocks)", flush=True)
                 except Exception as exc:
                     print(f"SDPA {label} {backend} failed: {type(exc).__name__}: {str(exc)[:200]}")

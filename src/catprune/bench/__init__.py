@@ -303,6 +303,25 @@ def _time(fn, device, repeats=10) -> float:
     return statistics.median(times)
 
 
+def graph_replay_ms(fn, inputs: dict, repeats: int = 20, warmup: int = 3) -> tuple[float, GraphedCall]:
+    """Capture ``fn(**inputs)`` as a CUDA graph and time its replays with CUDA events.
+
+    Returns the median replay time in ms and the `GraphedCall` (its ``output`` holds the last replay's result).
+    """
+    graphed = GraphedCall(fn, inputs)
+    for _ in range(warmup):
+        graphed.graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graphed.graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), graphed
+
+
 def run_case(case: BenchCase, pipe=None, entry=None, device=None) -> BenchResult:
     """Dense and CAT for one case in this process; returns both timings and the ratios."""
     if case.mode not in MODES:
