@@ -14,10 +14,11 @@ import torch
 
 import catprune
 from catprune.evaluation import EvalSettings, generate, parse_methods, score, write_report
-from catprune.evaluation.harness import load_generation, load_images
+from catprune.evaluation.compare import comparisons
+from catprune.evaluation.files import load_images
 from catprune.evaluation.methods import Kind, Method, default_methods
 from catprune.evaluation.metrics import finite_mean, paired_difference, psnr, ssim
-from catprune.evaluation.report import acceptance
+from catprune.evaluation.store import load_generation
 
 STEPS, START, SIZE = 6, 3, 64  # 16x16 tokens at patch 4
 TOKENS = (SIZE // 4) ** 2
@@ -47,7 +48,7 @@ def evaluation(tmp_path_factory):
     pipe = tiny_pipe()
     generate(tiny_settings(), parse_methods(METHODS, STEPS), out, pipe=pipe, **QUIET)
     score(out, **QUIET)
-    results = write_report(out)
+    results = write_report(out, **QUIET)
     return out, pipe, results
 
 
@@ -218,7 +219,7 @@ def test_unavailable_peer_is_skipped_with_reason(tmp_path, monkeypatch):
     assert [c.method.name for c in caches] == [f"dense-{STEPS}"]
     assert "pip install 'catprune[peers]'" in skipped["dbcache-r0.08"]
     score(out, **QUIET)
-    rows = write_report(out)["methods"]
+    rows = write_report(out, **QUIET)["methods"]
     assert rows[-1]["name"] == "dbcache-r0.08" and rows[-1]["status"].startswith("skipped: cache-dit is not")
 
 
@@ -228,7 +229,7 @@ def test_dbcache_runs_when_cache_dit_is_installed(tmp_path):
     method = Method.dbcache(STEPS, threshold=10.0, warmup=2)  # a huge threshold: every step after warm-up cached
     generate(tiny_settings(num_prompts=1), [Method.dense(STEPS, STEPS), method], out, pipe=tiny_pipe(), **QUIET)
     score(out, **QUIET)
-    row = {r["name"]: r for r in write_report(out)["methods"]}[method.name]
+    row = {r["name"]: r for r in write_report(out, **QUIET)["methods"]}[method.name]
     assert row["status"] == "ok" and row["macs_estimated"] is True
     assert row["cached_steps_per_generation"] >= 1 and row["macs_ratio"] < 1
     assert math.isfinite(row["psnr"])  # differs from dense
@@ -247,7 +248,9 @@ def test_scores_reference_and_adherence(evaluation):
         if name != f"dense-{STEPS}":
             assert all(math.isfinite(v) and v > 0 for v in entry["per_image"]["psnr"])
     assert scores["metrics"]["clip_score"]["available"] is False
-    assert scores["metrics"]["lpips"]["available"] in (True, False) and "reason" in scores["metrics"]["lpips"]
+    lpips = scores["metrics"]["lpips"]
+    assert lpips["available"] is False and "torchvision" in lpips["reason"] and "never downloads" in lpips["reason"]
+    assert all("lpips" not in entry["per_image"] for entry in scores["methods"].values())
 
 
 def test_rescoring_reads_only_the_cache(evaluation, monkeypatch):
@@ -277,7 +280,9 @@ def test_report_files(evaluation):
     page = (out / "report.html").read_text()
     for rel in ("grids/overview.png", "grids/focus.png"):
         assert (out / rel).is_file() and rel in page
-    assert "id='image-status'" in page and "Acceptance" in page
+    assert "id='image-status'" in page and "<h2>How CAT compares</h2>" in page
+    assert "Acceptance" not in page and "issue" not in page.lower()
+    assert "LPIPS is not reported" in page and "lpips" not in table[0]
     if _has_matplotlib():
         for rel in ("plots/pareto_psnr_wall.png", "plots/pareto_adherence_macs.png", "heatmaps/selection_mean.png"):
             assert (out / rel).is_file() and rel in page
@@ -310,16 +315,16 @@ def _synthetic(cat_psnr=30.0, cat_seconds=1.0, ablation_psnr=25.0):
     ]
 
 
-def test_acceptance_on_synthetic_rows():
-    checks = acceptance(_synthetic(), {})
+def test_comparisons_on_synthetic_rows():
+    checks = comparisons(_synthetic(), {})
     assert [c["holds"] for c in checks] == [False, True, True, None]  # shape drops 4 points: a miss
     assert "matched dense run dense-15" in checks[1]["detail"]
     assert "ras-a0.3-t8" in checks[3]["detail"]
-    slow = acceptance(_synthetic(cat_seconds=1.5), {})[1]
+    slow = comparisons(_synthetic(cat_seconds=1.5), {})[1]
     assert slow["holds"] is False and "wall-clock condition fails" in slow["detail"]
-    assert acceptance(_synthetic(cat_psnr=27.5), {})[1]["holds"] is False  # beaten by dense-15
-    assert acceptance(_synthetic(ablation_psnr=31.0), {})[2]["holds"] is False
-    assert [c["holds"] for c in acceptance([], {})] == [None, None, None, None]
+    assert comparisons(_synthetic(cat_psnr=27.5), {})[1]["holds"] is False  # beaten by dense-15
+    assert comparisons(_synthetic(ablation_psnr=31.0), {})[2]["holds"] is False
+    assert [c["holds"] for c in comparisons([], {})] == [None, None, None, None]
 
 
 # ------------------------------------------------------------------------------------------------ CLI

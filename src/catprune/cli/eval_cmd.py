@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
 
 PHASES = ("all", "generate", "score", "report")
@@ -22,10 +23,21 @@ PHASES = ("all", "generate", "score", "report")
 
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--phase", default="all", choices=PHASES, help="which phase(s) to run (default: all)")
-    p.add_argument("--model", default="shapes", help="'shapes' (embedded, offline) or a hub id / local folder")
+    from ..evaluation.adherence import HELD_OUT_CAPTION_SEED
+    from ..evaluation.registry import registered
+
+    p.add_argument(
+        "--model",
+        default="shapes",
+        help=f"a registered model ({', '.join(registered())}; 'shapes' is embedded and offline) or a hub id / local "
+        "pipeline folder (default: shapes)",
+    )
     p.add_argument("--num-prompts", type=int, default=200, help="prompts to evaluate (default 200)")
     p.add_argument(
-        "--prompt-seed", type=int, default=20_000, help="seed of the shapes captions (default: the held-out set)"
+        "--prompt-seed",
+        type=int,
+        default=HELD_OUT_CAPTION_SEED,
+        help=f"seed of the model's prompt generator (default {HELD_OUT_CAPTION_SEED}: the held-out set)",
     )
     p.add_argument("--prompts", default=None, help="text file with one prompt per line (required for hub models)")
     p.add_argument("--steps", type=int, default=28, help="denoising steps of the dense reference (default 28)")
@@ -112,7 +124,7 @@ def _table(results: dict) -> str:
             f"{fmt(r.get('seconds_per_image'), '8.4f')} {fmt(r.get('wall_speedup'), '7.2f')} {psnr:>7} "
             f"{fmt(r.get('ssim'), '6.4f')} {fmt(r.get('colour_at_cell'), '8.3f')} {fmt(r.get('shape'), '6.3f')}"
         )
-    for check in results["acceptance"]:
+    for check in results["comparisons"]:
         mark = check["status"].upper()
         lines.append(f"[{mark}] {check['criterion']}: {check['detail']}")
     return "\n".join(lines)
@@ -154,14 +166,32 @@ def run(args) -> int:
                 print(f"{m.name:<26} {m.group:<12} {m.description}")
             return 0
         if args.phase in ("all", "generate"):
-            generate(settings, methods, folder, force=args.force, warmup=not args.no_warmup)
+            with _phase("generate"):
+                generate(settings, methods, folder, force=args.force, warmup=not args.no_warmup)
     if args.phase in ("all", "score"):
-        score(folder)
+        with _phase("score"):
+            score(folder)
     if args.phase in ("all", "score", "report"):
-        results = write_report(folder, grid_rows=args.grid_rows, command=_command(args))
+        with _phase("report"):
+            results = write_report(folder, grid_rows=args.grid_rows, command=_command(args))
         print(_table(results))
         print(f"report: {folder / 'report.html'}")
     return 0
+
+
+class _phase:
+    """Print when a phase starts and how long it took."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+        print(f"[eval] phase {self.name} ...", flush=True)
+
+    def __exit__(self, kind, value, traceback):
+        if kind is None:
+            print(f"[eval] phase {self.name}: done in {time.perf_counter() - self.started:.1f} s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

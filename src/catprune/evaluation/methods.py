@@ -10,7 +10,8 @@ Method specs, as the CLI takes them (``--methods``), comma-separated:
 - ``cat:KEEP:START`` (e.g. ``cat:0.3:8``) and the same for ``random``, ``magnitude``, ``staleness``,
   ``no_clustering`` and ``ras`` (see `catprune.Selection`); ``KEEP`` and ``START`` default to 0.3 and 8;
 - ``dbcache`` or ``dbcache:THRESHOLD`` (cache-dit's DBCache, F1B0, warm-up 8 steps);
-- presets: ``default`` (the issue's full set) and ``quick`` (a small set for smoke tests).
+- presets: ``default`` (the full comparison) and ``quick`` (the smallest set that every comparison of the report
+  needs).
 
 Example:
     >>> [m.name for m in parse_methods("dense,dense:14,cat:0.3:8,ras", steps=28)]
@@ -157,21 +158,68 @@ class Method:
         return out
 
 
+def estimated_macs_ratio(steps: int, keep_ratio: float = DEFAULT_KEEP_RATIO, start_step: int = DEFAULT_START_STEP):
+    """CAT's MACs relative to dense, estimated before anything runs: ``start_step`` full steps, then pruned steps
+    charged ``keep_ratio`` of a dense step. A lower bound: a pruned step also pays for the tokens it does not
+    recompute (attention keys, text tokens), so the measured ratio is a little higher (0.512 instead of 0.500 on
+    the shapes model at 28 steps, keep 0.3, start 8).
+
+    Example:
+        >>> estimated_macs_ratio(28, 0.3, 8)
+        0.5
+    """
+    start = min(start_step, steps)
+    return (start + (steps - start) * keep_ratio) / steps
+
+
+def matched_steps(steps: int, keep_ratio: float = DEFAULT_KEEP_RATIO, start_step: int = DEFAULT_START_STEP) -> int:
+    """The dense step count whose MACs ratio (``s / steps``) is closest to CAT's estimated ratio (ties: the
+    costlier), for any reference step count.
+
+    Example:
+        >>> matched_steps(28), matched_steps(8, 0.3, 4), matched_steps(50)
+        (14, 5, 21)
+    """
+    if steps < 2:
+        return 1
+    ratio = estimated_macs_ratio(steps, keep_ratio, start_step)
+    return min(range(1, steps), key=lambda s: (abs(s / steps - ratio), -s))
+
+
+def matched_fewer_steps(steps: int, keep_ratio: float = DEFAULT_KEEP_RATIO, start_step: int = DEFAULT_START_STEP):
+    """The fewer-steps runs that match CAT's cost: `matched_steps` and the next costlier count. The estimate is a
+    lower bound and the comparison needs a dense run at equal or higher MACs than CAT's measured ones, so both run.
+
+    Example:
+        >>> matched_fewer_steps(28), matched_fewer_steps(8, 0.3, 4), matched_fewer_steps(2)
+        ([15, 14], [6, 5], [1])
+    """
+    s = matched_steps(steps, keep_ratio, start_step)
+    return sorted({min(s + 1, max(1, steps - 1)), s}, reverse=True)
+
+
+def _cat_start(steps: int) -> int:
+    return min(DEFAULT_START_STEP, max(2, steps // 2))
+
+
 def default_methods(steps: int = 28) -> list[Method]:
-    """The issue's full comparison at ``steps`` steps: dense (reference), dense with fewer steps, CAT at several keep
+    """The full comparison at ``steps`` steps: dense (reference), dense with fewer steps, CAT at several keep
     ratios and start steps, the four ablations and the RAS-style baseline at CAT's main budget (keep 0.3, start 8),
     and cache-dit's DBCache (skipped at run time when cache-dit is not installed or does not support the model).
 
-    The fewer-steps list brackets the MACs of CAT's main configuration (about 0.51 of dense on the shapes model at
-    28 steps), so that a dense run of equal or higher cost exists for the acceptance comparison.
+    The fewer-steps list spans 10/28 to 20/28 of the steps and always includes `matched_fewer_steps` (the dense
+    runs of CAT's main configuration's cost), so that the report can compare CAT with dense at equal cost.
 
     Example:
         >>> [m.name for m in default_methods(28)][:4]
         ['dense-28', 'dense-20', 'dense-16', 'dense-15']
     """
-    fewer = sorted({max(1, round(steps * f)) for f in (20 / 28, 16 / 28, 15 / 28, 14 / 28, 10 / 28)}, reverse=True)
-    methods = [Method.dense(steps, steps)] + [Method.dense(s, steps) for s in fewer if s != steps]
     start = min(DEFAULT_START_STEP, max(2, steps - 1))
+    fewer = {max(1, round(steps * f)) for f in (20 / 28, 16 / 28, 15 / 28, 14 / 28, 10 / 28)}
+    fewer |= set(matched_fewer_steps(steps, DEFAULT_KEEP_RATIO, start))
+    methods = [Method.dense(steps, steps)] + [
+        Method.dense(s, steps) for s in sorted(fewer, reverse=True) if s != steps
+    ]
     for keep, t0 in ((0.3, start), (0.2, start), (0.5, start), (0.3, max(2, start // 2)), (0.3, min(steps - 1, 12))):
         methods.append(Method.catprune(CATConfig(keep_ratio=keep, start_step=t0), steps))
     for selection in (Selection.RANDOM, Selection.MAGNITUDE, Selection.STALENESS, Selection.NO_CLUSTERING):
@@ -181,19 +229,28 @@ def default_methods(steps: int = 28) -> list[Method]:
     return _unique(methods)
 
 
+#: The selection rules of the quick preset: CAT, the three ablations its comparison needs, the RAS-style baseline.
+QUICK_SELECTIONS = (Selection.CAT, Selection.RANDOM, Selection.MAGNITUDE, Selection.STALENESS, Selection.RAS)
+
+
 def quick_methods(steps: int = 28) -> list[Method]:
-    """A small set for smoke tests: dense, dense at half the steps, CAT, random and the RAS-style baseline.
+    """The smallest set that every comparison of the report needs: dense, the dense runs matching CAT's cost
+    (`matched_fewer_steps`), CAT, the random, magnitude and staleness ablations and the RAS-style baseline, all at
+    keep 0.3 and start step ``min(8, max(2, steps // 2))``.
 
     Example:
-        >>> [m.name for m in quick_methods(8)]
-        ['dense-8', 'dense-4', 'cat-a0.3-t4', 'random-a0.3-t4', 'ras-a0.3-t4']
+        >>> [m.name for m in quick_methods(8)][:4]
+        ['dense-8', 'dense-6', 'dense-5', 'cat-a0.3-t4']
+        >>> [m.name.split("-")[0] for m in quick_methods(8)][4:]
+        ['random', 'magnitude', 'staleness', 'ras']
     """
-    start = min(DEFAULT_START_STEP, max(2, steps // 2))
+    start = _cat_start(steps)
+    fewer = [Method.dense(s, steps) for s in matched_fewer_steps(steps, DEFAULT_KEEP_RATIO, start) if s != steps]
     return _unique(
-        [Method.dense(steps, steps), Method.dense(max(1, steps // 2), steps)]
+        [Method.dense(steps, steps), *fewer]
         + [
-            Method.catprune(CATConfig(keep_ratio=0.3, start_step=start, selection=s), steps)
-            for s in (Selection.CAT, Selection.RANDOM, Selection.RAS)
+            Method.catprune(CATConfig(keep_ratio=DEFAULT_KEEP_RATIO, start_step=start, selection=s), steps)
+            for s in QUICK_SELECTIONS
         ]
     )
 
@@ -228,8 +285,8 @@ def parse_methods(spec: str | list[str], steps: int) -> list[Method]:
         ValueError: naming the item that could not be parsed and the accepted forms.
 
     Example:
-        >>> [m.name for m in parse_methods("quick,magnitude:0.3:4", steps=8)][-1]
-        'magnitude-a0.3-t4'
+        >>> [m.name for m in parse_methods("quick,no_clustering:0.3:4", steps=8)][-1]
+        'no_clustering-a0.3-t4'
     """
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     selections = {s.value: s for s in Selection}
@@ -297,7 +354,11 @@ __all__ = [
     "Kind",
     "Method",
     "PRESETS",
+    "QUICK_SELECTIONS",
     "default_methods",
+    "estimated_macs_ratio",
+    "matched_fewer_steps",
+    "matched_steps",
     "method_from_dict",
     "parse_methods",
     "quick_methods",

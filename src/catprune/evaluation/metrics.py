@@ -1,9 +1,10 @@
 """Image-quality metrics of the evaluation harness.
 
 Fidelity to the dense image of the same seed (PSNR, SSIM) is implemented here in plain torch, so it needs nothing
-beyond catprune's own dependencies. Learned metrics (LPIPS, CLIP score, FID) need pretrained networks: they are used
-only when their weights are already on this machine, and otherwise reported as skipped with the reason (they never
-download anything).
+beyond catprune's own dependencies; `psnr` is catprune's one PSNR (the CLI uses it too). Learned metrics (CLIP
+score, FID) need pretrained networks: they are used only when their weights are already on this machine, and
+otherwise reported as skipped with the reason (they never download anything). LPIPS is not computed at all: see
+`lpips_status`.
 
 Example:
     >>> import torch
@@ -29,38 +30,46 @@ SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
-def _check_pair(a: torch.Tensor, b: torch.Tensor, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_pair(a: torch.Tensor, b: torch.Tensor, fn: str, dims=(4,)) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         raise TypeError(
             f"{fn}: a, b: expected two tensors (B, C, H, W) with values in [0, 1], got {type(a).__name__} and "
             f"{type(b).__name__}. Convert images with catprune.evaluation.adherence.to_image_tensor first."
         )
-    if a.shape != b.shape or a.dim() != 4:
+    if a.shape != b.shape or a.dim() not in dims:
+        shape = " or ".join({3: "(C, H, W)", 4: "(B, C, H, W)"}[d] for d in dims)
         raise ValueError(
-            f"{fn}: a, b: expected two tensors of the same shape (B, C, H, W), got {tuple(a.shape)} and "
+            f"{fn}: a, b: expected two tensors of the same shape {shape}, got {tuple(a.shape)} and "
             f"{tuple(b.shape)}. Compare images of the same size, one reference per image."
         )
     return a.double(), b.double()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB per image, between two batches (B, C, H, W); ``inf`` where identical.
+    """Peak signal-to-noise ratio in dB per image, between two batches (B, C, H, W) or two single images
+    (C, H, W); ``inf`` where identical.
 
     Args:
         a, b: images of the same shape, values in ``[0, data_range]``.
         data_range: the largest possible pixel value (1.0 for images in [0, 1]).
 
     Returns:
-        (B,) float64 tensor.
+        (B,) float64 tensor for batches, a 0-d float64 tensor for single images (``float(psnr(a, b))``).
 
     Example:
         >>> import torch
         >>> [round(v, 4) for v in psnr(torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.1)).tolist()]
         [20.0]
+        >>> round(float(psnr(torch.zeros(3, 2, 2), torch.full((3, 2, 2), 0.1))), 4)
+        20.0
     """
-    a, b = _check_pair(a, b, "psnr")
+    a, b = _check_pair(a, b, "psnr", dims=(3, 4))
+    single = a.dim() == 3
+    if single:
+        a, b = a[None], b[None]
     mse = ((a - b) ** 2).flatten(1).mean(dim=1)  # (B,)
-    return 10.0 * torch.log10(data_range**2 / mse)  # (B,), inf where mse == 0
+    out = 10.0 * torch.log10(data_range**2 / mse)  # (B,), inf where mse == 0
+    return out[0] if single else out
 
 
 def _gaussian_1d(size: int, sigma: float, dtype, device) -> torch.Tensor:
@@ -167,44 +176,23 @@ def _hf_cached(repo_id: str) -> bool:
     return isinstance(found, str) and os.path.isfile(found)
 
 
+#: Why LPIPS is not computed (written into scores.json and the report's notes).
+LPIPS_NOT_COMPUTED = (
+    "not computed: LPIPS needs a pretrained backbone (AlexNet or VGG) that no PyPI package ships; the `lpips` "
+    "package carries only its small linear heads and downloads the backbone through torchvision at run time, and "
+    "an evaluation never downloads"
+)
+
+
 def lpips_status() -> MetricStatus:
-    """LPIPS (AlexNet) runs only with torchmetrics installed and the AlexNet weights already in torch's hub cache.
+    """LPIPS is not part of the evaluation: its backbone weights would have to be downloaded at run time.
 
     Example:
-        >>> lpips_status().name
-        'lpips'
+        >>> status = lpips_status()
+        >>> status.name, status.available, "torchvision" in status.reason
+        ('lpips', False, True)
     """
-    try:
-        import torchmetrics.image.lpip  # noqa: F401
-    except ImportError:
-        return MetricStatus("lpips", False, "skipped: torchmetrics is not installed (pip install torchmetrics)")
-    if _torch_hub_checkpoint("alexnet-") is None:
-        return MetricStatus(
-            "lpips",
-            False,
-            f"skipped: AlexNet weights are not in {Path(torch.hub.get_dir()) / 'checkpoints'} and catprune never "
-            "downloads during an evaluation",
-        )
-    return MetricStatus("lpips", True)
-
-
-def lpips(a: torch.Tensor, b: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """LPIPS (AlexNet) per image between two batches (B, 3, H, W) in [0, 1]. Check `lpips_status` first.
-
-    Example:
-        >>> lpips(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)) if lpips_status().available else None  # doctest: +SKIP
-    """
-    status = lpips_status()
-    if not status.available:
-        raise RuntimeError(f"lpips: {status.reason}")
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-    metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="none", normalize=True)
-    out = []
-    with torch.no_grad():
-        for i in range(0, a.shape[0], batch_size):
-            out.append(metric.net(a[i : i + batch_size].float(), b[i : i + batch_size].float(), normalize=True))
-    return torch.cat(out).flatten().double()  # (B,)
+    return MetricStatus("lpips", False, LPIPS_NOT_COMPUTED)
 
 
 CLIP_MODEL = "openai/clip-vit-base-patch16"
