@@ -6,8 +6,8 @@ For every object named in a caption, two questions:
   its pixels inside the named cell?
 - **shape**: does that region's shape match? The region is compared with ideal circle, square and triangle
   templates (fitted over radius and position, anchored on the region's bounding box so that objects clipped by the
-  image border still fit), and the best intersection-over-union decides; it must also reach 0.5. This is the
-  "or better" of issue 3: a bounding-box fill ratio fails on the many large objects clipped by the image border.
+  image border still fit), and the best intersection-over-union decides; it must also reach 0.5. A
+  bounding-box fill ratio would not do: it fails on the many large objects clipped by the image border.
 
 Two objects of the same colour are separated by the perpendicular bisector of their cell centres, and pixels of the
 caption's other colours are left out of the fit (neither inside nor outside), so an object partly covered by the
@@ -50,7 +50,8 @@ COLOUR_TOLERANCE = 0.25  # RGB distance under which a pixel has the named colour
 MIN_PIXELS = 20  # pixels of the region that must lie inside the named cell
 MIN_SHAPE_IOU = 0.5  # the best template must overlap the region at least this well
 
-#: Seed and size of the held-out caption set of the quality bar (issue 3).
+#: Seed and size of the shapes model's held-out caption set (never seen in training). This seed is the one
+#: held-out seed of the evaluation: `EvalSettings.prompt_seed` and ``catprune eval --prompt-seed`` default to it.
 HELD_OUT_CAPTION_SEED = 20_000
 HELD_OUT_NUM_CAPTIONS = 200
 
