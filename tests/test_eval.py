@@ -385,3 +385,190 @@ def test_report_images_load_in_headless_chromium(evaluation, tmp_path):
     assert total >= 2 and loaded == total
     (out / "grids" / "overview.png").unlink()  # a broken image is detected
     assert status() == (total - 1, total)
+
+
+# ------------------------------------------------------------------------------------------------ module split
+def test_psnr_single_image_is_the_batch_value():
+    a = torch.zeros(3, 4, 4)
+    b = torch.full((3, 4, 4), 0.1)
+    single = psnr(a, b)
+    assert single.dim() == 0 and float(single) == pytest.approx(20.0)
+    assert float(single) == pytest.approx(psnr(a[None], b[None])[0].item())
+    assert math.isinf(float(psnr(a, a)))
+    with pytest.raises(ValueError, match=r"same shape \(C, H, W\) or \(B, C, H, W\)"):
+        psnr(torch.zeros(4, 4), torch.zeros(4, 4))
+
+
+def test_environment_and_cuda_sync():
+    from catprune.evaluation import cuda_sync, environment
+
+    env = environment("cpu")
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__
+    assert env["cpu_count"] >= 1 and env["torch_threads"] == torch.get_num_threads()
+    assert env["catprune"] is not None and env["diffusers"] is not None and "gpu" not in env
+    assert "driver" not in env and "driver" in environment(driver=True)
+    if not torch.cuda.is_available():
+        assert env["gpus"] == [] and environment(driver=True)["driver"] is None
+    json.dumps(env)  # JSON-ready
+    assert cuda_sync("cpu") is None
+
+
+def test_introspection_selections_and_macs():
+    from catprune.evaluation.introspect import selection_counts, watch
+
+    pipe = tiny_pipe()
+    prompts = tiny_settings().prompts()[:2]
+    kwargs = dict(num_inference_steps=STEPS, output_type="pt", height=SIZE, width=SIZE)
+    with watch(pipe) as dense:
+        pipe(prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+        dense_macs = dense.macs()
+    assert dense.calls == STEPS and dense.grid == (SIZE // 4, SIZE // 4)
+    assert dense.step_selections() == [None] * STEPS and dense_macs == STEPS * dense.dense_macs_per_call
+
+    k = catprune.CATConfig(keep_ratio=0.5).tokens_kept(TOKENS)
+    with catprune.applied(pipe, catprune.CATConfig(keep_ratio=0.5, start_step=START)), watch(pipe) as cat:
+        pipe(prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+        cat_macs, stats = cat.macs(), catprune.stats(pipe)
+    selections = cat.step_selections()
+    assert selections[:START] == [None] * START
+    assert all(s is not None and s.shape[-1] == k for s in selections[START:])
+    assert cat_macs == stats.macs < dense_macs and sum(s is not None for s in selections) == stats.pruned_steps
+    counts = selection_counts(selections, 2, TOKENS)
+    assert counts.shape == (2, TOKENS) and (counts.sum(dim=1) == START * TOKENS + (STEPS - START) * k).all()
+
+    with catprune.applied(pipe, catprune.CATConfig(keep_ratio=1.0, start_step=START)), watch(pipe) as off:
+        pipe(prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+        assert catprune.stats(pipe).steps == []  # the runtime records nothing with pruning off
+        off_macs = off.macs()
+    assert off_macs == dense_macs and off.step_selections() == [None] * STEPS
+    assert not pipe.transformer._forward_hooks and not pipe.transformer._forward_pre_hooks  # hooks removed
+
+
+@pytest.mark.parametrize("steps", [8, 20, 28, 50])
+def test_quick_matches_cats_cost_at_any_step_count(steps):
+    from catprune.evaluation.methods import estimated_macs_ratio, matched_steps, quick_methods
+
+    methods = quick_methods(steps)
+    cat = next(m for m in methods if m.group == "CAT")
+    ratio = estimated_macs_ratio(steps, cat.config.keep_ratio, cat.config.start_step)
+    best = matched_steps(steps, cat.config.keep_ratio, cat.config.start_step)
+    assert all(abs(best / steps - ratio) <= abs(s / steps - ratio) for s in range(1, steps))
+    fewer = sorted(m.steps for m in methods if m.group == "fewer steps")
+    assert fewer == [best, best + 1]  # the closest and the next costlier one
+    selections = {m.config.selection.value for m in methods if m.config is not None}
+    assert selections == {"cat", "random", "magnitude", "staleness", "ras"}
+    assert {m.config.start_step for m in methods if m.config is not None} == {cat.config.start_step}
+    names = {m.name for m in default_methods(steps)}
+    assert {f"dense-{best}", f"dense-{best + 1}"} <= names
+
+
+def test_quick_at_six_steps_evaluates_every_comparison(tmp_path):
+    out = tmp_path / "quick"
+    lines = []
+    generate(tiny_settings(num_prompts=2), parse_methods("quick", STEPS), out, pipe=tiny_pipe(), warmup=False,
+             log=lines.append)  # fmt: skip
+    score(out, log=lines.append)
+    results = write_report(out, log=lines.append)
+    statuses = [c["status"] for c in results["comparisons"]]
+    assert "not evaluated" not in statuses and statuses[3] == "reported", results["comparisons"]
+    rows = {r["name"]: r for r in results["methods"]}
+    cat = next(r for r in rows.values() if r["group"] == "CAT")
+    match = results["comparisons"][1]["detail"].split("matched dense run ")[1].split(":")[0]
+    assert rows[match]["group"] == "fewer steps" and rows[match]["macs_ratio"] >= cat["macs_ratio"]
+    (title,) = [t for t in results["figures"]["grids"] if t != "all methods (columns), same seeds (rows)"]
+    assert f"matched fewer steps ({match})" in title
+    # progress for every phase: generation per method, scoring per method, figures, report
+    methods = list(rows)
+    for name in methods:
+        assert any(line.startswith("[eval] generate") and f" {name} images" in line for line in lines), name
+        assert any(line.startswith("[eval] score") and f" {name}" in line for line in lines), name
+    for phase in ("image grids", "Pareto plots" if _has_matplotlib() else "image grids", "report.html"):
+        assert any(line.startswith("[eval] report:") and phase in line for line in lines), phase
+
+
+def test_warm_up_reports_progress_for_every_method(tmp_path):
+    lines = []
+    generate(tiny_settings(num_prompts=1), parse_methods(f"dense:3,cat:0.5:{START}", STEPS), tmp_path / "w",
+             pipe=tiny_pipe(), log=lines.append)  # fmt: skip
+    warm = [line for line in lines if line.startswith("[eval] warm-up")]
+    assert len(warm) == 6  # start and end line for each of the three methods
+    for i, name in enumerate([f"dense-{STEPS}", "dense-3", f"cat-a0.5-t{START}"], start=1):
+        assert f"[eval] warm-up {i}/3 {name}: one untimed image ..." in warm
+        assert any(line.startswith(f"[eval] warm-up {i}/3 {name}: done in ") for line in warm)
+    assert lines.index(warm[-1]) < next(i for i, line in enumerate(lines) if line.startswith("[eval] generate"))
+
+
+def test_report_macs_ratios_have_three_decimals_and_grid_labels_are_large(evaluation):
+    import re
+
+    from catprune.evaluation.figures import LABEL_FONT_PX, label_strip
+
+    out, _, results = evaluation
+    page = (out / "report.html").read_text()
+    header = re.search(r"<h2>Results</h2>.*?</tr>", page, re.S).group(0)
+    column = re.findall(r"<th[^>]*>([^<]*)</th>", header).index("MACs ratio")
+    table = page.split("<h2>Results</h2>")[1].split("</table>")[0]
+    cells = [re.findall(r"<td[^>]*>([^<]*)</td>", row)[column] for row in table.split("<tr")[2:]]
+    assert cells and all(re.fullmatch(r"\d\.\d{3}( \(est\.\))?", c) for c in cells), cells
+    for entry in results["comparisons"]:
+        for value in re.findall(r"MACs ratio (\d+\.\d+)", entry["detail"]):
+            assert len(value.split(".")[1]) == 3
+    strip = label_strip(["no_clustering-a0.3-t8"], cell=132)
+    ink = np.nonzero((np.asarray(strip.convert("L")) < 128).any(axis=1))[0]
+    assert LABEL_FONT_PX >= 14 and ink.max() - ink.min() >= 2 * 10  # two lines of large text
+
+
+def test_model_registry_plugs_loader_prompts_and_adherence(tmp_path, monkeypatch):
+    from catprune.evaluation import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    loaded = []
+
+    def load(model, device, dtype):
+        loaded.append((model, device, dtype))
+        return tiny_pipe()
+
+    def hits(images, prompts):
+        per_image = [float(i % 2) for i in range(len(prompts))]
+        return {"summary": {"hits": sum(per_image) / len(per_image)}, "per_image": {"hits": per_image}}
+
+    captions = [f"a large red circle at the {cell}" for cell in ("center", "top", "left", "right")]
+
+    def prompts(n, seed):
+        return [captions[(seed + i) % 4] for i in range(n)]
+
+    registry.register(registry.EvalModel("toy", load=load, prompts=prompts, adherence=hits, adherence_keys=("hits",)))
+    with pytest.raises(ValueError, match="registered already"):
+        registry.register(registry.EvalModel("toy"))
+    settings = tiny_settings(model="toy", num_prompts=2, prompt_seed=5)
+    assert settings.prompts() == [captions[1], captions[2]]
+    assert settings.folder_name().startswith("toy-p2")
+    out = tmp_path / "toy"
+    generate(settings, parse_methods(f"cat:0.5:{START}", STEPS), out, warmup=False, **QUIET)
+    assert loaded == [("toy", "cpu", torch.float32)]
+    scores = score(out, **QUIET)
+    assert scores["adherence_keys"] == ["hits"] and scores["metrics"]["clip_score"]["available"] is False
+    assert scores["methods"][f"dense-{STEPS}"]["per_image"]["hits"] == [0.0, 1.0]
+    adherence = write_report(out, **QUIET)["comparisons"][0]
+    assert adherence["status"] == "holds" and "hits: dense 50.0%, CAT 50.0%" in adherence["detail"]
+
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "ShapesPipeline"}))
+    assert registry.resolve(str(folder)).name == "shapes" and registry.resolve("org/model").adherence is None
+    with pytest.raises(ValueError, match="has no held-out prompt set.*--prompts FILE"):
+        EvalSettings(model="org/model").prompts()
+
+
+def test_cli_model_flag_and_quick_list(capsys, tmp_path):
+    from catprune.cli.eval_cmd import build_parser
+    from catprune.cli.main import main
+
+    assert build_parser().parse_args([]).model == "shapes"
+    assert "shapes" in build_parser().format_help()
+    assert main(["eval", "--list-methods", "--methods", "quick", "--steps", "20"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == ["dense-20", "dense-13", "dense-12", "cat-a0.3-t8", "random-a0.3-t8", "magnitude-a0.3-t8",
+                      "staleness-a0.3-t8", "ras-a0.3-t8"]  # fmt: skip
+    assert main(["eval", "--model", "org/model", "--out", str(tmp_path), "--methods", "dense"]) == 2
+    assert "--prompts FILE" in capsys.readouterr().err
