@@ -325,6 +325,11 @@ def test_comparisons_on_synthetic_rows():
     assert comparisons(_synthetic(cat_psnr=27.5), {})[1]["holds"] is False  # beaten by dense-15
     assert comparisons(_synthetic(ablation_psnr=31.0), {})[2]["holds"] is False
     assert [c["holds"] for c in comparisons([], {})] == [None, None, None, None]
+    no_match = comparisons([r for r in _synthetic() if r["name"] != "dense-15"], {})[1]  # dense-14 is cheaper
+    assert no_match["status"] == "not evaluated" and "MACs >= CAT's (0.510)" in no_match["detail"]
+    assert "dense:15" in no_match["detail"]  # says which run to add: ceil(0.51 * 28) steps
+    missing = comparisons([r for r in _synthetic() if r["name"] != "staleness-a0.3-t8"], {})[2]
+    assert missing["status"] == "not evaluated" and "missing: staleness" in missing["detail"]
 
 
 # ------------------------------------------------------------------------------------------------ CLI
