@@ -142,9 +142,12 @@ def check_output_file(path: str, flag: str = "--out") -> Path:
     out = Path(path)
     if out.is_dir():
         raise CLIError(f"{flag}: {path!r} is a directory. Give a file name, e.g. {flag} {out / 'image.png'}.")
-    if out.suffix.lower() not in IMAGE_SUFFIXES:
+    from PIL import Image
+
+    writable = [s for s in IMAGE_SUFFIXES if s in Image.registered_extensions()]  # this Pillow's formats
+    if out.suffix.lower() not in writable:
         raise CLIError(
-            f"{flag}: expected an image file name ending in {', '.join(IMAGE_SUFFIXES)}, got {path!r}. "
+            f"{flag}: expected an image file name ending in {', '.join(writable)}, got {path!r}. "
             f"Use e.g. {flag} {out.with_suffix('.png') if out.name else 'outputs/image.png'}."
         )
     parent = out.parent
