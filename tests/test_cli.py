@@ -1,14 +1,22 @@
 """The command line end to end (in process, plus one real subprocess for the entry point)."""
 
 import json
+import math
+import os
+import statistics
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from catprune.cli.main import main, psnr
+import catprune
+from catprune.cli.main import build_parser, main, psnr
+
+SRC = str(Path(catprune.__file__).resolve().parents[1])
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +35,25 @@ def test_env_prints_versions(capsys):
     assert info["torch"] == torch.__version__ and "diffusers" in info and "cuda_available" in info
 
 
-def test_entry_point_runs_as_module():
-    done = subprocess.run([sys.executable, "-m", "catprune", "env"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "diffusers" in done.stdout
+def _module(*argv, timeout=300):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(
+        [sys.executable, "-m", "catprune", *argv], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_entry_point_runs_as_module(tmp_path):
+    """``python -m catprune`` is this source tree's CLI: its version, a real generation, and exit statuses."""
+    done = _module("env", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["catprune"] == catprune.__version__
+    out = tmp_path / "module.png"
+    done = _module("generate", "a red circle", "--steps", "3", "--start-step", "2", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert Image.open(out).size == (128, 128) and "(1 pruned)" in done.stdout
+    done = _module("generate", "a red circle", "--height", "0")
+    assert done.returncode == 2 and "argument --height: expected a positive integer, got '0'" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_generate_compare(tiny_pipeline_dir, tmp_path, capsys):
@@ -40,27 +64,44 @@ def test_generate_compare(tiny_pipeline_dir, tmp_path, capsys):
     )  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
-    assert "PSNR(CAT vs dense)" in text and "speed-up" in text
+    assert "PSNR(CAT vs dense)" in text and "speed-up" in text and "medians of 3 runs" in text
     report = json.loads(text[text.index("{") :])
-    assert report["macs_ratio"] < 1 and report["psnr_db"] > 0
+    assert report["macs_ratio"] < 1 and 0 < report["psnr_db"] < math.inf and report["pruned_steps"] == 4
+    assert report["repeats"] == 3 and len(report["dense_seconds_all"]) == len(report["cat_seconds_all"]) == 3
+    assert report["dense_seconds"] == statistics.median(report["dense_seconds_all"])
+    assert report["speedup"] == pytest.approx(report["dense_seconds"] / report["cat_seconds"])
+    assert f"MACs ratio {report['macs_ratio']:.3f}" in text
     image = Image.open(out)
     assert image.width > 2 * 128 and image.height > 128  # two panels side by side, with a header
+    assert f"PSNR {report['psnr_db']:.2f} dB" in image.text["Description"]  # the caption carries the PSNR
+    header = np.asarray(image.convert("L"))[: image.height - 256, image.width // 2 :]
+    assert (header < 128).sum() > 200  # and is drawn above the CAT panel
 
 
 def test_generate_dense_and_batch(tiny_pipeline_dir, tmp_path, capsys):
     out = tmp_path / "img.png"
     assert main(["generate", "a small blue square at the top left", "--model", tiny_pipeline_dir, "--steps", "4",
-                 "--dense", "--out", str(out)]) == 0  # fmt: skip
+                 "--dense", "--out", str(out), "--json"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert text.startswith("dense: ") and "catprune stats" not in text
+    assert json.loads(text[text.index("{") :])["dense"] is True
     assert Image.open(out).size == (128, 128)
     assert main(["generate", "a small blue square at the top left", "--model", tiny_pipeline_dir, "--steps", "5",
-                 "--start-step", "2", "--batch-size", "2", "--out", str(out)]) == 0  # fmt: skip
-    assert (tmp_path / "img_0.png").exists() and (tmp_path / "img_1.png").exists()
-    assert "catprune stats" in capsys.readouterr().out
+                 "--start-step", "2", "--batch-size", "2", "--out", str(out), "--json"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    report = json.loads(text[text.index("{") :])
+    assert text.startswith("CAT: ") and "catprune stats: 5 steps (3 pruned), 4 rows" in text
+    assert report["label"] == "CAT" and report["pruned_steps"] == 3 and 0 < report["macs_ratio"] < 1
+    first, second = (np.asarray(Image.open(tmp_path / f"img_{i}.png")) for i in range(2))
+    assert report["images"] == [str(tmp_path / "img_0.png"), str(tmp_path / "img_1.png")]
+    assert first.shape == second.shape == (128, 128, 3) and not np.array_equal(first, second)
 
 
 def test_generate_bad_input_is_a_clear_error(tiny_pipeline_dir, capsys):
-    assert main(["generate", "a red circle", "--model", tiny_pipeline_dir, "--keep-ratio", "2"]) == 2
-    assert "keep_ratio" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a red circle", "--model", tiny_pipeline_dir, "--keep-ratio", "2"])
+    assert exit_info.value.code == 2
+    assert "argument --keep-ratio: expected a number in (0, 1]" in capsys.readouterr().err
     assert main(["generate", "a red circle", "--model", "/nonexistent/folder"]) == 2
     assert "could not load" in capsys.readouterr().err
 
@@ -84,11 +125,18 @@ def test_psnr():
 
 def test_generate_with_the_default_embedded_model(tmp_path, capsys):
     """`catprune generate "a red circle"` on the shipped model, offline (few steps to keep CI fast)."""
-    out = tmp_path / "red.png"
+    out, dense_out = tmp_path / "red.png", tmp_path / "dense.png"
     assert main(["generate", "a red circle", "--steps", "4", "--start-step", "2", "--out", str(out)]) == 0
-    image = Image.open(out).convert("RGB")
-    assert image.size == (128, 128)
-    assert "catprune stats" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert text.startswith("CAT: ") and "catprune stats: 4 steps (2 pruned), 2 rows x 1024 image tokens" in text
+    assert main(["generate", "a red circle", "--steps", "4", "--dense", "--out", str(dense_out)]) == 0
+    capsys.readouterr()
+    image = np.asarray(Image.open(out).convert("RGB")) / 255.0
+    dense = np.asarray(Image.open(dense_out).convert("RGB")) / 255.0
+    assert image.shape == (128, 128, 3)
+    assert 20 < psnr(image, dense) < math.inf  # pruned (not identical), and close to the dense image
+    red = (image[..., 0] > 0.6) & (image[..., 1] < 0.35) & (image[..., 2] < 0.35)
+    assert 0.02 < red.mean() < 0.5  # a red shape on a background, not a blank or saturated image
     assert main(["generate", "a red hexagon", "--steps", "2", "--out", str(out)]) == 2
     assert "hexagon" in capsys.readouterr().err  # unknown words are named
 
@@ -149,3 +197,169 @@ def test_bench_flux_refuses_a_cfg_batch():
     pipe, entry = build_pipeline("flux-tiny", "cpu", torch.float32)
     with pytest.raises(ValueError, match="no-cfg"):
         _embeddings(pipe, entry, 1, "cpu", torch.float32, cfg=True)
+
+
+# ---------------------------------------------------------------- every flag checked before the model loads
+MISSING = "/nonexistent/model/folder"  # a flag error must come before "could not load"
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--height", "0"], "argument --height: expected a positive integer, got '0'"),
+        (["--width", "-8"], "argument --width: expected a positive integer, got '-8'"),
+        (["--steps", "0"], "argument --steps: expected a positive integer"),
+        (["--batch-size", "0"], "argument --batch-size: expected a positive integer"),
+        (["--repeats", "0", "--compare"], "argument --repeats: expected a positive integer"),
+        (["--guidance-scale", "nan"], "argument --guidance-scale: expected a finite number, got 'nan'"),
+        (["--guidance-scale", "inf"], "argument --guidance-scale: expected a finite number, got 'inf'"),
+        (["--keep-ratio", "nan"], "argument --keep-ratio: expected a finite number, got 'nan'"),
+        (["--keep-ratio", "0"], "argument --keep-ratio: expected a number in (0, 1]"),
+        (["--seed", "1180591620717411303424"], "argument --seed: expected an integer seed in [0, 2**63 - 1]"),
+        (["--seed", "-1"], "argument --seed: expected an integer seed in [0, 2**63 - 1]"),
+        (["--dtype", "fp64"], "argument --dtype: expected float32 (fp32), bfloat16 (bf16) or float16 (fp16)"),
+        (["--backend", "tpu"], "argument --backend: invalid choice: 'tpu'"),
+        (["--compare", "--dense"], "argument --dense: not allowed with argument --compare"),
+    ],
+)
+def test_bad_flags_are_refused_by_name(extra, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a red circle", "--model", MISSING, *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--device", "cuda"], "--device: got 'cuda', but this torch build sees no CUDA device"),
+        (["--device", "tpu"], "--device: expected a torch device such as cpu or cuda, got 'tpu'"),
+        (["--device", "cpu", "--backend", "cudagraph"], "--backend: 'cudagraph' captures CUDA graphs and needs"),
+        (["--start-step", "1"], "--start-step: expected an int >= 2"),
+        (["--repeats", "2"], "--repeats: only applies with --compare"),
+    ],
+)
+def test_device_backend_and_config_errors_name_the_flag(extra, words, capsys):
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["generate", "a red circle", "--model", MISSING, *extra]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "CATConfig." not in err and "could not load" not in err
+
+
+def test_output_path_is_checked_before_generating(tmp_path, capsys):
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    cases = [
+        (str(tmp_path), "is a directory"),
+        (str(afile / "image.png"), "is a file, not a directory"),
+        (str(tmp_path / "image"), "expected an image file name ending in .png"),
+        (str(tmp_path / "image.txt"), "expected an image file name ending in .png"),
+    ]
+    for out, words in cases:
+        assert main(["generate", "a red circle", "--model", MISSING, "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert f"--out: {out!r}" in err or f"--out: cannot create {out!r}" in err or f"got {out!r}" in err
+        assert words in err and "could not load" not in err
+
+
+def test_help_shows_defaults_and_the_backend_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ["(default: 0.3)", "(default: 8)", "(default: 0)", "(default: outputs/catprune.png)",
+                  "--backend {eager,compile,cudagraph,compile+cudagraph}", "(default: eager)", "--repeats",
+                  "(default: 3)"]:  # fmt: skip
+        assert words in text, words
+
+
+@pytest.mark.parametrize("spelling, name", [("fp32", "float32"), ("float32", "float32"), ("bf16", "bfloat16"),
+                                            ("bfloat16", "bfloat16"), ("fp16", "float16"), ("float16", "float16")])  # fmt: skip
+def test_dtype_spellings_are_the_same_for_every_subcommand(spelling, name):
+    parser = build_parser()
+    assert parser.parse_args(["generate", "x", "--dtype", spelling]).dtype == name
+    assert parser.parse_args(["eval", "--dtype", spelling]).dtype == name
+    assert parser.parse_args(["bench", "--dtype", spelling]).dtype == name
+
+
+# ---------------------------------------------------------------- the CLI tells the truth
+def test_a_run_that_prunes_nothing_is_warned_and_labelled_dense_equivalent(tiny_pipeline_dir, tmp_path, capsys):
+    cat, dense = tmp_path / "cat.png", tmp_path / "dense.png"
+    common = ["a red circle", "--model", tiny_pipeline_dir, "--steps", "3"]
+    assert main(["generate", *common, "--out", str(cat), "--json"]) == 0  # default --start-step 8 >= 3 steps
+    captured = capsys.readouterr()
+    assert "warning: nothing will be pruned (--start-step 8 >= --steps 3" in captured.err
+    assert captured.out.startswith("CAT (dense-equivalent: nothing pruned): ")
+    report = json.loads(captured.out[captured.out.index("{") :])
+    assert report["dense_equivalent"] is True and report["pruned_steps"] == 0
+    assert main(["generate", *common, "--keep-ratio", "1", "--start-step", "2", "--out", str(tmp_path / "k.png")]) == 0
+    captured = capsys.readouterr()
+    assert "warning: nothing will be pruned (--keep-ratio 1 recomputes every token)" in captured.err
+    assert captured.out.startswith("CAT (dense-equivalent: nothing pruned): ")
+    assert main(["generate", *common, "--dense", "--out", str(dense)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert np.array_equal(np.asarray(Image.open(cat)), np.asarray(Image.open(dense)))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "k.png")), np.asarray(Image.open(dense)))
+
+
+def test_compare_with_identical_images_writes_valid_json(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "cmp.png"
+    assert main(["generate", "a red circle", "--model", tiny_pipeline_dir, "--steps", "3", "--start-step", "2",
+                 "--keep-ratio", "1", "--compare", "--repeats", "1", "--out", str(out), "--json"]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    text = captured.out
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    report = json.loads(text[text.index("{") :], parse_constant=refuse)
+    assert report["psnr_db"] is None and "identical" in report["psnr_note"]
+    assert report["label"] == "CAT (dense-equivalent)" and report["dense_equivalent"] is True
+    assert "PSNR(CAT vs dense) = inf (identical images)" in text
+    assert "--repeats 1" in captured.err  # one run has no error bar, and the CLI says so
+    assert "identical to dense" in Image.open(out).text["Description"]
+
+
+def test_compare_says_when_timings_are_too_noisy(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    import catprune.cli.main as cli
+
+    real = cli._timed_call
+    times = iter([9.0, 9.0, 1.0, 0.5, 2.0, 0.5, 1.0, 0.5])  # 2 warm-ups, then (dense, CAT) x 3
+    monkeypatch.setattr(cli, "_timed_call", lambda *a, **k: (real(*a, **k)[0], next(times)))
+    assert main(["generate", "a red circle", "--model", tiny_pipeline_dir, "--steps", "3", "--start-step", "2",
+                 "--compare", "--out", str(tmp_path / "c.png"), "--json"]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    report = json.loads(captured.out[captured.out.index("{") :])
+    assert report["dense_seconds_all"] == [1.0, 2.0, 1.0] and report["cat_seconds_all"] == [0.5, 0.5, 0.5]
+    assert report["speedup"] == 2.0 and report["dense_spread"] == 1.0 and report["timing_noisy"] is True
+    assert "too noisy to trust" in captured.err and "dense 100%" in captured.err
+
+
+def test_empty_prompt_warns_that_it_is_the_unconditional_image(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "empty.png"
+    assert main(["generate", "", "--model", tiny_pipeline_dir, "--steps", "2", "--dense", "--out", str(out)]) == 0
+    assert "the prompt is empty: this generates the unconditional image" in capsys.readouterr().err
+    assert out.exists()
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_leaves_no_partial_image(tiny_pipeline_dir, tmp_path, capsys,
+                                                                      monkeypatch):  # fmt: skip
+    from PIL import Image as PILImage
+
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"previous image")
+    real_save = PILImage.Image.save
+
+    def interrupted_save(self, fp, *args, **kwargs):
+        real_save(self, fp, *args, **kwargs)  # the bytes are written ...
+        raise KeyboardInterrupt  # ... and Ctrl-C arrives before the file is complete
+
+    monkeypatch.setattr(PILImage.Image, "save", interrupted_save)
+    rc = main(["generate", "a red circle", "--model", tiny_pipeline_dir, "--steps", "2", "--dense", "--out", str(out)])
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "catprune generate: interrupted (no partial image written)"
+    assert "Traceback" not in err
+    assert out.read_bytes() == b"previous image"  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png"]  # and no temporary file is left

@@ -163,10 +163,17 @@ def test_call_time_errors_leave_state_untouched():
     big = tiny_sd3_inputs(model, batch=1, height=40, width=4)
     with torch.no_grad(), pytest.raises(ValueError, match="pos_embed_max_size"):
         model(**big, timestep=torch.tensor([900.0]))
-    graphs = catprune.apply(tiny_sd3_transformer(), CATConfig(keep_ratio=0.5, backend="cudagraph"))
-    with torch.no_grad(), pytest.raises(ValueError, match="needs CUDA inputs"):
-        graphs(**tiny_sd3_inputs(graphs, batch=1), timestep=torch.tensor([900.0]))
-    assert catprune.stats(graphs).steps == []
+    cpu_model = tiny_sd3_transformer()
+    with pytest.raises(ValueError, match=r"CATConfig.backend: 'cudagraph' .* needs a model on CUDA"):
+        catprune.apply(cpu_model, CATConfig(keep_ratio=0.5, backend="cudagraph"))  # refused at apply time
+    assert not catprune.is_applied(cpu_model)
+    if torch.cuda.is_available():  # device hidden at apply time (an offload hook): refused at the first call
+        graphs = tiny_sd3_transformer()
+        graphs._hf_hook = None
+        catprune.apply(graphs, CATConfig(keep_ratio=0.5, backend="cudagraph"))
+        with torch.no_grad(), pytest.raises(ValueError, match="needs CUDA inputs"):
+            graphs(**tiny_sd3_inputs(graphs, batch=1), timestep=torch.tensor([900.0]))
+        assert catprune.stats(graphs).steps == []
     model2 = catprune.apply(tiny_sd3_transformer(), CATConfig(keep_ratio=0.5, cfg="shared"))
     with torch.no_grad(), pytest.raises(ValueError, match="even batch"):
         model2(**tiny_sd3_inputs(model2, batch=3), timestep=torch.full((3,), 900.0))

@@ -8,8 +8,12 @@ original (signature preserved through ``__wrapped__``). Its state lives on that 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import pickle
+import threading
 import warnings
+import weakref
 
 import torch
 
@@ -42,6 +46,86 @@ def _patched_wrapper(model: torch.nn.Module):
         if fn is not None and getattr(fn, "__catprune_self__", None) is fn:
             return fn, attr
     return None, None
+
+
+_GRAPH_BACKENDS = ("cudagraph", "compile+cudagraph")
+
+
+def _check_backend_device(model: torch.nn.Module, config: CATConfig) -> None:
+    """The CUDA-graph backends need CUDA: fail at apply time when the model is known to run elsewhere."""
+    if config.backend.value not in _GRAPH_BACKENDS:
+        return
+    if torch.cuda.is_available():
+        if hasattr(model, "_hf_hook"):
+            return  # offloaded (accelerate): the parameters move to the GPU at call time
+        devices = {p.device.type for p in model.parameters()}
+        if not devices or "cuda" in devices or "meta" in devices:
+            return
+        where = f"the model's parameters are on {', '.join(sorted(devices))}"
+    else:
+        where = "this torch build sees no CUDA device"
+    raise ValueError(
+        f"CATConfig.backend: {config.backend.value!r} captures CUDA graphs and needs a model on CUDA, but {where}. "
+        "Use backend='eager' (or 'compile') here, or move the pipeline to CUDA (pipe.to('cuda')) before apply."
+    )
+
+
+@torch.compiler.disable  # a user's torch.compile(transformer) graph-breaks here; CATConfig.backend compiles
+def _call_runtime(wrapper: _Forward, args, kwargs):
+    # one generation at a time: a second thread entering mid-generation would corrupt the step state, so it is
+    # refused before anything is touched (re-entry from the same thread is allowed)
+    if not wrapper._lock.acquire(blocking=False):
+        raise RuntimeError(
+            f"catprune: this {type(getattr(wrapper, _MARK).adapter.model).__name__} with CAT Pruning applied is "
+            "already running in another thread; one applied pipeline serves one generation at a time. Use one "
+            "pipeline per thread (copy.deepcopy(pipe) gives an independent one) or serialise the calls with a lock."
+        )
+    try:
+        return getattr(wrapper, _MARK)(wrapper.__wrapped__, args, kwargs)
+    finally:
+        wrapper._lock.release()
+
+
+class _Forward:
+    """The forward catprune installs on the transformer: the original forward (``__wrapped__``, so the signature is
+    the model's) driven by the runtime.
+
+    A class rather than a closure so that copies behave: ``copy.deepcopy`` of the model (or of its pipeline) gives
+    the copy its own wrapper, bound to the copy's forward, with a fresh runtime of the same config; pickling refuses
+    with a message instead of failing on a local function.
+    """
+
+    def __init__(self, model: torch.nn.Module, original, runtime: Runtime, previous):
+        functools.update_wrapper(self, original)
+        setattr(self, _MARK, runtime)
+        self.__catprune_self__ = self
+        self.__catprune_previous__ = previous  # an instance attribute we replace, if any
+        self._model = weakref.ref(model)
+        self._lock = threading.RLock()
+
+    def __call__(self, *args, **kwargs):
+        return _call_runtime(self, args, kwargs)
+
+    def __deepcopy__(self, memo):
+        model = self._model()
+        new_model = memo.get(id(model)) if model is not None else None
+        if new_model is None:  # the wrapper alone, not as part of its model: like a function, it is not copied
+            return self
+        runtime = getattr(self, _MARK)
+        pipe = runtime._pipe() if runtime._pipe is not None else None
+        new_pipe = memo.get(id(pipe)) if pipe is not None else None  # None when only the transformer is copied
+        original = copy.deepcopy(self.__wrapped__, memo)  # a bound method: bound to the copy
+        previous = copy.deepcopy(self.__catprune_previous__, memo)
+        return _Forward(new_model, original, Runtime(adapter_for(new_model), runtime.config, new_pipe), previous)
+
+    def __reduce_ex__(self, protocol):
+        model = self._model()
+        name = type(model).__name__ if model is not None else "transformer"
+        raise pickle.PicklingError(
+            f"catprune: cannot pickle a {name} with CAT Pruning applied (its forward holds per-generation state). "
+            "Call catprune.remove(pipe) first, then pickle / torch.save it, and catprune.apply(pipe, config) again "
+            "afterwards; to save weights only, use model.state_dict() or save_pretrained, which work while applied."
+        )
 
 
 def _runtime(obj, fn: str) -> Runtime:
@@ -86,6 +170,7 @@ def apply(pipe_or_transformer, config: CATConfig | None = None):
         )
     adapter = adapter_for(model)
     adapter.validate_model()
+    _check_backend_device(model, config)
     runtime = Runtime(adapter, config, pipe)
     remove(model)
 
@@ -93,16 +178,7 @@ def apply(pipe_or_transformer, config: CATConfig | None = None):
     # removes and re-adds those hooks after every generation, which restores `_old_forward` and would drop a patch
     # on `forward`.
     attr = "_old_forward" if ("_old_forward" in model.__dict__ and hasattr(model, "_hf_hook")) else "forward"
-    original = getattr(model, attr)
-
-    @functools.wraps(original)
-    @torch.compiler.disable  # a user's torch.compile(transformer) graph-breaks here; CATConfig.backend compiles
-    def forward(*args, **kwargs):
-        return runtime(original, args, kwargs)
-
-    setattr(forward, _MARK, runtime)
-    forward.__catprune_self__ = forward
-    forward.__catprune_previous__ = model.__dict__.get(attr)  # an instance attribute we replace, if any
+    forward = _Forward(model, getattr(model, attr), runtime, model.__dict__.get(attr))
     setattr(model, attr, forward)
     return pipe_or_transformer
 

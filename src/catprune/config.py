@@ -71,11 +71,17 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+# Upper bounds of the integer fields (documented in the field table): beyond them a value is a typo, not a setting.
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
+MAX_KMEANS_ITERS = 1_000
+
+
 @dataclass(frozen=True)
 class CATConfig:
     """Configuration of CAT Pruning (Cluster-Aware Token Pruning).
 
     Every field is validated at construction; the object is immutable (use ``dataclasses.replace`` to derive one).
+    Numeric fields accept numpy scalars and store them as Python ``int`` / ``float``.
 
     Fields (type, default, meaning, and which way it trades speed for quality):
 
@@ -87,10 +93,11 @@ class CATConfig:
       slower and closer to dense. A value >= the number of inference steps disables pruning (bit-identical output).
     - ``num_clusters`` (int >= 1 or None, default None): C, spatial clusters for cluster-aware selection. ``None``
       picks ``round(20 * M / 4096)`` clamped to ``[2, M]`` (20 clusters at SD3's 1024px, 4096 tokens), so that a
-      cluster covers about the same number of tokens at every resolution.
+      cluster covers about the same number of tokens at every resolution. At most the image token count (checked
+      at the first call).
     - ``cluster_feature_weight`` (float >= 0, default 0.05): w, weight of the model's per-token output against the
       normalised grid position in the clustering features. 0 gives purely spatial clusters.
-    - ``kmeans_iters`` (int >= 1, default 10): fixed number of Lloyd iterations (fixed so the cost is static).
+    - ``kmeans_iters`` (int in [1, 1000], default 10): fixed number of Lloyd iterations (fixed so the cost is static).
     - ``staleness_decay`` (float in [0, 1), default 0.5): gamma in ``f <- gamma * f + 1[selected]``. Higher keeps a
       longer memory of past selections.
     - ``magnitude_share`` (float in [0, 1], default 0.25): rho, the share of k chosen by cluster-aware change
@@ -98,7 +105,7 @@ class CATConfig:
     - ``cluster_share_weights`` (tuple of positive floats, default (3, 2, 1)): how the magnitude part is divided over
       the clusters ranked by change: rank 0 gets 3 parts, rank 1 two, every further rank the last value.
     - ``cfg`` (CFGMode, default AUTO): how classifier-free-guidance rows share selections; see `CFGMode`.
-    - ``seed`` (int >= 0, default 0): seed of the k-means initialisation (and of ``Selection.RANDOM``).
+    - ``seed`` (int in [0, 2**63 - 1], default 0): seed of the k-means initialisation (and of ``Selection.RANDOM``).
     - ``selection`` (Selection, default CAT): the token-choice rule; anything but CAT is an ablation / baseline.
     - ``ras_starvation`` (float >= 0, default 0.1): starvation weight of ``Selection.RAS`` only.
     - ``backend`` (Backend, default EAGER): execution of the steps (eager, compile, cudagraph, compile+cudagraph).
@@ -128,6 +135,17 @@ class CATConfig:
             got = getattr(self, name)
             raise error(f"CATConfig.{name}: expected {expected}, got {got!r} ({type(got).__name__}). {fix}")
 
+        # numpy / torch scalars become Python numbers, so that to_dict() is JSON-serialisable and values compare
+        # and hash like the plain ones
+        for name in ("start_step", "num_clusters", "kmeans_iters", "seed"):
+            value = getattr(self, name)
+            if _is_int(value) and type(value) is not int:
+                object.__setattr__(self, name, int(value))
+        for name in ("keep_ratio", "cluster_feature_weight", "staleness_decay", "magnitude_share", "ras_starvation"):
+            value = getattr(self, name)
+            if _is_real(value) and type(value) is not float:
+                object.__setattr__(self, name, float(value))
+
         if not _is_real(self.keep_ratio):
             fail("keep_ratio", "a float in (0, 1]", "Pass e.g. keep_ratio=0.3.", TypeError)
         if not (0.0 < float(self.keep_ratio) <= 1.0) or math.isnan(self.keep_ratio):
@@ -140,6 +158,7 @@ class CATConfig:
                 "an int >= 2 (the reference output is taken at step start_step - 2)",
                 "Use start_step=2 or more; the paper uses 8.",
             )
+
         if self.num_clusters is not None:
             if not _is_int(self.num_clusters):
                 fail(
@@ -156,8 +175,8 @@ class CATConfig:
             fail("cluster_feature_weight", "a finite float >= 0", "Pass e.g. 0.05.")
         if not _is_int(self.kmeans_iters):
             fail("kmeans_iters", "an int >= 1", "Pass e.g. 10.", TypeError)
-        if self.kmeans_iters < 1:
-            fail("kmeans_iters", "an int >= 1", "Pass e.g. 10.")
+        if not 1 <= self.kmeans_iters <= MAX_KMEANS_ITERS:
+            fail("kmeans_iters", f"an int in [1, {MAX_KMEANS_ITERS}]", "Pass e.g. 10 (k-means converges in a few).")
         if not _is_real(self.staleness_decay):
             fail("staleness_decay", "a float in [0, 1)", "Pass e.g. 0.5.", TypeError)
         if not (0.0 <= self.staleness_decay < 1.0):
@@ -172,6 +191,7 @@ class CATConfig:
         if not all(w > 0 and math.isfinite(w) for w in weights):
             fail("cluster_share_weights", "a non-empty tuple of positive floats", "Pass e.g. (3, 2, 1).")
         object.__setattr__(self, "cluster_share_weights", tuple(float(w) for w in weights))
+
         def parse_enum(name, enum_cls, fix):
             try:
                 object.__setattr__(self, name, enum_cls(getattr(self, name)))
@@ -188,8 +208,8 @@ class CATConfig:
             fail("ras_starvation", "a finite float >= 0", "Pass e.g. 0.1.")
         if not _is_int(self.seed):
             fail("seed", "an int >= 0", "Pass e.g. seed=0.", TypeError)
-        if self.seed < 0:
-            fail("seed", "an int >= 0", "Pass e.g. seed=0.")
+        if not 0 <= self.seed <= MAX_SEED:
+            fail("seed", "an int in [0, 2**63 - 1]", "Pass e.g. seed=0.")
         object.__setattr__(self, "keep_ratio", float(self.keep_ratio))
 
     @property

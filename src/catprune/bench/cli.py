@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from catprune.cli.options import DTYPE_HELP, dtype_name
+
 
 def _list(kind):
     def parse(text):
@@ -81,7 +83,7 @@ def add_bench(sub):
     p.add_argument("--keep-ratio", type=float, default=0.3)
     p.add_argument("--start-step", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
+    p.add_argument("--dtype", type=dtype_name, default="bf16", help=f"model dtype: {DTYPE_HELP}")
     p.add_argument(
         "--no-cfg", action="store_true", help="no classifier-free guidance (batch not doubled; always so for Flux)"
     )

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from .options import DTYPE_HELP, dtype_name, finite_float, positive_int, resolve_device, seed
+
 PHASES = ("all", "generate", "score", "report")
 
 
@@ -32,34 +34,38 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"a registered model ({', '.join(registered())}; 'shapes' is embedded and offline) or a hub id / local "
         "pipeline folder (default: shapes)",
     )
-    p.add_argument("--num-prompts", type=int, default=200, help="prompts to evaluate (default 200)")
+    p.add_argument("--num-prompts", type=positive_int, default=200, help="prompts to evaluate (default 200)")
     p.add_argument(
         "--prompt-seed",
-        type=int,
+        type=seed,
         default=HELD_OUT_CAPTION_SEED,
         help=f"seed of the model's prompt generator (default {HELD_OUT_CAPTION_SEED}: the held-out set)",
     )
     p.add_argument("--prompts", default=None, help="text file with one prompt per line (required for hub models)")
-    p.add_argument("--steps", type=int, default=28, help="denoising steps of the dense reference (default 28)")
+    p.add_argument(
+        "--steps", type=positive_int, default=28, help="denoising steps of the dense reference (default 28)"
+    )
     p.add_argument(
         "--methods",
         default="default",
         help="comma-separated methods or presets: default, quick, dense[:STEPS], cat[:KEEP:START], random, "
         "magnitude, staleness, no_clustering, ras (same form), dbcache[:THRESHOLD] (default: default)",
     )
-    p.add_argument("--seed", type=int, default=0, help="image j is generated with seed SEED + j (default 0)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (pipeline default)")
-    p.add_argument("--height", type=int, default=None, help="image height (pipeline default)")
-    p.add_argument("--width", type=int, default=None, help="image width (pipeline default)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
+    p.add_argument("--seed", type=seed, default=0, help="image j is generated with seed SEED + j (default 0)")
+    p.add_argument(
+        "--guidance-scale", type=finite_float, default=None, help="classifier-free guidance (pipeline default)"
+    )
+    p.add_argument("--height", type=positive_int, default=None, help="image height (pipeline default)")
+    p.add_argument("--width", type=positive_int, default=None, help="image width (pipeline default)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per pipeline call (default 8)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", type=dtype_name, default="float32", help=f"model dtype: {DTYPE_HELP}")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="outputs/eval", help="root folder; the run goes to OUT/<settings name>")
     p.add_argument("--folder", default=None, help="an existing evaluation folder to score / report (skips --out)")
     p.add_argument("--force", action="store_true", help="regenerate even where images are cached")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up image of every method")
-    p.add_argument("--grid-rows", type=int, default=6, help="seeds shown in the image grids (default 6)")
+    p.add_argument("--grid-rows", type=positive_int, default=6, help="seeds shown in the image grids (default 6)")
     p.add_argument("--list-methods", action="store_true", help="print the methods that would run, then exit")
     return p
 
@@ -85,11 +91,7 @@ def add_parser(sub) -> None:
 def _settings(args):
     from ..evaluation import EvalSettings
 
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     return EvalSettings(
         model=args.model,
         num_prompts=args.num_prompts,

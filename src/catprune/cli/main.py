@@ -5,20 +5,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
+import statistics
 import sys
 import time
+import uuid
 from pathlib import Path
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
+from .options import (
+    DTYPE_HELP,
+    CLIError,
+    check_output_file,
+    config_error,
+    dtype_name,
+    finite_float,
+    positive_int,
+    ratio,
+    resolve_device,
+    seed,
+    torch_dtype,
+)
+
+#: CATConfig fields -> the ``generate`` flags that set them (config errors name the flag)
+CONFIG_FLAGS = {"keep_ratio": "--keep-ratio", "start_step": "--start-step", "seed": "--seed", "backend": "--backend"}
+DEFAULT_REPEATS = 3
+NOISY_SPREAD = 0.20  # timings whose (max - min) exceeds this share of the median are called too noisy to trust
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+def _warn(message: str) -> None:
+    print(f"catprune generate: warning: {message}", file=sys.stderr, flush=True)
 
 
 def psnr(a, b) -> float:
@@ -36,14 +53,25 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(1.0 / mse)).item()
 
 
-def _timed_call(pipe, prompt, args, seed):
+def _json_safe(value):
+    """``value`` with non-finite floats as None (JSON has no Infinity / NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _timed_call(pipe, prompt, args, seed, steps=None, batch_size=None):
     import torch
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     kwargs = dict(
-        num_inference_steps=args.steps,
+        num_inference_steps=steps or args.steps,
         generator=generator,
-        num_images_per_prompt=args.batch_size,
+        num_images_per_prompt=batch_size or args.batch_size,
         output_type="pt",
     )
     if args.height:
@@ -68,89 +96,224 @@ def _to_pil(image):
     return Image.fromarray(array)
 
 
-def _side_by_side(left, right, captions: tuple[str, str]):
+def _side_by_side(left, right, captions: tuple[list[str], list[str]]):
+    """Two panels under a header; each caption is a list of lines."""
     from PIL import Image, ImageDraw
 
     scale = max(1, 256 // max(left.height, 1))
     left = left.resize((left.width * scale, left.height * scale), Image.NEAREST)
     right = right.resize((right.width * scale, right.height * scale), Image.NEAREST)
-    header = 30
+    line = 14
+    header = 4 + line * max(len(captions[0]), len(captions[1]))
     canvas = Image.new("RGB", (left.width + right.width + 8, max(left.height, right.height) + header), "white")
     canvas.paste(left, (0, header))
     canvas.paste(right, (left.width + 8, header))
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 2), captions[0], fill="black")
-    draw.text((left.width + 12, 2), captions[1], fill="black")
+    for x, lines in ((4, captions[0]), (left.width + 12, captions[1])):
+        for i, text in enumerate(lines):
+            draw.text((x, 2 + line * i), text, fill="black")
     return canvas
 
 
+def _save_atomic(image, path: Path, description: str | None = None) -> None:
+    """Write ``image`` (PIL) to ``path`` through a temporary file in the same folder and a rename: an interrupted
+    run never leaves a partial image (nor replaces an existing one with a partial one)."""
+    from PIL import Image, PngImagePlugin
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_format = Image.registered_extensions()[path.suffix.lower()]
+    extra = {}
+    if description is not None and image_format == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Description", description)
+        extra["pnginfo"] = info
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        with open(tmp, "xb") as f:  # the usual permissions (umask), unlike mkstemp's 0600
+            image.save(f, format=image_format, **extra)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _save_images(images, out: Path) -> list[Path]:
-    out.parent.mkdir(parents=True, exist_ok=True)
     if len(images) == 1:
-        _to_pil(images[0]).save(out)
+        _save_atomic(_to_pil(images[0]), out)
         return [out]
     paths = [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     for image, path in zip(images, paths, strict=True):
-        _to_pil(image).save(path)
+        _save_atomic(_to_pil(image), path)
     return paths
 
 
-def cmd_generate(args) -> int:
-    import torch
+def _nothing_pruned_reason(config, steps: int) -> str | None:
+    """Why a generation of ``steps`` steps with ``config`` prunes no step (None when it prunes)."""
+    if not config.pruning_enabled:
+        return f"--keep-ratio {config.keep_ratio:g} recomputes every token"
+    if config.start_step >= steps:
+        return (
+            f"--start-step {config.start_step} >= --steps {steps}: the first {config.start_step} steps are dense "
+            "warm-up, so no step is left to prune"
+        )
+    return None
 
+
+def _spread(times: list[float]) -> float:
+    """(max - min) / median of the timings: 0 for one run."""
+    return (max(times) - min(times)) / statistics.median(times)
+
+
+def _compare(pipe, config, args, out: Path, report: dict, dense_equivalent: bool) -> None:
+    """Dense and CAT, each timed ``--repeats`` times after an untimed warm-up (interleaved, so slow phases of a
+    shared machine hit both sides); medians, spreads, MACs ratio and PSNR; the side-by-side image."""
+    import dataclasses
+
+    import catprune
+
+    repeats = args.repeats or DEFAULT_REPEATS
+    # untimed warm-up: lazy initialisation (allocator, kernels, the pruned path's buffers) stays out of both timings
+    _timed_call(pipe, args.prompt, args, args.seed, steps=2, batch_size=1)
+    with catprune.applied(pipe, dataclasses.replace(config, start_step=2)):
+        _timed_call(pipe, args.prompt, args, args.seed, steps=3, batch_size=1)
+    dense_times, cat_times = [], []
+    for _ in range(repeats):
+        dense_images, seconds = _timed_call(pipe, args.prompt, args, args.seed)
+        dense_times.append(seconds)
+        with catprune.applied(pipe, config):
+            cat_images, seconds = _timed_call(pipe, args.prompt, args, args.seed)
+            stats = catprune.stats(pipe)
+        cat_times.append(seconds)
+    dense_s, cat_s = statistics.median(dense_times), statistics.median(cat_times)
+    dense_spread, cat_spread = _spread(dense_times), _spread(cat_times)
+    speedup = dense_s / cat_s
+    value = psnr(dense_images, cat_images)
+    identical = math.isinf(value)
+    label = "CAT (dense-equivalent)" if dense_equivalent else "CAT"
+    psnr_text = "identical to dense (PSNR infinite)" if identical else f"PSNR {value:.2f} dB vs dense"
+    captions = (
+        ["dense", f"{dense_s:.2f} s (median of {repeats})"],
+        [
+            f"{label} keep {config.keep_ratio:g}, start {config.start_step}",
+            f"{cat_s:.2f} s, {speedup:.2f}x, MACs x{stats.macs_ratio:.3f}",
+            psnr_text,
+        ],
+    )
+    canvas = _side_by_side(_to_pil(dense_images[0]), _to_pil(cat_images[0]), captions)
+    _save_atomic(canvas, out, description=" | ".join(" / ".join(c) for c in captions))
+    noisy = max(dense_spread, cat_spread) > NOISY_SPREAD
+    report.update(
+        label=label,
+        dense_equivalent=dense_equivalent,
+        repeats=repeats,
+        dense_seconds=dense_s,
+        cat_seconds=cat_s,
+        dense_seconds_all=dense_times,
+        cat_seconds_all=cat_times,
+        dense_spread=dense_spread,
+        cat_spread=cat_spread,
+        speedup=speedup,
+        timing_noisy=noisy,
+        psnr_db=None if identical else value,
+        macs_ratio=stats.macs_ratio,
+        pruned_steps=stats.pruned_steps,
+        images=[str(out)],
+    )
+    if identical:
+        report["psnr_note"] = "the CAT image is identical to the dense one: PSNR is infinite"
+    ideal = f"{1 / stats.macs_ratio:.2f}x" if stats.macs_ratio > 0 else "-"
+    print(
+        f"dense: {dense_s:.3f} s   {label}: {cat_s:.3f} s   (medians of {repeats} runs; spread dense "
+        f"{dense_spread:.0%}, CAT {cat_spread:.0%})"
+    )
+    print(f"speed-up {speedup:.2f}x   MACs ratio {stats.macs_ratio:.3f} (at best {ideal})")
+    if repeats == 1:
+        _warn("one timed run per side (--repeats 1): the speed-up has no error bar; use --repeats 3 or more.")
+    elif noisy:
+        _warn(
+            f"the timings vary by more than {NOISY_SPREAD:.0%} of their median (dense {dense_spread:.0%}, CAT "
+            f"{cat_spread:.0%}): the speed-up is too noisy to trust. Close other programs, or raise --repeats."
+        )
+    if identical:
+        print("PSNR(CAT vs dense) = inf (identical images)   " + str(stats))
+    else:
+        print(f"PSNR(CAT vs dense) = {value:.2f} dB   {stats}")
+    print(f"image: {out}")
+
+
+def cmd_generate(args) -> int:
     import catprune
     from catprune.models import load_pipeline
 
-    config = catprune.CATConfig(keep_ratio=args.keep_ratio, start_step=args.start_step, seed=args.seed)
-    device = _device(args.device)
-    dtype = getattr(torch, DTYPES[args.dtype])
-    pipe = load_pipeline(args.model, device=device, dtype=dtype)
+    # everything the user typed is checked before the model loads
+    if args.repeats is not None and not args.compare:
+        raise CLIError(
+            f"--repeats: only applies with --compare (it times dense and CAT), got --repeats {args.repeats} without "
+            "it. Add --compare, or drop --repeats."
+        )
+    out = check_output_file(args.out)
+    device = resolve_device(args.device)
+    try:
+        config = catprune.CATConfig(
+            keep_ratio=args.keep_ratio, start_step=args.start_step, seed=args.seed, backend=args.backend
+        )
+    except (ValueError, TypeError) as exc:
+        raise CLIError(config_error(exc, CONFIG_FLAGS)) from None
+    if (
+        config.backend.value in ("cudagraph", "compile+cudagraph")
+        and not args.dense
+        and device.split(":")[0] != "cuda"
+    ):
+        raise CLIError(
+            f"--backend: {args.backend!r} captures CUDA graphs and needs --device cuda, got --device {args.device} "
+            f"({device}). Use --backend eager (or compile) on this device."
+        )
+    if not args.prompt.strip():
+        _warn("the prompt is empty: this generates the unconditional image (what the model draws for no caption).")
+    reason = None if args.dense else _nothing_pruned_reason(config, args.steps)
+    if reason is not None:
+        _warn(
+            f"nothing will be pruned ({reason}); the output equals the dense image and is labelled dense-equivalent."
+        )
+
+    pipe = load_pipeline(args.model, device=device, dtype=torch_dtype(args.dtype))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not args.progress)
-    out = Path(args.out)
     report = {"prompt": args.prompt, "model": args.model, "device": str(device), "config": config.to_dict()}
 
+    def apply():
+        try:
+            catprune.apply(pipe, config)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(config_error(exc, CONFIG_FLAGS)) from None
+
     if args.compare:
-        warm = argparse.Namespace(**{**vars(args), "steps": 2, "batch_size": 1})
-        _timed_call(pipe, args.prompt, warm, args.seed)  # untimed warm-up: lazy initialisation stays out of both timings
-        dense_images, dense_time = _timed_call(pipe, args.prompt, args, args.seed)
-        catprune.apply(pipe, config)
-        cat_images, cat_time = _timed_call(pipe, args.prompt, args, args.seed)
-        stats = catprune.stats(pipe)
+        apply()  # validates the config against the model before the timed runs
         catprune.remove(pipe)
-        value = psnr(dense_images, cat_images)
-        canvas = _side_by_side(
-            _to_pil(dense_images[0]),
-            _to_pil(cat_images[0]),
-            (f"dense: {dense_time:.2f} s", f"CAT (keep {args.keep_ratio}, start {args.start_step}): {cat_time:.2f} s"),
-        )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        canvas.save(out)
-        report.update(
-            dense_seconds=dense_time,
-            cat_seconds=cat_time,
-            speedup=dense_time / cat_time,
-            psnr_db=value,
-            macs_ratio=stats.macs_ratio,
-            images=[str(out)],
-        )
-        print(f"dense: {dense_time:.3f} s   CAT: {cat_time:.3f} s   speed-up {dense_time / cat_time:.2f}x")
-        print(f"PSNR(CAT vs dense) = {value:.2f} dB   {stats}")
+        _compare(pipe, config, args, out, report, dense_equivalent=reason is not None)
     else:
         if not args.dense:
-            catprune.apply(pipe, config)
+            apply()
         images, seconds = _timed_call(pipe, args.prompt, args, args.seed)
         paths = _save_images(images, out)
-        report.update(seconds=seconds, images=[str(p) for p in paths], dense=args.dense)
-        print(
-            f"{'dense' if args.dense else 'CAT'}: {seconds:.3f} s for {len(images)} image(s) -> {', '.join(map(str, paths))}"
-        )
-        if not args.dense:
+        if args.dense:
+            label = "dense"
+        else:  # the label says what ran: the stats of this generation, not the flags
             stats = catprune.stats(pipe)
-            report["macs_ratio"] = stats.macs_ratio
+            label = "CAT" if stats.pruned_steps else "CAT (dense-equivalent: nothing pruned)"
+            report.update(macs_ratio=stats.macs_ratio, pruned_steps=stats.pruned_steps)
+        report.update(
+            label=label,
+            dense_equivalent=label != "CAT",
+            seconds=seconds,
+            images=[str(p) for p in paths],
+            dense=args.dense,
+        )
+        print(f"{label}: {seconds:.3f} s for {len(images)} image(s) -> {', '.join(map(str, paths))}")
+        if not args.dense:
             print(stats)
     if args.json:
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(_json_safe(report), indent=2, default=str, allow_nan=False))
     return 0
 
 
@@ -188,23 +351,60 @@ def cmd_env(args) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after every option that has a default (not after switches and unset options)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_generate(sub):
-    p = sub.add_parser("generate", help="generate an image with CAT Pruning (default: the embedded shapes model)")
+    from catprune.config import Backend
+
+    p = sub.add_parser(
+        "generate",
+        help="generate an image with CAT Pruning (default: the embedded shapes model)",
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("prompt", help="text prompt, e.g. 'a large red circle at the center'")
     p.add_argument("--model", default="shapes", help="'shapes' (embedded, offline), a hub id, or a local folder")
-    p.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
-    p.add_argument("--keep-ratio", type=float, default=0.3, help="fraction of image tokens recomputed per pruned step")
-    p.add_argument("--start-step", type=int, default=8, help="dense warm-up steps before pruning starts")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (also the k-means seed)")
-    p.add_argument("--height", type=int, default=None, help="image height in pixels (model default if omitted)")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels (model default if omitted)")
-    p.add_argument("--batch-size", type=int, default=1, help="images for the prompt (num_images_per_prompt)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--out", default="catprune.png", help="output PNG (several images get _0, _1, ... suffixes)")
-    p.add_argument("--dense", action="store_true", help="run the dense model (no pruning)")
-    p.add_argument("--compare", action="store_true", help="dense and CAT side by side, with PSNR and timings")
+    p.add_argument("--steps", type=positive_int, default=28, help="denoising steps")
+    p.add_argument(
+        "--keep-ratio", type=ratio, default=0.3, help="fraction of image tokens recomputed per pruned step, in (0, 1]"
+    )
+    p.add_argument("--start-step", type=positive_int, default=8, help="dense warm-up steps before pruning starts")
+    p.add_argument("--seed", type=seed, default=0, help="generator seed (also the k-means seed), in [0, 2**63 - 1]")
+    p.add_argument("--height", type=positive_int, default=None, help="image height in pixels (model default)")
+    p.add_argument("--width", type=positive_int, default=None, help="image width in pixels (model default)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images for the prompt (num_images_per_prompt)")
+    p.add_argument(
+        "--guidance-scale", type=finite_float, default=None, help="classifier-free guidance scale (model default)"
+    )
+    p.add_argument(
+        "--out",
+        default="outputs/catprune.png",
+        help="output image (.png, .jpg, ...; several images get _0, _1, ... suffixes); checked before generating",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dense", action="store_true", help="run the dense model (no pruning)")
+    mode.add_argument("--compare", action="store_true", help="dense and CAT side by side, with PSNR and timings")
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help=f"with --compare: timed runs of each side after a warm-up; medians and spread are reported "
+        f"(default: {DEFAULT_REPEATS})",
+    )
+    p.add_argument(
+        "--backend",
+        default="eager",
+        choices=[b.value for b in Backend],
+        help="execution of the steps; on a GPU use cudagraph (CUDA only, like compile+cudagraph)",
+    )
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
+    p.add_argument("--dtype", type=dtype_name, default="float32", help=f"model dtype: {DTYPE_HELP}")
     p.add_argument("--progress", action="store_true", help="show the progress bar")
     p.add_argument("--json", action="store_true", help="also print a JSON report")
     p.set_defaults(func=cmd_generate)
@@ -244,9 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, NotImplementedError) as exc:
+    except (CLIError, ValueError, TypeError, OSError, NotImplementedError) as exc:
         print(f"catprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        done = " (no partial image written)" if args.command == "generate" else ""
+        print(f"catprune {args.command}: interrupted{done}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
