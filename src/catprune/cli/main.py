@@ -96,6 +96,10 @@ def _save_images(images, out: Path) -> list[Path]:
 
 
 def cmd_generate(args) -> int:
+    if args.prompts is not None or args.prompt is None:  # batch mode: --prompts FILE --out DIR
+        from catprune.cli.batch_cmd import cmd_generate_batch
+
+        return cmd_generate_batch(args)
     import torch
 
     import catprune
@@ -190,7 +194,7 @@ def cmd_env(args) -> int:
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="generate an image with CAT Pruning (default: the embedded shapes model)")
-    p.add_argument("prompt", help="text prompt, e.g. 'a large red circle at the center'")
+    p.add_argument("prompt", nargs="?", help="text prompt, e.g. 'a large red circle at the center' (or --prompts)")
     p.add_argument("--model", default="shapes", help="'shapes' (embedded, offline), a hub id, or a local folder")
     p.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
     p.add_argument("--keep-ratio", type=float, default=0.3, help="fraction of image tokens recomputed per pruned step")
@@ -207,6 +211,9 @@ def _add_generate(sub):
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
     p.add_argument("--progress", action="store_true", help="show the progress bar")
     p.add_argument("--json", action="store_true", help="also print a JSON report")
+    from catprune.cli.batch_cmd import add_batch_arguments
+
+    add_batch_arguments(p)
     p.set_defaults(func=cmd_generate)
 
 
