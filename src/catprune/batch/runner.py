@@ -240,7 +240,14 @@ def _generate(pipe, encode, batch: Batch, options: BatchOptions, device) -> tupl
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    images = pipe(**kwargs).images
+    try:
+        images = pipe(**kwargs).images
+    except (ValueError, TypeError) as exc:  # the pipeline refused an input: say which lines
+        lines = ", ".join(str(item.line) for item in batch.items)
+        raise type(exc)(
+            f"--prompts {options.prompts}, line(s) {lines}: the model refused the batch ({exc}). Fix or remove the "
+            "line(s) and re-run the same command: finished images are kept."
+        ) from exc
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
