@@ -104,11 +104,20 @@ class DistContext:
             self.owns_group = False
 
     # ------------------------------------------------------------------ collectives (no-ops in one process)
+    def _peer_failed(self, exc: Exception) -> ConnectionError:
+        return ConnectionError(
+            f"rank {self.rank}: another process of the run stopped ({type(exc).__name__}: {str(exc)[:200]}); its own "
+            "error is printed by that process. Images already written are complete: re-run the same command to resume."
+        )
+
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist
 
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError as exc:
+                raise self._peer_failed(exc) from exc
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank."""
@@ -117,7 +126,10 @@ class DistContext:
         import torch.distributed as dist
 
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        try:
+            dist.broadcast_object_list(box, src=0)
+        except RuntimeError as exc:
+            raise self._peer_failed(exc) from exc
         return box[0]
 
     def all_gather(self, obj) -> list:
@@ -127,7 +139,10 @@ class DistContext:
         import torch.distributed as dist
 
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        try:
+            dist.all_gather_object(out, obj)
+        except RuntimeError as exc:
+            raise self._peer_failed(exc) from exc
         return out
 
     def sum(self, values: list[float]) -> list[float]:
@@ -138,5 +153,8 @@ class DistContext:
 
         device = self.device if self.backend == "nccl" else torch.device("cpu")
         tensor = torch.tensor(values, dtype=torch.float64, device=device)  # (len(values),)
-        dist.all_reduce(tensor)
+        try:
+            dist.all_reduce(tensor)
+        except RuntimeError as exc:
+            raise self._peer_failed(exc) from exc
         return tensor.cpu().tolist()

@@ -443,6 +443,7 @@ def _run(options: BatchOptions, ctx: DistContext, device, stream) -> RunSummary:
                         "catprune": config_record,
                         "width": image.width,
                         "height": image.height,
+                        "batch_index": batch.index,
                         "batch_size": len(batch.items),
                         "batch_seconds": seconds,
                         "seconds": seconds / len(batch.items),
