@@ -338,10 +338,12 @@ def test_ctrl_c_exits_130_with_one_line_and_nothing_partial(tiny_model, prompt_f
 
     monkeypatch.setattr(runner, "_generate", interrupted)
     out = tmp_path / "out"
-    assert main(args(tiny_model, prompt_file, out)) == 130
+    assert main([*args(tiny_model, prompt_file, out), "--manifest-every", "2"]) == 130
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("catprune")]
     assert len(err) == 1 and "interrupted" in err[0] and "resume" in err[0]
     assert sorted(images(out)) == IDS[:2] and not temporaries(out)
+    manifest = json.loads((out / "manifest.json").read_text())  # the periodic one, after the first 2 images
+    assert not manifest["finished"] and manifest["counts"]["done"] == 2 and manifest["counts"]["pending"] == 4
 
 
 def test_flag_conflicts(tiny_model, prompt_file, tmp_path, capsys):

@@ -360,22 +360,21 @@ def run_batch(options: BatchOptions, ctx: DistContext | None = None, stream=None
 def _run(options: BatchOptions, ctx: DistContext, device, stream) -> RunSummary:
     start = time.perf_counter()
     run_fp = options.fingerprint()
-    # 1. inputs and directory, checked by rank 0 before anything is loaded; the other ranks get its verdict
+    # 1. inputs and directory, checked by rank 0 before anything is loaded; the other ranks get its items (so only
+    # rank 0 needs to read the prompt file) or its verdict
     error = None
     items: list[Item] = []
     if ctx.is_main:
         try:
             items = read_prompts(options.prompts, options.seed, options.on_error)
-            out = prepare_directory(options)
+            prepare_directory(options)
         except (ValueError, TypeError, OSError) as exc:
             error = exc
-    verdict = ctx.broadcast(None if error is None else str(error))
+    verdict, items = ctx.broadcast((None, items) if error is None else (str(error), []))
     if error is not None:
         raise error
-    if verdict is not None:  # the other ranks stop too, with rank 0's message
-        raise ValueError(f"rank 0 stopped the run: {verdict}")
-    if not ctx.is_main:
-        items = read_prompts(options.prompts, options.seed, options.on_error, warn=lambda message: None)
+    if verdict is not None:  # the other ranks stop too, naming rank 0's reason
+        raise ValueError(f"rank {ctx.rank}: rank 0 stopped the run: {verdict}")
     out = Path(options.out)
     batches = make_batches(items, options.batch_size, options.steps, options.guidance_scale)
 
