@@ -386,6 +386,8 @@ def _run(options: BatchOptions, ctx: DistContext, device, stream) -> RunSummary:
     to_write = sum(item.id not in done_ids for b in pending for item in b.items)
 
     # 3. the model, only when there is something to do
+    config = options.cat_config()
+    config_record = "dense" if config is None else config.to_dict()
     pipe = encode = None
     if pending:
         from .models import load_generation_model
@@ -393,7 +395,6 @@ def _run(options: BatchOptions, ctx: DistContext, device, stream) -> RunSummary:
         pipe, encode = load_generation_model(options.model, device, _dtype(options.dtype))
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
-        config = options.cat_config()
         if config is not None:
             import catprune
 
@@ -403,8 +404,6 @@ def _run(options: BatchOptions, ctx: DistContext, device, stream) -> RunSummary:
     progress = Progress(to_write, enabled=ctx.is_main and options.progress and to_write > 0, stream=stream)
     local = {"generated": 0, "macs": 0.0, "macs_dense": 0.0}
     model_name = options.model
-    config = options.cat_config()
-    config_record = "dense" if config is None else config.to_dict()
     planned = 0  # images the whole run should have written after the current round
     next_manifest = options.manifest_every
 
