@@ -61,7 +61,7 @@ def shard(pending: list[Batch], rank: int, world_size: int) -> list[Batch | None
     walks the same number of rounds.
 
     Example:
-        >>> [b if b is None else b for b in shard(list("abcde"), rank=1, world_size=2)]
+        >>> shard(list("abcde"), rank=1, world_size=2)
         ['b', 'd', None]
     """
     if not 0 <= rank < world_size:
