@@ -385,11 +385,12 @@ def _run(options: BatchOptions, ctx: DistContext, device, stream) -> RunSummary:
     pending = [b for b in batches if any(item.id not in done_ids for item in b.items)]
     to_write = sum(item.id not in done_ids for b in pending for item in b.items)
 
-    # 3. the model, only when there is something to do
+    # 3. the model, only when this rank has something to do
     config = options.cat_config()
     config_record = "dense" if config is None else config.to_dict()
+    rounds = shard(pending, ctx.rank, ctx.world_size)  # this rank's batch (or None) in each round
     pipe = encode = None
-    if pending:
+    if any(batch is not None for batch in rounds):  # a rank with nothing to do never loads the model
         from .models import load_generation_model
 
         pipe, encode = load_generation_model(options.model, device, _dtype(options.dtype))
@@ -423,7 +424,7 @@ def _run(options: BatchOptions, ctx: DistContext, device, stream) -> RunSummary:
         )
 
     try:
-        for round_index, batch in enumerate(shard(pending, ctx.rank, ctx.world_size)):
+        for round_index, batch in enumerate(rounds):
             round_batches = pending[round_index * ctx.world_size : (round_index + 1) * ctx.world_size]
             planned += sum(item.id not in done_ids for b in round_batches for item in b.items)
             if batch is not None:
