@@ -31,6 +31,7 @@ from .options import (
 #: CATConfig fields -> the ``generate`` flags that set them (config errors name the flag)
 CONFIG_FLAGS = {"keep_ratio": "--keep-ratio", "start_step": "--start-step", "seed": "--seed", "backend": "--backend"}
 DEFAULT_REPEATS = 3
+DEFAULT_OUT = "outputs/catprune.png"
 NOISY_SPREAD = 0.20  # timings whose (max - min) exceeds this share of the median are called too noisy to trust
 
 
@@ -242,6 +243,10 @@ def _compare(pipe, config, args, out: Path, report: dict, dense_equivalent: bool
 
 
 def cmd_generate(args) -> int:
+    if args.prompts is not None or args.prompt is None:  # batch mode: --prompts FILE --out DIR
+        from catprune.cli.batch_cmd import cmd_generate_batch
+
+        return cmd_generate_batch(args)
     import catprune
     from catprune.models import load_pipeline
 
@@ -251,7 +256,7 @@ def cmd_generate(args) -> int:
             f"--repeats: only applies with --compare (it times dense and CAT), got --repeats {args.repeats} without "
             "it. Add --compare, or drop --repeats."
         )
-    out = check_output_file(args.out)
+    out = check_output_file(args.out if args.out is not None else DEFAULT_OUT)
     device = resolve_device(args.device)
     try:
         config = catprune.CATConfig(
@@ -368,7 +373,7 @@ def _add_generate(sub):
         help="generate an image with CAT Pruning (default: the embedded shapes model)",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("prompt", help="text prompt, e.g. 'a large red circle at the center'")
+    p.add_argument("prompt", nargs="?", help="text prompt, e.g. 'a large red circle at the center' (or --prompts)")
     p.add_argument("--model", default="shapes", help="'shapes' (embedded, offline), a hub id, or a local folder")
     p.add_argument("--steps", type=positive_int, default=28, help="denoising steps")
     p.add_argument(
@@ -384,8 +389,9 @@ def _add_generate(sub):
     )
     p.add_argument(
         "--out",
-        default="outputs/catprune.png",
-        help="output image (.png, .jpg, ...; several images get _0, _1, ... suffixes); checked before generating",
+        default=None,
+        help="output image (.png, .jpg, ...; several images get _0, _1, ... suffixes), checked before generating; "
+        f"with --prompts the output directory, required (default: {DEFAULT_OUT})",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dense", action="store_true", help="run the dense model (no pruning)")
@@ -407,6 +413,9 @@ def _add_generate(sub):
     p.add_argument("--dtype", type=dtype_name, default="float32", help=f"model dtype: {DTYPE_HELP}")
     p.add_argument("--progress", action="store_true", help="show the progress bar")
     p.add_argument("--json", action="store_true", help="also print a JSON report")
+    from catprune.cli.batch_cmd import add_batch_arguments
+
+    add_batch_arguments(p)
     p.set_defaults(func=cmd_generate)
 
 
