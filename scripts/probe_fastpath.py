@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from catprune.adapters import LayerCache, adapter_for
+from catprune.adapters import BufferStore, adapter_for
 from catprune.adapters.sd3 import SD3Adapter
 from catprune.bench import build_pipeline, graph_replay_ms
 
@@ -66,7 +66,7 @@ def main():
     )
     info = adapter.inspect_call((), call)
     inputs = adapter.fast_inputs(info)
-    caches = [LayerCache() for _ in model.transformer_blocks]
+    caches = [BufferStore() for _ in model.transformer_blocks]
     m = info.num_tokens
     k = round(0.3 * m)
     idx = torch.randperm(m, generator=g)[:k].sort().values.to("cuda").expand(2, -1).contiguous()
@@ -133,7 +133,7 @@ def main():
         # attention backends at the pruned and dense shapes
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        kv = caches[0].kv["attn"]
+        kv = caches[0]["attn"]
         for label, q_len in (("pruned", k + 333), ("dense", m + 333)):
             q = torch.randn(2, q_len, 24, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
             kk, vv = kv[0].transpose(1, 2), kv[1].transpose(1, 2)

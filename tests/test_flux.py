@@ -5,10 +5,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import catprune
-from catprune import CATConfig
-from catprune.adapters import LayerCache, adapter_for
+from catprune import Backend, CATConfig
+from catprune.adapters import BufferStore, adapter_for
 from catprune.adapters.flux import FluxAdapter
 from catprune.models.testing import flux_image_ids, tiny_flux_inputs, tiny_flux_transformer
+from catprune.runtime import StepRunner
 
 BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "guidance")
 
@@ -89,10 +90,11 @@ def test_realised_kept_tokens_match_config(model, inputs):
     m = 4 * 6
     assert [r.phase for r in s.steps] == ["dense"] * 2 + ["capture"] + ["pruned"] * 5
     assert all(r.computed == round(0.3 * m) and r.tokens == m for r in s.steps if r.phase == "pruned")
-    runtime = model.forward.__catprune_runtime__
-    assert runtime.idx_rows.shape == (2, round(0.3 * m))
-    assert len(runtime.caches) == len(model.transformer_blocks) + len(model.single_transformer_blocks)
-    assert all(c.kv["attn"].shape == (2, 2, m + 5, 2, 16) for c in runtime.caches)  # (2, B, M + T, H, hd)
+    view = catprune.inspect(model)
+    assert view.next_selection.shape == (2, round(0.3 * m))
+    assert all(r.selected.shape == (2, round(0.3 * m)) for r in view.steps if r.kind == "pruned")
+    assert len(view.kv_cache_shapes) == len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    assert all(shape == (2, 2, m + 5, 2, 16) for shape in view.kv_cache_shapes)  # (2, B, M + T, H, hd)
 
 
 def test_full_selection_pruned_step_equals_dense_step(model):
@@ -101,7 +103,7 @@ def test_full_selection_pruned_step_equals_dense_step(model):
     assert isinstance(adapter, FluxAdapter)
     kwargs = call_kwargs(tiny_flux_inputs(model, batch=2, height=8, width=8))
     info = adapter.inspect_call((), kwargs)
-    caches = [LayerCache() for _ in range(adapter.num_caches())]
+    caches = [BufferStore() for _ in range(adapter.num_caches())]
     with torch.no_grad():
         with adapter.capture(caches, info):
             dense = model(**kwargs)[0]
@@ -120,26 +122,26 @@ def test_partial_selection_uses_cached_keys_and_values(model):
     inputs = tiny_flux_inputs(model, batch=2, height=8, width=8)
     kwargs = call_kwargs(inputs)
     info = adapter.inspect_call((), kwargs)
-    caches = [LayerCache() for _ in range(adapter.num_caches())]
+    caches = [BufferStore() for _ in range(adapter.num_caches())]
     with torch.no_grad(), adapter.capture(caches, info):
         dense = model(**kwargs)[0]
     idx = torch.tensor([[0, 3, 5, 9], [15, 2, 7, 8]])  # each sample its own tokens (own RoPE positions)
-    before = [c.kv["attn"].clone() for c in caches]
+    before = [c["attn"].clone() for c in caches]
     with torch.no_grad():
         out = adapter.pruned_forward(caches, idx, info)
     # same inputs: the selected tokens get the dense outputs, their fresh K/V equal the captured (rotated) ones
     assert torch.allclose(out, dense.gather(1, idx[..., None].expand_as(out)), atol=1e-5)
     for cache, old in zip(caches, before, strict=True):
-        assert torch.allclose(cache.kv["attn"][:, :, :16], old[:, :, :16], atol=1e-5)
+        assert torch.allclose(cache["attn"][:, :, :16], old[:, :, :16], atol=1e-5)
 
     # other inputs (a later timestep): only the selected tokens' K/V change, the unselected stay bit-identical
     later = adapter.inspect_call((), call_kwargs(inputs, t=0.3))
-    snapshot = [c.kv["attn"].clone() for c in caches]
+    snapshot = [c["attn"].clone() for c in caches]
     with torch.no_grad():
         adapter.pruned_forward(caches, idx, later)
     chosen = torch.zeros(2, 16, dtype=torch.bool).scatter_(1, idx, True)  # (B, M)
     for cache, old in zip(caches, snapshot, strict=True):
-        new, prev = cache.kv["attn"][:, :, :16], old[:, :, :16]  # (2, B, M, H, hd)
+        new, prev = cache["attn"][:, :, :16], old[:, :, :16]  # (2, B, M, H, hd)
         assert torch.equal(new[:, ~chosen], prev[:, ~chosen])
         assert not torch.allclose(new[:, chosen], prev[:, chosen])
 
@@ -158,7 +160,7 @@ def test_controlnet_residuals_follow_the_selected_tokens(model):
             controlnet_blocks_repeat=repeat,
         )
         info = adapter.inspect_call((), kwargs)
-        caches = [LayerCache() for _ in range(adapter.num_caches())]
+        caches = [BufferStore() for _ in range(adapter.num_caches())]
         with torch.no_grad():
             with adapter.capture(caches, info):
                 dense = model(**kwargs)[0]
@@ -173,7 +175,7 @@ def test_batch_matches_single_samples(model):
     catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=3, cfg="per_row"))
     inputs = tiny_flux_inputs(model, batch=2, height=8, width=8, seed=3)
     both = denoise(model, inputs, steps=8)
-    idx = model.forward.__catprune_runtime__.idx_rows.clone()
+    idx = catprune.inspect(model).next_selection.clone()
     assert not torch.equal(idx[0], idx[1])  # the rows really select different tokens
     for i in range(2):
         alone = denoise(model, row(inputs, i), steps=8)
@@ -189,7 +191,7 @@ def test_resolution_and_batch_changes_between_generations(model):
     assert b.shape == (3, 18, 16) and torch.isfinite(b).all()
     assert torch.equal(a, c)
     assert catprune.stats(model).steps[-1].tokens == 16
-    assert model.forward.__catprune_runtime__.signature[1] == (4, 4)
+    assert catprune.inspect(model).grid == (4, 4)
 
 
 def test_grid_is_read_from_img_ids(model):
@@ -211,7 +213,7 @@ def test_macs_match_flop_counter():
     inputs = tiny_flux_inputs(model, batch=2, height=16, width=16, text_tokens=7)
     kwargs = call_kwargs(inputs)
     info = adapter.inspect_call((), kwargs)
-    caches = [LayerCache() for _ in range(adapter.num_caches())]
+    caches = [BufferStore() for _ in range(adapter.num_caches())]
     # the math backend decomposes attention into matmuls that the counter sees (the CPU flash kernel is not counted)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as counter:
@@ -235,8 +237,7 @@ def test_fused_step_logic_matches_unfused(model, inputs, selection):
     catprune.apply(model, config)
     unfused = denoise(model, inputs)
     catprune.apply(model, config)
-    runtime = model.forward.__catprune_runtime__
-    runtime.fuse = True
+    catprune.apply(model, config, runner=StepRunner(Backend.EAGER, fuse=True))  # the graph steps' logic, eagerly
     fused = denoise(model, inputs)
     assert torch.equal(fused, unfused)
     assert torch.equal(denoise(model, inputs), fused)  # persistent buffers are reset between generations
@@ -250,7 +251,7 @@ def test_static_functions_match_the_eager_path(model, inputs):
     fast = adapter.fast_inputs(info)
     assert set(fast) >= {"hidden_states", "timestep", "img_ids", "txt_ids"}
     assert ("guidance" in fast) == model.config.guidance_embeds
-    caches = [LayerCache() for _ in range(adapter.num_caches())]
+    caches = [BufferStore() for _ in range(adapter.num_caches())]
     with torch.no_grad():
         with adapter.capture(caches, info):
             dense = model(**kwargs)[0]
@@ -394,8 +395,7 @@ def test_stock_pipeline_contract():
     pruned = _generate(pipe, embeds, [1])
     assert torch.isfinite(pruned).all() and not torch.equal(pruned, dense)
     assert torch.equal(_generate(pipe, embeds, [1]), pruned)  # a new generation resets the state
-    runtime = pipe.transformer.forward.__catprune_runtime__
-    assert not runtime.shared  # FluxPipeline has no CFG batch
+    assert not catprune.inspect(pipe).cfg_shared  # FluxPipeline has no CFG batch
     s = catprune.stats(pipe)
     assert s.pruned_steps == 5 and s.steps[-1].tokens == 64 and s.steps[-1].computed == round(0.3 * 64)
     catprune.remove(pipe)

@@ -5,9 +5,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import catprune
-from catprune import CATConfig
-from catprune.adapters import LayerCache, adapter_for
+from catprune import Backend, CATConfig
+from catprune.adapters import BufferStore, adapter_for
 from catprune.models.testing import tiny_sd3_inputs, tiny_sd3_transformer
+from catprune.runtime import StepRunner
 
 SD35_STYLE = dict(qk_norm="rms_norm", dual_attention_layers=(0,))
 
@@ -77,8 +78,9 @@ def test_realised_kept_tokens_match_config(model, inputs):
     m = 4 * 6  # 8x12 latents, patch 2
     assert [r.phase for r in s.steps] == ["dense"] * 2 + ["capture"] + ["pruned"] * 5
     assert all(r.computed == round(0.3 * m) for r in s.steps if r.phase == "pruned")
-    runtime = model.forward.__catprune_runtime__
-    assert runtime.idx_rows.shape == (2, round(0.3 * m))
+    view = catprune.inspect(model)
+    assert view.next_selection.shape == (2, round(0.3 * m))
+    assert all(r.selected.shape == (2, round(0.3 * m)) for r in view.steps if r.kind == "pruned")
 
 
 def test_full_selection_pruned_step_equals_dense_step(model):
@@ -87,7 +89,7 @@ def test_full_selection_pruned_step_equals_dense_step(model):
     inputs = tiny_sd3_inputs(model, batch=2, height=8, width=8)
     kwargs = dict(**inputs, timestep=torch.tensor([500.0, 500.0]), return_dict=False)
     info = adapter.inspect_call((), kwargs)
-    caches = [LayerCache() for _ in model.transformer_blocks]
+    caches = [BufferStore() for _ in model.transformer_blocks]
     with torch.no_grad():
         with adapter.capture(caches, info):
             dense = model(**kwargs)[0]
@@ -105,14 +107,14 @@ def test_partial_selection_uses_cached_keys_and_values(model):
     inputs = tiny_sd3_inputs(model, batch=1, height=8, width=8)
     kwargs = dict(**inputs, timestep=torch.tensor([500.0]), return_dict=False)
     info = adapter.inspect_call((), kwargs)
-    caches = [LayerCache() for _ in model.transformer_blocks]
+    caches = [BufferStore() for _ in model.transformer_blocks]
     with torch.no_grad(), adapter.capture(caches, info):
         model(**kwargs)
     idx = torch.tensor([[0, 3, 5, 9]])
-    before = caches[0].kv["attn"].clone()
+    before = caches[0]["attn"].clone()
     with torch.no_grad():
         out = adapter.pruned_forward(caches, idx, info)
-    after = caches[0].kv["attn"]
+    after = caches[0]["attn"]
     assert out.shape == (1, 4, model.proj_out.out_features)
     # same inputs -> the selected tokens' fresh K/V equal the cached ones; the unselected stay untouched
     assert torch.allclose(after[:, :, :16], before[:, :, :16], atol=1e-5)
@@ -122,10 +124,14 @@ def test_cfg_rows_share_selection_scored_on_conditional_row(model):
     catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=2, cfg="shared"))
     inputs = tiny_sd3_inputs(model, batch=4, height=8, width=8)
     denoise(model, inputs, steps=4)
-    runtime = model.forward.__catprune_runtime__
-    idx = runtime.idx_rows
+    view = catprune.inspect(model)
+    idx = view.next_selection
     assert torch.equal(idx[0], idx[2]) and torch.equal(idx[1], idx[3])
-    assert runtime.idx.shape[0] == 2
+    assert view.cfg_shared
+    for record in view.steps:
+        if record.kind == "pruned":  # every pruned step computed the same tokens for both rows of a sample
+            assert torch.equal(record.selected[0], record.selected[2])
+            assert torch.equal(record.selected[1], record.selected[3])
 
 
 def test_per_row_selection_is_independent(model):
@@ -134,7 +140,7 @@ def test_per_row_selection_is_independent(model):
     inputs = tiny_sd3_inputs(model, batch=2, height=8, width=8)
     inputs["hidden_states"][1] = torch.randn(inputs["hidden_states"][1].shape, generator=g) * 3
     denoise(model, inputs, steps=5)
-    idx = model.forward.__catprune_runtime__.idx_rows
+    idx = catprune.inspect(model).next_selection
     assert idx.shape == (2, 5) and not torch.equal(idx[0], idx[1])
 
 
@@ -169,7 +175,7 @@ def test_macs_match_flop_counter():
     inputs = tiny_sd3_inputs(model, batch=2, height=16, width=16, text_tokens=7)
     kwargs = dict(**inputs, timestep=torch.tensor([500.0, 500.0]), return_dict=False)
     info = adapter.inspect_call((), kwargs)
-    caches = [LayerCache() for _ in model.transformer_blocks]
+    caches = [BufferStore() for _ in model.transformer_blocks]
     # the math backend decomposes attention into matmuls that the counter sees (the CPU flash kernel is not counted)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as counter:
@@ -244,8 +250,8 @@ def test_stock_pipeline_contract():
     pruned = _generate(pipe, embeds, [1])
     assert torch.isfinite(pruned).all() and not torch.equal(pruned, dense)
     assert torch.equal(_generate(pipe, embeds, [1]), pruned)  # a new generation resets the state
-    runtime = pipe.transformer.forward.__catprune_runtime__
-    assert runtime.shared and torch.equal(runtime.idx_rows[0], runtime.idx_rows[1])  # CFG rows share
+    view = catprune.inspect(pipe)
+    assert view.cfg_shared and torch.equal(view.next_selection[0], view.next_selection[1])  # CFG rows share
     assert catprune.stats(pipe).pruned_steps == 5
     catprune.remove(pipe)
     assert torch.equal(_generate(pipe, embeds, [1]), dense)
@@ -278,8 +284,8 @@ def test_ablation_and_baseline_selections_keep_the_budget(selection):
     assert torch.equal(denoise(model, inputs, steps=6), other)  # seeded: repeatable
     s = catprune.stats(model)
     assert [r.computed for r in s.steps if r.phase == "pruned"] == [4] * 4
-    runtime = model.forward.__catprune_runtime__
-    assert all(len(set(row)) == 4 for row in runtime.idx.tolist())
+    view = catprune.inspect(model)
+    assert all(len(set(row)) == 4 for row in view.next_selection.tolist())
 
 
 @pytest.mark.parametrize("selection", ["cat", "ras", "staleness"])
@@ -290,8 +296,7 @@ def test_fused_step_logic_matches_unfused(model, inputs, selection):
     catprune.apply(model, config)
     unfused = denoise(model, inputs)
     catprune.apply(model, config)
-    runtime = model.forward.__catprune_runtime__
-    runtime.fuse = True
+    catprune.apply(model, config, runner=StepRunner(Backend.EAGER, fuse=True))  # the graph steps' logic, eagerly
     fused = denoise(model, inputs)
     assert torch.equal(fused, unfused)
     assert torch.equal(denoise(model, inputs), fused)  # persistent buffers are reset between generations

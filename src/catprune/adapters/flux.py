@@ -19,7 +19,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxTransformer2DModel
 
 from ..algorithm import gather_tokens, scatter_tokens_
-from .base import Adapter, CallInfo, LayerCache
+from ..runtime.contract import Adapter, BufferStore, CallInfo
 from .ops import describe, gated_add, linear_macs, lora_scale, modulate
 
 _NAME = "FluxTransformer2DModel.forward"
@@ -88,11 +88,6 @@ class FluxAdapter(Adapter):
     model_classes = (FluxTransformer2DModel,)
     family = "Flux (FluxTransformer2DModel)"
 
-    def __init__(self, model: torch.nn.Module):
-        super().__init__(model)
-        self._grid_memo = None  # (weakref to img_ids, version, grid): the raster check costs one host sync
-        self._last_call = None  # (weakref to hidden_states, version, weakref to encoder_hidden_states)
-
     # ---------------------------------------------------------------- checks
     def num_caches(self) -> int:
         """One K/V cache per double-stream block and per single-stream block."""
@@ -131,15 +126,17 @@ class FluxAdapter(Adapter):
                     "context parallelism before catprune.apply()."
                 )
 
-    def _grid(self, img_ids: torch.Tensor, m: int) -> tuple[int, int]:
-        """The (h, w) grid of ``img_ids`` (S, 3), checked to be raster order; memoised per ids tensor."""
+    @staticmethod
+    def _grid(img_ids: torch.Tensor, m: int, memo: dict) -> tuple[int, int]:
+        """The (h, w) grid of ``img_ids`` (S, 3), checked to be raster order; memoised per ids tensor in ``memo``
+        (``memo["grid"]``: weakref to img_ids, its version, the grid), since the check costs one host sync."""
         try:
             version = img_ids._version
         except RuntimeError:  # inference-mode tensors track no version
             version = None
-        memo = self._grid_memo
-        if memo is not None and memo[0]() is img_ids and memo[1] == version and version is not None:
-            return memo[2]
+        known = memo.get("grid")
+        if known is not None and known[0]() is img_ids and known[1] == version and version is not None:
+            return known[2]
         ids = img_ids.detach().to("cpu", torch.float64)  # (M, 3): one host sync per ids tensor
         rows, cols = ids[:, 1], ids[:, 2]
         h = int(rows.max() - rows.min()) + 1 if m else 0
@@ -158,28 +155,31 @@ class FluxAdapter(Adapter):
                 "tokens as in Kontext, or a shuffled order). CAT Pruning clusters tokens on a raster grid; call "
                 "catprune.remove(pipe) for this pipeline."
             )
-        self._grid_memo = (weakref.ref(img_ids), version, (h, w))
+        memo["grid"] = (weakref.ref(img_ids), version, (h, w))
         return h, w
 
-    def _check_single_call_per_step(self, hs: torch.Tensor, ehs: torch.Tensor) -> None:
+    @staticmethod
+    def _check_single_call_per_step(hs: torch.Tensor, ehs: torch.Tensor, memo: dict) -> None:
         """Refuse a second transformer call on the same latents with other text (FluxPipeline's true CFG).
 
         FluxPipeline with ``true_cfg_scale > 1`` and a negative prompt calls the transformer twice per step, on the
         same ``latents`` tensor: positive prompt, then negative prompt. catprune counts one call per step, so the
         negative call would be taken for a new generation (and its K/V for the positive prompt's). Detected without
         a host sync: the latents tensor is the very one of the previous call, unmodified (same version counter), and
-        the previous call's text embeddings are still alive but another tensor.
+        the previous call's text embeddings are still alive but another tensor (``memo["last_call"]``: weakref to
+        hidden_states, its version, weakref to encoder_hidden_states).
         """
         try:
             version = hs._version
         except RuntimeError:
             version = None
-        last, self._last_call = self._last_call, (weakref.ref(hs), version, weakref.ref(ehs))
+        last = memo.get("last_call")
+        memo["last_call"] = (weakref.ref(hs), version, weakref.ref(ehs))
         if last is None or version is None or last[0]() is not hs or last[1] != version:
             return
         previous_text = last[2]()
         if previous_text is not None and previous_text is not ehs:
-            self._last_call = None  # the next generation starts clean
+            memo.pop("last_call")  # the next generation starts clean
             raise NotImplementedError(
                 "catprune: the transformer was called twice on the same latents with different text embeddings "
                 "(FluxPipeline's true classifier-free guidance: true_cfg_scale > 1 with a negative prompt makes a "
@@ -188,7 +188,7 @@ class FluxAdapter(Adapter):
                 "guidance_scale), or call catprune.remove(pipe) for true-CFG generations."
             )
 
-    def inspect_call(self, args, kwargs) -> CallInfo:
+    def inspect_call(self, args, kwargs, memo: dict | None = None) -> CallInfo:
         a = self.bind(args, kwargs)
         cfg = self.model.config
         hs, ehs, pooled = a["hidden_states"], a["encoder_hidden_states"], a["pooled_projections"]
@@ -247,8 +247,9 @@ class FluxAdapter(Adapter):
                 f"{_NAME}: joint_attention_kwargs: CAT Pruning supports only the LoRA 'scale' entry, got "
                 f"{unknown}. Call catprune.remove(pipe) to use other attention arguments."
             )
-        grid = self._grid(_ids_2d(a["img_ids"]), m)
-        self._check_single_call_per_step(hs, ehs)
+        memo = {} if memo is None else memo
+        grid = self._grid(_ids_2d(a["img_ids"]), m, memo)
+        self._check_single_call_per_step(hs, ehs, memo)
         return CallInfo(
             arguments=a, batch=b, grid=grid, text_tokens=t, timestep=timestep, device=hs.device, dtype=hs.dtype
         )
@@ -264,7 +265,7 @@ class FluxAdapter(Adapter):
 
     # ---------------------------------------------------------------- dense step that fills the caches
     @contextlib.contextmanager
-    def capture(self, caches: list[LayerCache], info: CallInfo):
+    def capture(self, caches: list[BufferStore], info: CallInfo):
         """Fill every block's K/V cache during the model's own dense forward (temporary forward hooks).
 
         Keys are stored after ``norm_k`` and after the rotary embedding. The hooks read the rotary table the model
@@ -281,10 +282,10 @@ class FluxAdapter(Adapter):
         def store_rope(_mod, _inp, out):
             rope["cos"], rope["sin"] = out[0][t:], out[1][t:]  # (M, hd) rows of the image tokens
 
-        def attach(attn, cache: LayerCache, offset: int):
+        def attach(attn, cache: BufferStore, offset: int):
             # offset: text tokens in front of the image tokens at this attention's to_k / to_v (single blocks: T)
             hd = attn.head_dim
-            buf = cache.buffer("attn", (2, b, m + t, attn.heads, hd), attn.to_k.weight.device, info.dtype)
+            buf = cache.buffer("attn", (2, b, m + t, attn.heads, hd), info.dtype, attn.to_k.weight.device)
 
             def store_k(_mod, _inp, out):  # norm_k output: (B, offset + M, H, hd), before RoPE
                 key = apply_rotary_emb(out[:, offset:], (rope["cos"], rope["sin"]), sequence_dim=1)
@@ -308,7 +309,7 @@ class FluxAdapter(Adapter):
                 handle.remove()
 
     # ---------------------------------------------------------------- pruned step
-    def pruned_forward(self, caches: list[LayerCache], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
+    def pruned_forward(self, caches: list[BufferStore], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
         a = info.arguments
         with lora_scale(self.model, a.get("joint_attention_kwargs")):
             return self._pruned(
@@ -358,7 +359,7 @@ class FluxAdapter(Adapter):
 
         double = len(model.transformer_blocks)
         for i, (block, cache) in enumerate(zip(model.transformer_blocks, caches[:double], strict=True)):
-            ctx, x = self._double_block(block, cache.kv["attn"], x, ctx, temb, rope_txt, rope_sel, idx)
+            ctx, x = self._double_block(block, cache["attn"], x, ctx, temb, rope_txt, rope_sel, idx)
             if controlnet is not None:
                 if controlnet_repeat:
                     residual = controlnet[i % len(controlnet)]
@@ -373,7 +374,7 @@ class FluxAdapter(Adapter):
         stream = torch.cat([ctx, x], dim=1)  # (B, T + k, D) = [text; selected image tokens]
         singles = model.single_transformer_blocks
         for i, (block, cache) in enumerate(zip(singles, caches[double:], strict=True)):
-            stream = self._single_block(block, cache.kv["attn"], stream, temb, rope_joint, idx, t)
+            stream = self._single_block(block, cache["attn"], stream, temb, rope_joint, idx, t)
             if controlnet_single is not None:
                 residual = controlnet_single[i // -(-len(singles) // len(controlnet_single))]
                 stream[:, t:] += gather_tokens(residual, idx)  # (B, k, D); stream is this block's fresh output
@@ -473,7 +474,7 @@ class FluxAdapter(Adapter):
 
         return dense
 
-    def pruned_fn(self, caches: list[LayerCache], info: CallInfo):
+    def pruned_fn(self, caches: list[BufferStore], info: CallInfo):
         def pruned(
             idx, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None
         ):

@@ -19,7 +19,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 
 from ..algorithm import gather_tokens, scatter_tokens_
-from .base import Adapter, CallInfo, LayerCache
+from ..runtime.contract import Adapter, BufferStore, CallInfo
 from .ops import describe, gated_add, linear_macs, modulate
 
 _NAME = "PixArtTransformer2DModel.forward"
@@ -141,7 +141,7 @@ class PixArtAdapter(Adapter):
                     "(transformer.set_attn_processor(AttnProcessor2_0())) before catprune.apply()."
                 )
 
-    def inspect_call(self, args, kwargs) -> PixArtCallInfo:
+    def inspect_call(self, args, kwargs, memo: dict | None = None) -> PixArtCallInfo:
         a = self.bind(args, kwargs)
         cfg = self.model.config
         hs, ehs, t = a["hidden_states"], a["encoder_hidden_states"], a["timestep"]
@@ -250,16 +250,16 @@ class PixArtAdapter(Adapter):
 
     # ---------------------------------------------------------------- dense step that fills the caches
     @contextlib.contextmanager
-    def capture(self, caches: list[LayerCache], info: CallInfo):
+    def capture(self, caches: list[BufferStore], info: CallInfo):
         """Temporary forward hooks on every block's self-attention ``to_k`` (or ``norm_k``) and ``to_v`` copy the
         dense step's image K/V into the (2, B, M, H, hd) caches; every hook is removed on exit."""
         handles = []
         b, m = info.batch, info.num_tokens
 
-        def attach(attn, cache: LayerCache):
+        def attach(attn, cache: BufferStore):
             heads = attn.heads
             head_dim = attn.to_k.out_features // heads
-            buf = cache.buffer("attn", (2, b, m, heads, head_dim), attn.to_k.weight.device, info.dtype)
+            buf = cache.buffer("attn", (2, b, m, heads, head_dim), info.dtype, attn.to_k.weight.device)
 
             def store_k(_mod, _inp, out):
                 if out.dim() == 4:  # norm_k output: (B, H, M, hd)
@@ -283,7 +283,7 @@ class PixArtAdapter(Adapter):
                 handle.remove()
 
     # ---------------------------------------------------------------- pruned step
-    def pruned_forward(self, caches: list[LayerCache], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
+    def pruned_forward(self, caches: list[BufferStore], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
         a = info.arguments
         added = a["added_cond_kwargs"] or {}
         return self._pruned(
@@ -325,7 +325,7 @@ class PixArtAdapter(Adapter):
         self_bias = attention_mask.unsqueeze(1) if attention_mask is not None else None  # (B, 1, 1, M)
         cross_bias = encoder_attention_mask.unsqueeze(1) if encoder_attention_mask is not None else None  # (B,1,1,T)
         for block, cache in zip(model.transformer_blocks, caches, strict=True):
-            x = self._block(block, cache.kv["attn"], x, ctx, temb, idx, self_bias, cross_bias)
+            x = self._block(block, cache["attn"], x, ctx, temb, idx, self_bias, cross_bias)
         shift, scale = (model.scale_shift_table[None] + embedded[:, None]).chunk(2, dim=1)  # (B, 1, D) each
         x = modulate(model.norm_out(x), shift, scale)  # (B, k, D)
         return model.proj_out(x)  # (B, k, P)
@@ -419,7 +419,7 @@ class PixArtAdapter(Adapter):
 
         return dense
 
-    def pruned_fn(self, caches: list[LayerCache], info: CallInfo):
+    def pruned_fn(self, caches: list[BufferStore], info: CallInfo):
         m = info.num_tokens
 
         def pruned(

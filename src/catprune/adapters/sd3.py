@@ -11,7 +11,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
 from ..algorithm import gather_tokens, scatter_tokens_
-from .base import Adapter, CallInfo, LayerCache
+from ..runtime.contract import Adapter, BufferStore, CallInfo
 from .ops import gated_add, linear_macs, lora_scale, modulate
 
 
@@ -58,7 +58,7 @@ class SD3Adapter(Adapter):
                     "(transformer.set_default_attn_processor()) before catprune.apply()."
                 )
 
-    def inspect_call(self, args, kwargs) -> CallInfo:
+    def inspect_call(self, args, kwargs, memo: dict | None = None) -> CallInfo:
         a = self.bind(args, kwargs)
         hs, ehs = a["hidden_states"], a["encoder_hidden_states"]
         if not isinstance(hs, torch.Tensor) or hs.dim() != 4:
@@ -127,15 +127,15 @@ class SD3Adapter(Adapter):
 
     # ---------------------------------------------------------------- dense step that fills the caches
     @contextlib.contextmanager
-    def capture(self, caches: list[LayerCache], info: CallInfo):
+    def capture(self, caches: list[BufferStore], info: CallInfo):
         handles = []
         b, m, t = info.batch, info.num_tokens, info.text_tokens
 
-        def attach(attn, cache: LayerCache, name: str, extra: int):
+        def attach(attn, cache: BufferStore, name: str, extra: int):
             heads = attn.heads
             head_dim = attn.to_k.out_features // heads
             w = attn.to_k.weight
-            buf = cache.buffer(name, (2, b, m + extra, heads, head_dim), w.device, info.dtype)
+            buf = cache.buffer(name, (2, b, m + extra, heads, head_dim), info.dtype, w.device)
 
             def store_k(_mod, _inp, out):
                 if out.dim() == 4:  # norm_k output: (B, H, M, hd)
@@ -161,7 +161,7 @@ class SD3Adapter(Adapter):
                 handle.remove()
 
     # ---------------------------------------------------------------- pruned step
-    def pruned_forward(self, caches: list[LayerCache], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
+    def pruned_forward(self, caches: list[BufferStore], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
         a = info.arguments
         with lora_scale(self.model, a.get("joint_attention_kwargs")):
             return self._pruned(
@@ -183,7 +183,7 @@ class SD3Adapter(Adapter):
         ctx = model.context_embedder(encoder_hidden_states)  # (B, T, D)
         blocks = model.transformer_blocks
         for index, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
-            ctx, x = self._block(block, cache.kv["attn"], cache.kv.get("attn2"), x, ctx, temb, idx, m)
+            ctx, x = self._block(block, cache["attn"], cache.get("attn2"), x, ctx, temb, idx, m)
             if controlnet is not None and block.context_pre_only is False:
                 interval = len(blocks) / len(controlnet)
                 x = x + gather_tokens(controlnet[int(index / interval)], idx)  # (B, k, D)
@@ -217,7 +217,7 @@ class SD3Adapter(Adapter):
 
         return dense
 
-    def pruned_fn(self, caches: list[LayerCache], info: CallInfo):
+    def pruned_fn(self, caches: list[BufferStore], info: CallInfo):
         m = info.num_tokens
 
         def pruned(idx, hidden_states, encoder_hidden_states, pooled_projections, timestep):
