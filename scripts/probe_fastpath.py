@@ -21,7 +21,7 @@ from catprune.adapters.sd3 import SD3Adapter
 from catprune.bench import build_pipeline, graph_replay_ms
 
 
-def unfused_block(self, block, kv, kv2, x, ctx, temb, idx, m):
+def unfused_block(self, block, kv, kv2, x, ctx, temb, idx):
     """The pruned block before the addcmul rewrite (mul + add kernels, as in diffusers' block)."""
     if block.use_dual_attention:
         nx, gate_msa, shift_mlp, scale_mlp, gate_mlp, nx2, gate_msa2 = block.norm1(x, emb=temb)
@@ -31,10 +31,10 @@ def unfused_block(self, block, kv, kv2, x, ctx, temb, idx, m):
         nctx = block.norm1_context(ctx, temb)
     else:
         nctx, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(ctx, emb=temb)
-    img_out, ctx_out = self._attention(block.attn, kv, nx, nctx, idx, m)
+    img_out, ctx_out = self._attention(block.attn, kv, nx, nctx, idx)
     x = x + gate_msa.unsqueeze(1) * img_out
     if block.use_dual_attention:
-        img_out2, _ = self._attention(block.attn2, kv2, nx2, None, idx, m)
+        img_out2, _ = self._attention(block.attn2, kv2, nx2, None, idx)
         x = x + gate_msa2.unsqueeze(1) * img_out2
     nx = block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     x = x + gate_mlp.unsqueeze(1) * block.ff(nx)
