@@ -2,7 +2,8 @@
 
 `REGISTRY` maps a transformer class name to the module and class of its adapter; the module (and with it the
 diffusers transformer module it needs) is imported only when a model of that class is passed to `adapter_for`, so
-``import catprune`` imports no diffusers transformer. Adding a family is one adapter module plus one line here.
+``import catprune`` imports no diffusers transformer. The table is read from the family records
+(`catprune.families`): adding a family is one adapter module plus one record there.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ import importlib
 
 import torch
 
+from ..families import FAMILIES
 from ..runtime.contract import Adapter, BufferStore, CallInfo
 
 #: transformer class name -> (adapter module, adapter class, family shown in errors)
-REGISTRY: dict[str, tuple[str, str, str]] = {
-    "SD3Transformer2DModel": ("catprune.adapters.sd3", "SD3Adapter", "SD3 / SD3.5"),
-    "PixArtTransformer2DModel": ("catprune.adapters.pixart", "PixArtAdapter", "PixArt-Sigma / PixArt-Alpha"),
-    "FluxTransformer2DModel": ("catprune.adapters.flux", "FluxAdapter", "Flux"),
-}
+REGISTRY: dict[str, tuple[str, str, str]] = {r.transformer_class: (*r.adapter.split(":"), r.label) for r in FAMILIES}
 
 
 def supported_models() -> list[str]:
