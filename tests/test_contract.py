@@ -105,7 +105,8 @@ def test_realised_kept_tokens_match_config(case):
             assert r.computed == m and r.selected is None and r.macs == r.macs_dense
     assert view.next_selection.shape == (2, k)
     assert len(view.kv_cache_shapes) >= adapter_for(model).num_caches()  # SD3.5's dual attention: two per block
-    assert all(s[:2] == (2, 2) and s[2] >= m for s in view.kv_cache_shapes) and view.cache_bytes > 0  # (2, B, M [+ T], H, hd)
+    assert all(s[:2] == (2, 2) and s[2] >= m for s in view.kv_cache_shapes)  # (2, B, M [+ T], H, hd)
+    assert view.cache_bytes > 0
 
 
 def test_batch_of_two_equals_each_sample_alone(case):
@@ -177,6 +178,7 @@ def test_size_and_batch_changes_start_a_new_generation(case):
     a = tiny.denoise(model, inputs, 4)
     b = tiny.denoise(model, tiny.inputs(model, batch=3, height=12, width=6), 4)
     c = tiny.denoise(model, inputs, 4)
-    assert torch.isfinite(b).all() and b.shape == tiny.inputs(model, batch=3, height=12, width=6)["hidden_states"].shape
+    assert torch.isfinite(b).all()
+    assert b.shape == tiny.inputs(model, batch=3, height=12, width=6)["hidden_states"].shape
     assert torch.equal(a, c)
     assert catprune.inspect(model).grid == (4, 6) and catprune.stats(model).steps[-1].tokens == 24

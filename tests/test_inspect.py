@@ -74,7 +74,8 @@ def test_observer_sees_every_step_with_its_selection(model, inputs):
     # the records the observer saw are the stats' records, and the selections are the ones the steps computed
     view = catprune.inspect(model)
     assert [r.to_dict() for r in view.steps] == [r.to_dict() for r in seen]
-    assert all(torch.equal(a.selected, b.selected) for a, b in zip(view.steps, seen, strict=True) if a.selected is not None)
+    pairs = zip(view.steps, seen, strict=True)
+    assert all(torch.equal(a.selected, b.selected) for a, b in pairs if a.selected is not None)
 
 
 def test_observer_survives_reapply_and_is_dropped_by_remove(model, inputs):

@@ -19,8 +19,8 @@ class SD3Adapter(PatchGridAdapter):
 
     A pruned step keeps only the k selected image tokens as a compact stream through all blocks: unselected tokens
     are needed only through their keys/values (read from the per-block cache) and their final output (the runtime's
-    output cache), so their hidden states are never materialised. This is exactly the semantics of docs/method.md step 3
-    (cached attention / feed-forward outputs of unselected tokens would only feed values nobody reads).
+    output cache), so their hidden states are never materialised. This is exactly the semantics of docs/method.md
+    step 3 (cached attention / feed-forward outputs of unselected tokens would only feed values nobody reads).
     """
 
     model_classes = (SD3Transformer2DModel,)
