@@ -1,4 +1,4 @@
-"""One device call: check the fast backends against eager, then time dense vs CAT (issue 4).
+"""One device call: check the fast backends against eager, then time dense vs CAT (speed targets).
 
 Usage (on a GPU machine, diffusers importable):
     python scripts/device_bench.py --out $OUT [--part main|scaling|all]

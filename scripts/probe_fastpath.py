@@ -1,4 +1,4 @@
-"""Device probe for the pruned-step implementation (issue 4): per-step replay times of variants, one profile.
+"""Device probe for the pruned-step implementation (speed targets): per-step replay times of variants, one profile.
 
 Times single transformer calls (SD3-medium config, random weights, bf16, 1024x1024, CFG batch 2, keep 0.3) as
 CUDA-graph replays, median of 30, for: the stock dense step; the pruned step as implemented now ("addcmul");

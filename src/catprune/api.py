@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from .adapters import adapter_for
-from .config import CATConfig
+from .config import Backend, CATConfig
 from .runtime import InspectView, PruneStats, Runtime, StepKernels, StepRecord, StepRunner
 
 _MARK = "__catprune_runtime__"  # private: reach the runtime through the functions of this module
@@ -82,7 +82,7 @@ def apply(pipe_or_transformer, config: CATConfig | None = None, *, runner: StepR
         )
     model, pipe = _resolve(pipe_or_transformer, "apply")
     target = pipe.transformer if pipe is not None else pipe_or_transformer
-    if model is not target and config.backend.value == "eager":
+    if model is not target and config.backend is Backend.EAGER:
         warnings.warn(
             "catprune.apply: the transformer is wrapped by torch.compile; catprune's forward runs outside Dynamo "
             "(no per-step recompiles), so that compile has no effect. For compiled steps use "
