@@ -69,6 +69,7 @@ class Runtime:
         # the fused step, except for RANDOM whose CPU generator cannot be captured in a graph
         self.fuse = self.runner.fuse and config.selection is not Selection.RANDOM
         self.generation: Generation | None = None
+        self._no_stats = PruneStats()  # what `stats` shows before the first recorded call of a generation
         self.observers: list[Callable[[StepRecord], None]] = []
         self._buffers: dict[tuple, SignatureBuffers] = {}
         self._macs_cache: dict[tuple, int] = {}
@@ -77,6 +78,7 @@ class Runtime:
     def reset(self, release: bool = False) -> None:
         """Forget the current generation; the next call is step 0. ``release`` also frees the buffers and graphs."""
         self.generation = None
+        self._no_stats = PruneStats()
         if release:
             self._buffers.clear()
             self._macs_cache.clear()
@@ -84,8 +86,9 @@ class Runtime:
 
     @property
     def stats(self) -> PruneStats:
-        """The current generation's step records (read by the evaluation harness until it uses `inspect`)."""
-        return PruneStats(self.generation.records) if self.generation is not None else PruneStats()
+        """The current generation's step records, the same object for the whole generation (read by the evaluation
+        harness until it uses `inspect`)."""
+        return self.generation.stats if self.generation is not None else self._no_stats
 
     @property
     def idx_rows(self) -> torch.Tensor | None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .contract import BufferStore
-from .stats import StepRecord
+from .stats import PruneStats, StepRecord
 
 
 class SignatureBuffers:
@@ -27,14 +27,13 @@ class SignatureBuffers:
 class Generation:
     """The state of one generation: from its first transformer call until the next generation starts or `reset`.
 
-    Tensors are views of persistent `SignatureBuffers` (None until the step that fills them). A generation with
-    ``buffers`` None only counts and records steps (pruning off, or the dense steps before the first pruned one
-    allocate nothing).
+    Tensors are views of persistent `SignatureBuffers` (None until the step that fills them). With pruning off a
+    generation has no buffers: it only counts and records the dense steps.
     """
 
     signature: tuple  # CallInfo.signature of its calls
     memo: dict = field(default_factory=dict)  # the adapter's per-call memo (Adapter.inspect_call)
-    records: list[StepRecord] = field(default_factory=list)  # one per counted call
+    stats: PruneStats = field(default_factory=PruneStats)  # one StepRecord per counted call, in stats.steps
     step: int = 0  # calls counted so far (the next call's step index)
     last_timestep: object = None  # timestep of the previous call (tensor or number)
     last_step_index: int | None = None  # the scheduler's step_index at the previous call
@@ -56,6 +55,11 @@ class Generation:
     age: torch.Tensor | None = None  # (S, M) steps since each token was last computed (tie-break of f)
     idx: torch.Tensor | None = None  # (S, k) selection for the next step
     idx_rows: torch.Tensor | None = None  # (B, k) the same, per batch row
+
+    @property
+    def records(self) -> list[StepRecord]:
+        """The step records so far (the list inside ``stats``)."""
+        return self.stats.steps
 
     @property
     def caches(self) -> list[BufferStore]:
