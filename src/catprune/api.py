@@ -285,5 +285,17 @@ def observe(pipe_or_transformer, callback: Callable[[StepRecord], None]) -> Obse
 
 def step_kernels(pipe_or_transformer) -> StepKernels:
     """The current generation's token selection and k-means as callables, for benchmarks that time them alone
-    (see `catprune.runtime.StepKernels`). ValueError before a pruning generation reached its capture step."""
+    (see `catprune.runtime.StepKernels`). ValueError before a pruning generation reached its capture step.
+
+    Example:
+        >>> import catprune
+        >>> from catprune.models.testing import tiny_sd3_inputs, tiny_sd3_transformer
+        >>> model = catprune.apply(tiny_sd3_transformer(), catprune.CATConfig(keep_ratio=0.5, start_step=2))
+        >>> inputs = tiny_sd3_inputs(model, batch=1, height=8, width=8)
+        >>> for t in (900.0, 800.0):
+        ...     _ = model(**inputs, timestep=torch.tensor([t]))
+        >>> kernels = catprune.step_kernels(model)
+        >>> tuple(kernels.select().shape), tuple(kernels.cluster().shape), kernels.fused
+        ((1, 8), (1, 16), False)
+    """
     return _runtime(pipe_or_transformer, "step_kernels").kernels()

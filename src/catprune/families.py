@@ -68,7 +68,12 @@ def load(path: str):
 
 
 def family_named(name: str) -> FamilyRecord:
-    """The record of family ``name``; ValueError listing the known names otherwise."""
+    """The record of family ``name``; ValueError listing the known names otherwise.
+
+    Example:
+        >>> family_named("flux").transformer_class
+        'FluxTransformer2DModel'
+    """
     for record in FAMILIES:
         if record.name == name:
             return record

@@ -30,7 +30,12 @@ def supported_models() -> list[str]:
 
 
 def adapter_class(model: torch.nn.Module) -> type[Adapter] | None:
-    """The adapter class for ``model`` (matched by class name along its MRO, then checked with isinstance)."""
+    """The adapter class for ``model`` (matched by class name along its MRO, then checked with isinstance), or None.
+
+    Example:
+        >>> adapter_class(torch.nn.Linear(2, 2)) is None
+        True
+    """
     for cls in type(model).__mro__:
         entry = REGISTRY.get(cls.__name__)
         if entry is None:
