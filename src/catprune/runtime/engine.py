@@ -313,9 +313,12 @@ class Runtime:
                 "catprune.step_kernels: expected a generation that reached its capture step (start_step - 1), got "
                 "none. Run a generation with pruning on first."
             )
-        grid = gen.signature[1]
-        return StepKernels(lambda: self._select_next(gen), lambda: self._cluster(gen, grid), (gen.idx, gen.idx_rows),
-                           self.fuse)
+        return StepKernels(
+            select=lambda: self._select_next(gen),
+            cluster=lambda: self._cluster(gen, gen.grid),
+            state=(gen.idx, gen.idx_rows),
+            fused=self.fuse,
+        )
 
     # ------------------------------------------------------------------ accounting
     def _macs(self, info: CallInfo, computed: int) -> int:

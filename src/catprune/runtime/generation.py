@@ -57,6 +57,16 @@ class Generation:
     idx_rows: torch.Tensor | None = None  # (B, k) the same, per batch row
 
     @property
+    def batch(self) -> int:
+        """B, rows of every call of this generation (CallInfo.signature[0])."""
+        return self.signature[0]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) image-token grid of this generation (CallInfo.signature[1])."""
+        return tuple(self.signature[1])
+
+    @property
     def records(self) -> list[StepRecord]:
         """The step records so far (the list inside ``stats``)."""
         return self.stats.steps
