@@ -1,4 +1,4 @@
-"""One device call: check the fast backends against eager, then time dense vs CAT (issue 4).
+"""One device call: check the fast backends against eager, then time dense vs CAT (speed targets).
 
 Usage (on a GPU machine, diffusers importable):
     python scripts/device_bench.py --out $OUT [--part main|scaling|all]
@@ -48,7 +48,7 @@ def random_call(device, seed: int) -> dict:
 def check_backends(pipe, entry, out) -> dict:
     """CAT eager vs dense latents (12 steps), and a full-selection pruned step against the dense step in bf16.
     (The backends are compared against eager on the bench's own runs, see main.)"""
-    from catprune.adapters import LayerCache, adapter_for
+    from catprune.adapters import BufferStore, adapter_for
     from catprune.bench import _embeddings
 
     device = "cuda"
@@ -66,7 +66,7 @@ def check_backends(pipe, entry, out) -> dict:
         adapter = adapter_for(model)
         call = random_call(device, seed=1)
         info = adapter.inspect_call((), call)
-        caches = [LayerCache() for _ in model.transformer_blocks]
+        caches = [BufferStore() for _ in model.transformer_blocks]
         with adapter.capture(caches, info):
             dense_out = model(**call)[0]
         idx = torch.arange(info.num_tokens, device=device).expand(2, -1)
@@ -117,7 +117,7 @@ def profile_steps(pipe, out) -> None:
     """Kernel-time profile of one eager dense step and one eager pruned step (k = 0.3 M), for the write-up."""
     from torch.profiler import ProfilerActivity, profile
 
-    from catprune.adapters import LayerCache, adapter_for
+    from catprune.adapters import BufferStore, adapter_for
 
     model = pipe.transformer
     adapter = adapter_for(model)
@@ -125,7 +125,7 @@ def profile_steps(pipe, out) -> None:
     g = torch.Generator("cpu").manual_seed(2)
     call = random_call(device, seed=2)
     info = adapter.inspect_call((), call)
-    caches = [LayerCache() for _ in model.transformer_blocks]
+    caches = [BufferStore() for _ in model.transformer_blocks]
     idx = torch.randperm(info.num_tokens, generator=g)[: round(0.3 * info.num_tokens)].sort().values
     idx = idx.to(device).expand(2, -1).contiguous()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Device probe for the pruned-step implementation (issue 4): per-step replay times of variants, one profile.
+"""Device probe for the pruned-step implementation (speed targets): per-step replay times of variants, one profile.
 
 Times single transformer calls (SD3-medium config, random weights, bf16, 1024x1024, CFG batch 2, keep 0.3) as
 CUDA-graph replays, median of 30, for: the stock dense step; the pruned step as implemented now ("addcmul");
@@ -16,12 +16,12 @@ import time
 
 import torch
 
-from catprune.adapters import LayerCache, adapter_for
+from catprune.adapters import BufferStore, adapter_for
 from catprune.adapters.sd3 import SD3Adapter
 from catprune.bench import build_pipeline, graph_replay_ms
 
 
-def unfused_block(self, block, kv, kv2, x, ctx, temb, idx, m):
+def unfused_block(self, block, kv, kv2, x, ctx, temb, idx):
     """The pruned block before the addcmul rewrite (mul + add kernels, as in diffusers' block)."""
     if block.use_dual_attention:
         nx, gate_msa, shift_mlp, scale_mlp, gate_mlp, nx2, gate_msa2 = block.norm1(x, emb=temb)
@@ -31,10 +31,10 @@ def unfused_block(self, block, kv, kv2, x, ctx, temb, idx, m):
         nctx = block.norm1_context(ctx, temb)
     else:
         nctx, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(ctx, emb=temb)
-    img_out, ctx_out = self._attention(block.attn, kv, nx, nctx, idx, m)
+    img_out, ctx_out = self._attention(block.attn, kv, nx, nctx, idx)
     x = x + gate_msa.unsqueeze(1) * img_out
     if block.use_dual_attention:
-        img_out2, _ = self._attention(block.attn2, kv2, nx2, None, idx, m)
+        img_out2, _ = self._attention(block.attn2, kv2, nx2, None, idx)
         x = x + gate_msa2.unsqueeze(1) * img_out2
     nx = block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     x = x + gate_mlp.unsqueeze(1) * block.ff(nx)
@@ -66,7 +66,7 @@ def main():
     )
     info = adapter.inspect_call((), call)
     inputs = adapter.fast_inputs(info)
-    caches = [LayerCache() for _ in model.transformer_blocks]
+    caches = [BufferStore() for _ in model.transformer_blocks]
     m = info.num_tokens
     k = round(0.3 * m)
     idx = torch.randperm(m, generator=g)[:k].sort().values.to("cuda").expand(2, -1).contiguous()
@@ -133,7 +133,7 @@ def main():
         # attention backends at the pruned and dense shapes
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        kv = caches[0].kv["attn"]
+        kv = caches[0]["attn"]
         for label, q_len in (("pruned", k + 333), ("dense", m + 333)):
             q = torch.randn(2, q_len, 24, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
             kk, vv = kv[0].transpose(1, 2), kv[1].transpose(1, 2)

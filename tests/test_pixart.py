@@ -7,7 +7,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import catprune
 from catprune import CATConfig
-from catprune.adapters import LayerCache, adapter_for, supported_models
+from catprune.adapters import BufferStore, adapter_for, supported_models
 from catprune.adapters.pixart import PixArtAdapter
 from catprune.models.testing import tiny_pixart_inputs, tiny_pixart_transformer
 
@@ -70,49 +70,6 @@ def test_registered_and_looked_up_by_class(model):
     assert any(name.startswith("PixArtTransformer2DModel") for name in supported_models())
 
 
-def test_pruning_off_is_bit_identical(model, inputs):
-    dense = _run(model, inputs)
-    catprune.apply(model, CATConfig(keep_ratio=1.0))
-    assert torch.equal(_run(model, inputs), dense)
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=8))  # start_step >= steps
-    assert torch.equal(_run(model, inputs), dense)
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=20))
-    assert torch.equal(_run(model, inputs), dense)
-
-
-def test_apply_then_remove_is_bit_identical(model, inputs):
-    dense = _run(model, inputs)
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=3))
-    _run(model, inputs)
-    catprune.remove(model)
-    assert torch.equal(_run(model, inputs), dense)
-    assert all(len(m._forward_hooks) == 0 for m in model.modules())
-
-
-def test_pruning_on_differs_is_finite_and_repeatable(model, inputs):
-    dense = _run(model, inputs)
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=3))
-    first = _run(model, inputs)
-    second = _run(model, inputs)  # state reset between generations
-    assert torch.isfinite(first).all()
-    assert not torch.equal(first, dense)
-    assert torch.equal(first, second)
-    # close to dense, far closer than to an unrelated sample
-    assert (first - dense).abs().mean() < 0.25 * (dense - dense.roll(1, dims=0)).abs().mean()
-
-
-def test_realised_kept_tokens_match_config(model, inputs):
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=3))
-    _run(model, inputs, steps=8)
-    s = catprune.stats(model)
-    m = 4 * 6  # 8x12 latents, patch 2
-    assert [r.phase for r in s.steps] == ["dense"] * 2 + ["capture"] + ["pruned"] * 5
-    assert all(r.computed == round(0.3 * m) for r in s.steps if r.phase == "pruned")
-    assert all(r.macs < r.macs_dense for r in s.steps if r.phase == "pruned")
-    runtime = model.forward.__catprune_runtime__
-    assert runtime.idx_rows.shape == (2, round(0.3 * m))
-
-
 @pytest.mark.parametrize("masks", ["none", "text", "text+image"])
 def test_full_selection_pruned_step_equals_dense_step(model, masks):
     """Eager semantics of the pruned path: with every token selected it is the dense forward."""
@@ -124,7 +81,7 @@ def test_full_selection_pruned_step_equals_dense_step(model, masks):
     if masks == "text+image":
         kwargs["attention_mask"] = torch.ones(2, 16).index_fill_(1, torch.tensor([3, 7]), 0.0)  # (B, M) keep-mask
     info = adapter.inspect_call((), kwargs)
-    caches = [LayerCache() for _ in model.transformer_blocks]
+    caches = [BufferStore() for _ in model.transformer_blocks]
     with torch.no_grad():
         with adapter.capture(caches, info):
             dense = model(**kwargs)[0]
@@ -158,16 +115,16 @@ def test_partial_selection_uses_cached_keys_and_values(model):
     adapter = adapter_for(model)
     kwargs = _call_kwargs(model, tiny_pixart_inputs(model, batch=1, height=8, width=8, masked_text_tokens=1))
     info = adapter.inspect_call((), kwargs)
-    caches = [LayerCache() for _ in model.transformer_blocks]
+    caches = [BufferStore() for _ in model.transformer_blocks]
     with torch.no_grad(), adapter.capture(caches, info):
         model(**kwargs)
     idx = torch.tensor([[0, 3, 5, 9]])
-    before = [c.kv["attn"].clone() for c in caches]
+    before = [c["attn"].clone() for c in caches]
     with torch.no_grad():
         out = adapter.pruned_forward(caches, idx, info)
     assert out.shape == (1, 4, model.proj_out.out_features)
     # same inputs -> the selected tokens' fresh K/V equal the cached ones
-    assert all(torch.allclose(c.kv["attn"], b, atol=1e-5) for c, b in zip(caches, before, strict=True))
+    assert all(torch.allclose(c["attn"], b, atol=1e-5) for c, b in zip(caches, before, strict=True))
 
     # new latents: the selected tokens' K/V change, every other token's cached K/V is exactly as it was
     moved = dict(kwargs, hidden_states=kwargs["hidden_states"] + 1.0, timestep=torch.full((1,), 300))
@@ -175,15 +132,15 @@ def test_partial_selection_uses_cached_keys_and_values(model):
         adapter.pruned_forward(caches, idx, adapter.inspect_call((), moved))
     unselected = torch.ones(16, dtype=torch.bool).index_fill_(0, idx[0], False)
     for c, b in zip(caches, before, strict=True):
-        after = c.kv["attn"]  # (2, B, M, H, hd)
+        after = c["attn"]  # (2, B, M, H, hd)
         assert torch.equal(after[:, :, unselected], b[:, :, unselected])
         assert not torch.allclose(after[0, :, idx[0]], b[0, :, idx[0]])  # fresh keys
         assert not torch.allclose(after[1, :, idx[0]], b[1, :, idx[0]])  # fresh values
     # block 0's K/V of a token depend on that token alone: the fresh ones equal a dense step's on the new latents
-    fresh = [LayerCache() for _ in model.transformer_blocks]
+    fresh = [BufferStore() for _ in model.transformer_blocks]
     with torch.no_grad(), adapter.capture(fresh, adapter.inspect_call((), moved)):
         model(**moved)
-    assert torch.allclose(caches[0].kv["attn"][:, :, idx[0]], fresh[0].kv["attn"][:, :, idx[0]], atol=1e-5)
+    assert torch.allclose(caches[0]["attn"][:, :, idx[0]], fresh[0]["attn"][:, :, idx[0]], atol=1e-5)
 
 
 def test_cfg_rows_share_selection_scored_on_conditional_row(model):
@@ -191,10 +148,14 @@ def test_cfg_rows_share_selection_scored_on_conditional_row(model):
     inputs = tiny_pixart_inputs(model, batch=4, height=8, width=8)
     added = _added(4) if model.use_additional_conditions else None
     denoise(model, inputs, steps=4, added_cond_kwargs=added)
-    runtime = model.forward.__catprune_runtime__
-    idx = runtime.idx_rows
+    view = catprune.inspect(model)
+    idx = view.next_selection
     assert torch.equal(idx[0], idx[2]) and torch.equal(idx[1], idx[3])
-    assert runtime.idx.shape[0] == 2
+    assert view.cfg_shared
+    for record in view.steps:
+        if record.kind == "pruned":  # every pruned step computed the same tokens for both rows of a sample
+            assert torch.equal(record.selected[0], record.selected[2])
+            assert torch.equal(record.selected[1], record.selected[3])
 
 
 def test_per_row_selection_is_independent():
@@ -204,7 +165,7 @@ def test_per_row_selection_is_independent():
     inputs = tiny_pixart_inputs(model, batch=2, height=8, width=8)
     inputs["hidden_states"][1] = torch.randn(inputs["hidden_states"][1].shape, generator=g) * 3
     denoise(model, inputs, steps=5)
-    idx = model.forward.__catprune_runtime__.idx_rows
+    idx = catprune.inspect(model).next_selection
     assert idx.shape == (2, 5) and not torch.equal(idx[0], idx[1])
 
 
@@ -251,7 +212,7 @@ def test_macs_match_flop_counter():
     inputs = tiny_pixart_inputs(model, batch=2, height=16, width=16, text_tokens=7, masked_text_tokens=2)
     kwargs = dict(**inputs, timestep=torch.tensor([500, 500]), added_cond_kwargs=_added(2, 16, 16), return_dict=False)
     info = adapter.inspect_call((), kwargs)
-    caches = [LayerCache() for _ in model.transformer_blocks]
+    caches = [BufferStore() for _ in model.transformer_blocks]
     # the math backend decomposes attention into matmuls that the counter sees (the CPU flash kernel is not counted)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as counter:
@@ -267,22 +228,6 @@ def test_macs_match_flop_counter():
     assert adapter.macs(info, 16) < adapter.macs(info, 64)
 
 
-@pytest.mark.parametrize("selection", ["cat", "ras", "staleness"])
-def test_fused_step_logic_matches_unfused(model, inputs, selection):
-    """The graph backends replay one fused step (pruned forward + scatter + staleness + next selection) over
-    persistent buffers, through fast_inputs / pruned_fn; run that same function eagerly here and compare with the
-    unfused eager path."""
-    config = CATConfig(keep_ratio=0.3, start_step=3, selection=selection)
-    catprune.apply(model, config)
-    unfused = _run(model, inputs)
-    catprune.apply(model, config)
-    runtime = model.forward.__catprune_runtime__
-    runtime.fuse = True
-    fused = _run(model, inputs)
-    assert torch.equal(fused, unfused)
-    assert torch.equal(_run(model, inputs), fused)  # persistent buffers are reset between generations
-
-
 def test_static_functions_match_the_eager_paths(model):
     """dense_fn / pruned_fn (the compile / CUDA-graph entry points) over fast_inputs equal the eager calls."""
     adapter = adapter_for(model)
@@ -292,7 +237,7 @@ def test_static_functions_match_the_eager_paths(model):
     inputs = adapter.fast_inputs(info)
     assert all(isinstance(v, torch.Tensor) for v in inputs.values())
     assert inputs["timestep"].shape == (2,) and inputs["encoder_attention_mask"].shape == (2, 1, 5)
-    caches = [LayerCache() for _ in model.transformer_blocks]
+    caches = [BufferStore() for _ in model.transformer_blocks]
     idx = torch.tensor([[1, 4, 9, 15], [0, 2, 3, 8]])
     with torch.no_grad():
         with adapter.capture(caches, info):
@@ -329,7 +274,7 @@ def test_pruned_function_makes_no_host_sync_on_cuda():
     kwargs["timestep"] = kwargs["timestep"].cuda()
     kwargs["added_cond_kwargs"] = {k: v.cuda() for k, v in kwargs["added_cond_kwargs"].items()}
     info = adapter.inspect_call((), kwargs)
-    caches = [LayerCache() for _ in model.transformer_blocks]
+    caches = [BufferStore() for _ in model.transformer_blocks]
     with torch.no_grad():
         with adapter.capture(caches, info):
             model(**kwargs)
@@ -479,8 +424,8 @@ def test_stock_pipeline_contract(masked):
     assert torch.isfinite(pruned).all() and not torch.equal(pruned, dense)
     assert (pruned - dense).abs().mean() < 0.25 * (other - dense).abs().mean()
     assert torch.equal(_generate(pipe, embeds, [1]), pruned)  # a new generation resets the state
-    runtime = pipe.transformer.forward.__catprune_runtime__
-    assert runtime.shared and torch.equal(runtime.idx_rows[0], runtime.idx_rows[1])  # CFG rows share
+    view = catprune.inspect(pipe)
+    assert view.cfg_shared and torch.equal(view.next_selection[0], view.next_selection[1])  # CFG rows share
     assert catprune.stats(pipe).pruned_steps == 5
     assert catprune.stats(pipe).steps[-1].rows == 2
     catprune.remove(pipe)
@@ -502,9 +447,9 @@ def test_stock_pipeline_cfg_auto_detects_guidance():
     repeated latents (and a batch of distinct samples is not mistaken for one)."""
     pipe = catprune.apply(_tiny_pixart_pipeline(), CATConfig(keep_ratio=0.3, start_step=3))
     _generate(pipe, _embeds(1), [1], steps=4)
-    assert pipe.transformer.forward.__catprune_runtime__.shared
+    assert catprune.inspect(pipe).cfg_shared
     _generate(pipe, _embeds(2), [1, 2], steps=4, guidance_scale=1.0)
-    assert not pipe.transformer.forward.__catprune_runtime__.shared
+    assert not catprune.inspect(pipe).cfg_shared
 
 
 def test_stock_pipeline_batch_equals_single_and_non_square():

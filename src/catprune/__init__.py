@@ -7,10 +7,10 @@ Example:
     1229
 """
 
-from .api import applied, apply, get_config, is_applied, remove, reset, stats
+from .api import Observer, applied, apply, get_config, inspect, is_applied, observe, remove, reset, stats, step_kernels
 from .config import Backend, CATConfig, CFGMode, Selection
 from .models import load_pipeline
-from .runtime import PruneStats, StepRecord
+from .runtime import InspectView, PruneStats, StepRecord
 
 __version__ = "0.1.0"
 
@@ -22,15 +22,20 @@ __all__ = [
     "CATConfig",
     "CFGMode",
     "Selection",
+    "InspectView",
+    "Observer",
     "PruneStats",
     "StepRecord",
     "__version__",
     "applied",
     "apply",
     "get_config",
+    "inspect",
     "is_applied",
     "load_pipeline",
+    "observe",
     "remove",
     "reset",
     "stats",
+    "step_kernels",
 ]

@@ -1,4 +1,4 @@
-"""Public API: apply / remove / applied / stats / reset.
+"""Public API: apply / remove / applied / stats / reset / get_config, and the read-only inspect / observe.
 
 catprune patches exactly one thing: the transformer's ``forward`` becomes an instance attribute that wraps the
 original (signature preserved through ``__wrapped__``). Its state lives on that wrapper, never on the model, so
@@ -14,14 +14,15 @@ import pickle
 import threading
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 
 from .adapters import adapter_for
-from .config import CATConfig
-from .runtime import PruneStats, Runtime
+from .config import Backend, CATConfig
+from .runtime import InspectView, PruneStats, Runtime, StepKernels, StepRecord, StepRunner
 
-_MARK = "__catprune_runtime__"
+_MARK = "__catprune_runtime__"  # private: reach the runtime through the functions of this module
 
 
 def _resolve(obj, fn: str):
@@ -112,11 +113,12 @@ class _Forward:
         if new_model is None:  # the wrapper alone, not as part of its model: like a function, it is not copied
             return self
         runtime = getattr(self, _MARK)
-        pipe = runtime._pipe() if runtime._pipe is not None else None
+        pipe = runtime.probe.pipe
         new_pipe = memo.get(id(pipe)) if pipe is not None else None  # None when only the transformer is copied
         original = copy.deepcopy(self.__wrapped__, memo)  # a bound method: bound to the copy
         previous = copy.deepcopy(self.__catprune_previous__, memo)
-        return _Forward(new_model, original, Runtime(adapter_for(new_model), runtime.config, new_pipe), previous)
+        runner = StepRunner(runtime.runner.backend, runtime.runner.fuse)  # fresh graphs and buffers for the copy
+        return _Forward(new_model, original, Runtime(adapter_for(new_model), runtime.config, new_pipe, runner), previous)
 
     def __reduce_ex__(self, protocol):
         model = self._model()
@@ -139,11 +141,15 @@ def _runtime(obj, fn: str) -> Runtime:
     return getattr(wrapper, _MARK)
 
 
-def apply(pipe_or_transformer, config: CATConfig | None = None):
+def apply(pipe_or_transformer, config: CATConfig | None = None, *, runner: StepRunner | None = None):
     """Apply CAT Pruning to a diffusers pipeline (its ``.transformer``) or to a transformer, in place.
 
-    Idempotent: applying again replaces the previous configuration. Everything is validated before the model is
-    modified. Returns its argument.
+    Idempotent: applying again replaces the previous configuration (observers registered with `observe` stay).
+    Everything is validated before the model is modified. Returns its argument.
+
+    ``runner`` (advanced): how steps execute, a `catprune.runtime.StepRunner` whose backend is ``config.backend``;
+    default ``StepRunner(config.backend)``. ``StepRunner(Backend.EAGER, fuse=True)`` runs eagerly the fused step
+    functions that the CUDA-graph backends replay, so their logic can be checked on a CPU.
 
     Example:
         >>> import catprune
@@ -161,17 +167,30 @@ def apply(pipe_or_transformer, config: CATConfig | None = None):
         )
     model, pipe = _resolve(pipe_or_transformer, "apply")
     target = pipe.transformer if pipe is not None else pipe_or_transformer
-    if model is not target and config.backend.value == "eager":
+    if model is not target and config.backend is Backend.EAGER:
         warnings.warn(
             "catprune.apply: the transformer is wrapped by torch.compile; catprune's forward runs outside Dynamo "
             "(no per-step recompiles), so that compile has no effect. For compiled steps use "
             "CATConfig(backend='compile') or backend='compile+cudagraph' on CUDA.",
             stacklevel=2,
         )
+    if runner is not None and not isinstance(runner, StepRunner):
+        raise TypeError(
+            f"catprune.apply: runner: expected a catprune.runtime.StepRunner or None, got {type(runner).__name__}. "
+            "Leave it out for the default."
+        )
+    if runner is not None and runner.backend is not config.backend:
+        raise ValueError(
+            f"catprune.apply: runner: expected a StepRunner for config.backend {config.backend.value!r}, got one "
+            f"for {runner.backend.value!r}. Pass StepRunner(config.backend, ...) or leave runner out."
+        )
     adapter = adapter_for(model)
     adapter.validate_model()
     _check_backend_device(model, config)
-    runtime = Runtime(adapter, config, pipe)
+    runtime = Runtime(adapter, config, pipe, runner)
+    previous, _ = _patched_wrapper(model)
+    if previous is not None:
+        runtime.observers.extend(getattr(previous, _MARK).observers)
     remove(model)
 
     # Under an accelerate hook (enable_model_cpu_offload, device maps) patch the forward the hook calls: diffusers
@@ -241,6 +260,9 @@ def applied(pipe_or_transformer, config: CATConfig | None = None):
 def stats(pipe_or_transformer) -> PruneStats:
     """Per-step record of the last (or current) generation: tokens computed, analytic MACs dense vs pruned.
 
+    Steps are recorded with pruning off too (``keep_ratio=1``, or ``start_step`` beyond the last step), as dense
+    steps; the forward is then still the model's own.
+
     Example:
         >>> import catprune
         >>> from catprune.models.testing import tiny_sd3_transformer
@@ -259,3 +281,98 @@ def reset(pipe_or_transformer) -> None:
 def get_config(pipe_or_transformer) -> CATConfig:
     """The CATConfig in force."""
     return _runtime(pipe_or_transformer, "get_config").config
+
+
+def inspect(pipe_or_transformer) -> InspectView:
+    """A read-only snapshot: config, stats with per-step records (selected token indices of pruned steps), the
+    current generation's grid, CFG sharing, next selection and cache sizes. See `catprune.runtime.InspectView`.
+
+    Example:
+        >>> import catprune
+        >>> from catprune.models.testing import tiny_sd3_inputs, tiny_sd3_transformer
+        >>> model = catprune.apply(tiny_sd3_transformer(), catprune.CATConfig(keep_ratio=0.5, start_step=2))
+        >>> inputs = tiny_sd3_inputs(model, batch=1, height=8, width=8)
+        >>> for t in (900.0, 800.0, 700.0):
+        ...     _ = model(**inputs, timestep=torch.tensor([t]))
+        >>> view = catprune.inspect(model)
+        >>> [r.kind for r in view.steps], tuple(view.selected(2).shape), view.grid
+        (['dense', 'capture', 'pruned'], (1, 8), (4, 4))
+    """
+    runtime = _runtime(pipe_or_transformer, "inspect")
+    gen = runtime.generation
+    records = list(gen.records) if gen is not None else []
+    pruning = gen is not None and gen.buffers is not None
+    ready = pruning and gen.labels is not None
+    return InspectView(
+        family=runtime.adapter.family,
+        config=runtime.config,
+        stats=PruneStats(records),
+        grid=gen.grid if gen is not None else None,
+        batch=gen.batch if gen is not None else None,
+        cfg_shared=gen.shared if pruning else None,
+        next_selection=gen.idx_rows.clone() if ready else None,
+        kv_cache_shapes=tuple(tuple(t.shape) for c in gen.caches for t in c.tensors.values()) if pruning else (),
+        cache_bytes=gen.cache_bytes() if pruning else 0,
+    )
+
+
+class Observer:
+    """Handle of a step observer (`observe`): ``remove()`` detaches it; also a context manager that removes it on
+    exit."""
+
+    def __init__(self, runtime: Runtime, callback: Callable[[StepRecord], None]):
+        self._runtime, self.callback = runtime, callback
+        runtime.observers.append(callback)
+
+    def remove(self) -> None:
+        """Stop calling the callback (a no-op when already removed)."""
+        with contextlib.suppress(ValueError):
+            self._runtime.observers.remove(self.callback)
+
+    def __enter__(self) -> Observer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def observe(pipe_or_transformer, callback: Callable[[StepRecord], None]) -> Observer:
+    """Call ``callback(record)`` after every counted transformer call with its read-only `StepRecord` (step index,
+    kind dense / capture / pruned, tokens computed per row, ``selected`` (B, k) indices of a pruned step or None,
+    MACs dense vs as run). Returns a handle with ``remove()``; usable as a context manager. Survives re-applying;
+    `remove` (undoing catprune) drops it.
+
+    Example:
+        >>> import catprune
+        >>> from catprune.models.testing import tiny_sd3_inputs, tiny_sd3_transformer
+        >>> model = catprune.apply(tiny_sd3_transformer(), catprune.CATConfig(keep_ratio=1.0))
+        >>> kinds = []
+        >>> with catprune.observe(model, lambda r: kinds.append(r.kind)):
+        ...     _ = model(**tiny_sd3_inputs(model, batch=1, height=8, width=8), timestep=torch.tensor([900.0]))
+        >>> kinds
+        ['dense']
+    """
+    if not callable(callback):
+        raise TypeError(
+            f"catprune.observe: callback: expected a callable taking a StepRecord, got {type(callback).__name__}. "
+            "Pass e.g. lambda record: print(record.kind)."
+        )
+    return Observer(_runtime(pipe_or_transformer, "observe"), callback)
+
+
+def step_kernels(pipe_or_transformer) -> StepKernels:
+    """The current generation's token selection and k-means as callables, for benchmarks that time them alone
+    (see `catprune.runtime.StepKernels`). ValueError before a pruning generation reached its capture step.
+
+    Example:
+        >>> import catprune
+        >>> from catprune.models.testing import tiny_sd3_inputs, tiny_sd3_transformer
+        >>> model = catprune.apply(tiny_sd3_transformer(), catprune.CATConfig(keep_ratio=0.5, start_step=2))
+        >>> inputs = tiny_sd3_inputs(model, batch=1, height=8, width=8)
+        >>> for t in (900.0, 800.0):
+        ...     _ = model(**inputs, timestep=torch.tensor([t]))
+        >>> kernels = catprune.step_kernels(model)
+        >>> tuple(kernels.select().shape), tuple(kernels.cluster().shape), kernels.fused
+        ((1, 8), (1, 16), False)
+    """
+    return _runtime(pipe_or_transformer, "step_kernels").kernels()

@@ -28,7 +28,7 @@ class Selection(str, enum.Enum):
     """Which tokens a pruned step recomputes. ``CAT`` is the method; the others exist for ablations and baselines
     at the same token budget k (the same caches and the same pruned step, only the choice differs).
 
-    - ``CAT``: cluster-aware change magnitude plus staleness (method.md step 4).
+    - ``CAT``: cluster-aware change magnitude plus staleness (docs/method.md step 4).
     - ``RANDOM``: k tokens uniformly at random each step (seeded).
     - ``MAGNITUDE``: the k largest changes ``||n_i - n_ref||``; no clusters, no staleness.
     - ``STALENESS``: the k stalest tokens (lowest f); no change signal.

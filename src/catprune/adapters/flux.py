@@ -15,12 +15,12 @@ import weakref
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxTransformer2DModel
 
-from ..algorithm import gather_tokens, scatter_tokens_
-from .base import Adapter, CallInfo, LayerCache
-from .ops import describe, gated_add, linear_macs, lora_scale, modulate
+from ..algorithm import gather_tokens
+from ..runtime.contract import BufferStore, CallInfo
+from .common import DiffusersAdapter, cached_attention, capture_kv, removing, sample_of
+from .ops import describe, gated_add, linear_macs, modulate
 
 _NAME = "FluxTransformer2DModel.forward"
 
@@ -48,31 +48,11 @@ def _ids_2d(ids: torch.Tensor) -> torch.Tensor:
     return ids[0] if ids.dim() == 3 else ids
 
 
-@torch.compiler.disable
-def cached_attention(kv, idx, q, image, text, backend=None) -> torch.Tensor:
-    """Write fresh K/V into the cache in place, then attend over all of it.
-
-    ``kv``: (2, B, M + T, H, hd) cache, image tokens first; ``image``: the (B, k, H, hd) keys and values of the
-    selected tokens, scattered to ``idx`` (B, k); ``text``: this step's (B, T, H, hd) text keys and values, copied
-    into the tail. Then queries ``q`` (B, S, H, hd) attend over all M + T keys through diffusers' attention dispatch
-    with the processor's ``backend``, as the dense forward does. Returns (B, S, H, hd).
-
-    Kept out of torch.compile graphs for the reason measured on SD3 (docs/measurements.md, 2026-11-28): inductor
-    functionalises in-place writes into a captured buffer and copies the whole buffer back.
-    """
-    m = kv.shape[2] - text[0].shape[1]
-    scatter_tokens_(kv[0, :, :m], idx, image[0])  # (B, M, H, hd) fresh keys of the selected tokens
-    scatter_tokens_(kv[1, :, :m], idx, image[1])
-    kv[0, :, m:].copy_(text[0])  # (B, T, H, hd)
-    kv[1, :, m:].copy_(text[1])
-    return dispatch_attention_fn(q, kv[0], kv[1], backend=backend)  # (B, S, H, hd)
-
-
-class FluxAdapter(Adapter):
+class FluxAdapter(DiffusersAdapter):
     """CAT Pruning for Flux transformers (``FluxTransformer2DModel``: FLUX.1-dev, FLUX.1-schnell, Fill / Canny /
     Depth variants whose extra conditioning is concatenated along channels).
 
-    Pruned step (method.md step 3 on Flux's two kinds of blocks):
+    Pruned step (docs/method.md step 3 on Flux's two kinds of blocks):
 
     - double-stream blocks: queries are the k selected image tokens plus all T text tokens; keys / values are all M
       image tokens (fresh at the selection, cached elsewhere) plus the text;
@@ -87,11 +67,7 @@ class FluxAdapter(Adapter):
 
     model_classes = (FluxTransformer2DModel,)
     family = "Flux (FluxTransformer2DModel)"
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__(model)
-        self._grid_memo = None  # (weakref to img_ids, version, grid): the raster check costs one host sync
-        self._last_call = None  # (weakref to hidden_states, version, weakref to encoder_hidden_states)
+    lora_argument = "joint_attention_kwargs"
 
     # ---------------------------------------------------------------- checks
     def num_caches(self) -> int:
@@ -131,15 +107,17 @@ class FluxAdapter(Adapter):
                     "context parallelism before catprune.apply()."
                 )
 
-    def _grid(self, img_ids: torch.Tensor, m: int) -> tuple[int, int]:
-        """The (h, w) grid of ``img_ids`` (S, 3), checked to be raster order; memoised per ids tensor."""
+    @staticmethod
+    def _grid(img_ids: torch.Tensor, m: int, memo: dict) -> tuple[int, int]:
+        """The (h, w) grid of ``img_ids`` (S, 3), checked to be raster order; memoised per ids tensor in ``memo``
+        (``memo["grid"]``: weakref to img_ids, its version, the grid), since the check costs one host sync."""
         try:
             version = img_ids._version
         except RuntimeError:  # inference-mode tensors track no version
             version = None
-        memo = self._grid_memo
-        if memo is not None and memo[0]() is img_ids and memo[1] == version and version is not None:
-            return memo[2]
+        known = memo.get("grid")
+        if known is not None and known[0]() is img_ids and known[1] == version and version is not None:
+            return known[2]
         ids = img_ids.detach().to("cpu", torch.float64)  # (M, 3): one host sync per ids tensor
         rows, cols = ids[:, 1], ids[:, 2]
         h = int(rows.max() - rows.min()) + 1 if m else 0
@@ -158,28 +136,31 @@ class FluxAdapter(Adapter):
                 "tokens as in Kontext, or a shuffled order). CAT Pruning clusters tokens on a raster grid; call "
                 "catprune.remove(pipe) for this pipeline."
             )
-        self._grid_memo = (weakref.ref(img_ids), version, (h, w))
+        memo["grid"] = (weakref.ref(img_ids), version, (h, w))
         return h, w
 
-    def _check_single_call_per_step(self, hs: torch.Tensor, ehs: torch.Tensor) -> None:
+    @staticmethod
+    def _check_single_call_per_step(hs: torch.Tensor, ehs: torch.Tensor, memo: dict) -> None:
         """Refuse a second transformer call on the same latents with other text (FluxPipeline's true CFG).
 
         FluxPipeline with ``true_cfg_scale > 1`` and a negative prompt calls the transformer twice per step, on the
         same ``latents`` tensor: positive prompt, then negative prompt. catprune counts one call per step, so the
         negative call would be taken for a new generation (and its K/V for the positive prompt's). Detected without
         a host sync: the latents tensor is the very one of the previous call, unmodified (same version counter), and
-        the previous call's text embeddings are still alive but another tensor.
+        the previous call's text embeddings are still alive but another tensor (``memo["last_call"]``: weakref to
+        hidden_states, its version, weakref to encoder_hidden_states).
         """
         try:
             version = hs._version
         except RuntimeError:
             version = None
-        last, self._last_call = self._last_call, (weakref.ref(hs), version, weakref.ref(ehs))
+        last = memo.get("last_call")
+        memo["last_call"] = (weakref.ref(hs), version, weakref.ref(ehs))
         if last is None or version is None or last[0]() is not hs or last[1] != version:
             return
         previous_text = last[2]()
         if previous_text is not None and previous_text is not ehs:
-            self._last_call = None  # the next generation starts clean
+            memo.pop("last_call")  # the next generation starts clean
             raise NotImplementedError(
                 "catprune: the transformer was called twice on the same latents with different text embeddings "
                 "(FluxPipeline's true classifier-free guidance: true_cfg_scale > 1 with a negative prompt makes a "
@@ -188,7 +169,7 @@ class FluxAdapter(Adapter):
                 "guidance_scale), or call catprune.remove(pipe) for true-CFG generations."
             )
 
-    def inspect_call(self, args, kwargs) -> CallInfo:
+    def inspect_call(self, args, kwargs, memo: dict | None = None) -> CallInfo:
         a = self.bind(args, kwargs)
         cfg = self.model.config
         hs, ehs, pooled = a["hidden_states"], a["encoder_hidden_states"], a["pooled_projections"]
@@ -247,16 +228,16 @@ class FluxAdapter(Adapter):
                 f"{_NAME}: joint_attention_kwargs: CAT Pruning supports only the LoRA 'scale' entry, got "
                 f"{unknown}. Call catprune.remove(pipe) to use other attention arguments."
             )
-        grid = self._grid(_ids_2d(a["img_ids"]), m)
-        self._check_single_call_per_step(hs, ehs)
+        memo = {} if memo is None else memo
+        grid = self._grid(_ids_2d(a["img_ids"]), m, memo)
+        self._check_single_call_per_step(hs, ehs, memo)
         return CallInfo(
             arguments=a, batch=b, grid=grid, text_tokens=t, timestep=timestep, device=hs.device, dtype=hs.dtype
         )
 
     # ---------------------------------------------------------------- output <-> tokens
     def output_tokens(self, output, info: CallInfo) -> torch.Tensor:
-        # Flux's output is already per token: (B, M, P), raster order checked on img_ids
-        return output.sample if isinstance(output, Transformer2DModelOutput) else output[0]  # (B, M, P)
+        return sample_of(output)  # (B, M, P): Flux's output is already per token, raster order checked on img_ids
 
     def unpatchify(self, tokens: torch.Tensor, info: CallInfo) -> torch.Tensor:
         # identity up to a copy: the caller must never receive the runtime's persistent output buffer itself
@@ -264,7 +245,7 @@ class FluxAdapter(Adapter):
 
     # ---------------------------------------------------------------- dense step that fills the caches
     @contextlib.contextmanager
-    def capture(self, caches: list[LayerCache], info: CallInfo):
+    def capture(self, caches: list[BufferStore], info: CallInfo):
         """Fill every block's K/V cache during the model's own dense forward (temporary forward hooks).
 
         Keys are stored after ``norm_k`` and after the rotary embedding. The hooks read the rotary table the model
@@ -274,178 +255,30 @@ class FluxAdapter(Adapter):
         """
         self.validate_model()  # a processor swapped / QKV fused after apply would leave the caches unfilled
         model = self.model
-        handles = []
         b, m, t = info.batch, info.num_tokens, info.text_tokens
         rope: dict[str, torch.Tensor] = {}
 
         def store_rope(_mod, _inp, out):
             rope["cos"], rope["sin"] = out[0][t:], out[1][t:]  # (M, hd) rows of the image tokens
 
-        def attach(attn, cache: LayerCache, offset: int):
-            # offset: text tokens in front of the image tokens at this attention's to_k / to_v (single blocks: T)
-            hd = attn.head_dim
-            buf = cache.buffer("attn", (2, b, m + t, attn.heads, hd), attn.to_k.weight.device, info.dtype)
-
-            def store_k(_mod, _inp, out):  # norm_k output: (B, offset + M, H, hd), before RoPE
-                key = apply_rotary_emb(out[:, offset:], (rope["cos"], rope["sin"]), sequence_dim=1)
-                buf[0, :, :m].copy_(key)  # (B, M, H, hd)
-
-            def store_v(_mod, _inp, out):  # to_v output: (B, offset + M, D)
-                buf[1, :, :m].copy_(out[:, offset:].unflatten(-1, (-1, hd)))  # (B, M, H, hd)
-
-            handles.append(attn.norm_k.register_forward_hook(store_k))
-            handles.append(attn.to_v.register_forward_hook(store_v))
+        def rotate(key):  # (B, M, H, hd) keys after norm_k, before RoPE
+            return apply_rotary_emb(key, (rope["cos"], rope["sin"]), sequence_dim=1)
 
         blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
         double = len(model.transformer_blocks)
-        try:
-            handles.append(model.pos_embed.register_forward_hook(store_rope))
+        with removing([model.pos_embed.register_forward_hook(store_rope)]) as handles:
             for i, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
-                attach(block.attn, cache, 0 if i < double else t)
+                attn = block.attn
+                shape = (2, b, m + t, attn.heads, attn.head_dim)
+                buf = cache.buffer("attn", shape, info.dtype, attn.to_k.weight.device)
+                offset = 0 if i < double else t  # single blocks: text tokens in front of the image tokens
+                hooks = capture_kv(buf, attn.norm_k, attn.to_v, attn.heads, offset, heads_first=False, rotate=rotate)
+                handles += hooks
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     # ---------------------------------------------------------------- pruned step
-    def pruned_forward(self, caches: list[LayerCache], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
-        a = info.arguments
-        with lora_scale(self.model, a.get("joint_attention_kwargs")):
-            return self._pruned(
-                caches,
-                idx,
-                a["hidden_states"],
-                a["encoder_hidden_states"],
-                a["pooled_projections"],
-                a["timestep"],
-                _ids_2d(a["img_ids"]),
-                _ids_2d(a["txt_ids"]),
-                a.get("guidance"),
-                controlnet=a.get("controlnet_block_samples"),
-                controlnet_single=a.get("controlnet_single_block_samples"),
-                controlnet_repeat=bool(a.get("controlnet_blocks_repeat")),
-            )
-
-    def _pruned(
-        self,
-        caches,
-        idx,
-        hidden_states,
-        encoder_hidden_states,
-        pooled,
-        timestep,
-        img_ids,
-        txt_ids,
-        guidance=None,
-        controlnet=None,
-        controlnet_single=None,
-        controlnet_repeat=False,
-    ):
-        """One pruned step over the (B, k) selected tokens ``idx``; returns their outputs (B, k, P)."""
-        model = self.model
-        t = encoder_hidden_states.shape[1]
-        # the x_embedder is per token: embedding only the selected tokens gives the same rows
-        x = model.x_embedder(gather_tokens(hidden_states, idx))  # (B, k, D) compact stream
-        timestep = timestep.to(x.dtype) * 1000
-        if guidance is None:
-            temb = model.time_text_embed(timestep, pooled)  # (B, D)
-        else:
-            temb = model.time_text_embed(timestep, guidance.to(x.dtype) * 1000, pooled)
-        ctx = model.context_embedder(encoder_hidden_states)  # (B, T, D)
-        cos, sin = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))  # (T + M, hd) each, float32
-        rope_txt = (cos[:t], sin[:t])  # (T, hd)
-        rope_sel = (cos[t:][idx], sin[t:][idx])  # (B, k, hd): every sample its own positions
-
-        double = len(model.transformer_blocks)
-        for i, (block, cache) in enumerate(zip(model.transformer_blocks, caches[:double], strict=True)):
-            ctx, x = self._double_block(block, cache.kv["attn"], x, ctx, temb, rope_txt, rope_sel, idx)
-            if controlnet is not None:
-                if controlnet_repeat:
-                    residual = controlnet[i % len(controlnet)]
-                else:
-                    residual = controlnet[i // -(-len(model.transformer_blocks) // len(controlnet))]
-                x = x + gather_tokens(residual, idx)  # (B, k, D)
-
-        b = x.shape[0]
-        rope_joint = tuple(
-            torch.cat([txt.expand(b, *txt.shape), sel], dim=1) for txt, sel in zip(rope_txt, rope_sel, strict=True)
-        )  # (B, T + k, hd) each
-        stream = torch.cat([ctx, x], dim=1)  # (B, T + k, D) = [text; selected image tokens]
-        singles = model.single_transformer_blocks
-        for i, (block, cache) in enumerate(zip(singles, caches[double:], strict=True)):
-            stream = self._single_block(block, cache.kv["attn"], stream, temb, rope_joint, idx, t)
-            if controlnet_single is not None:
-                residual = controlnet_single[i // -(-len(singles) // len(controlnet_single))]
-                stream[:, t:] += gather_tokens(residual, idx)  # (B, k, D); stream is this block's fresh output
-        x = model.norm_out(stream[:, t:], temb)  # (B, k, D)
-        return model.proj_out(x)  # (B, k, P)
-
-    def _double_block(self, block, kv, x, ctx, temb, rope_txt, rope_sel, idx):
-        # FluxTransformerBlock.forward with the image stream restricted to the selected tokens. Same math as the
-        # block; every `a * (1 + s) + b` modulation and `x + g * y` gated residual is one addcmul kernel (as in the
-        # SD3 adapter: fewer memory passes in a step where the elementwise work is a large share).
-        norm = block.norm1  # AdaLayerNormZero: modulation from temb, once per row
-        shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = norm.linear(norm.silu(temb)).chunk(6, dim=1)
-        nx = modulate(norm.norm(x), shift, scale)  # (B, k, D); shift etc.: (B, D)
-        norm = block.norm1_context
-        c_shift, c_scale, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = norm.linear(norm.silu(temb)).chunk(6, 1)
-        nctx = modulate(norm.norm(ctx), c_shift, c_scale)  # (B, T, D)
-
-        attn = block.attn
-        hd = attn.head_dim
-        q = attn.norm_q(attn.to_q(nx).unflatten(-1, (-1, hd)))  # (B, k, H, hd)
-        key = attn.norm_k(attn.to_k(nx).unflatten(-1, (-1, hd)))
-        value = attn.to_v(nx).unflatten(-1, (-1, hd))
-        qc = attn.norm_added_q(attn.add_q_proj(nctx).unflatten(-1, (-1, hd)))  # (B, T, H, hd)
-        kc = attn.norm_added_k(attn.add_k_proj(nctx).unflatten(-1, (-1, hd)))
-        vc = attn.add_v_proj(nctx).unflatten(-1, (-1, hd))
-        q, key = _rotate(q, *rope_sel), _rotate(key, *rope_sel)  # each token at its own position
-        qc, kc = _rotate(qc, *rope_txt), _rotate(kc, *rope_txt)
-        queries = torch.cat([qc, q], dim=1)  # (B, T + k, H, hd) [text; selected], as Flux orders its sequence
-        out = cached_attention(kv, idx, queries, (key, value), (kc, vc), attn.processor._attention_backend)
-        out = out.flatten(2, 3).to(queries.dtype)  # (B, T + k, D)
-        t = ctx.shape[1]
-        img_out = attn.to_out[1](attn.to_out[0](out[:, t:].contiguous()))  # (B, k, D)
-        txt_out = attn.to_add_out(out[:, :t].contiguous())  # (B, T, D)
-
-        x = gated_add(x, gate_msa, img_out)  # (B, k, D)
-        x = gated_add(x, gate_mlp, block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp)))
-
-        ctx = gated_add(ctx, c_gate_msa, txt_out)  # (B, T, D) text stream stays dense
-        ctx = gated_add(
-            ctx, c_gate_mlp, block.ff_context(modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
-        )
-        if ctx.dtype == torch.float16:
-            ctx = ctx.clip(-65504, 65504)
-        return ctx, x
-
-    def _single_block(self, block, kv, stream, temb, rope_joint, idx, t):
-        # FluxSingleTransformerBlock.forward on the stream [text (T); selected image tokens (k)]
-        attn = block.attn
-        hd = attn.head_dim
-        shift, scale, gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)  # (B, D) each
-        ns = modulate(block.norm.norm(stream), shift, scale)  # (B, T + k, D)
-        mlp = block.act_mlp(block.proj_mlp(ns))  # (B, T + k, F)
-        q = attn.norm_q(attn.to_q(ns).unflatten(-1, (-1, hd)))  # (B, T + k, H, hd)
-        key = attn.norm_k(attn.to_k(ns).unflatten(-1, (-1, hd)))
-        value = attn.to_v(ns).unflatten(-1, (-1, hd))
-        q, key = _rotate(q, *rope_joint), _rotate(key, *rope_joint)
-        image, text = (key[:, t:], value[:, t:]), (key[:, :t], value[:, :t])  # (B, k | T, H, hd)
-        out = cached_attention(kv, idx, q, image, text, attn.processor._attention_backend)  # (B, T + k, H, hd)
-        out = out.flatten(2, 3).to(q.dtype)  # (B, T + k, D)
-        stream = gated_add(stream, gate, block.proj_out(torch.cat([out, mlp], dim=2)))  # (B, T + k, D)
-        if stream.dtype == torch.float16:
-            stream = stream.clip(-65504, 65504)
-        return stream
-
-    # ---------------------------------------------------------------- static-shape functions for compile / graphs
-    def fast_inputs(self, info: CallInfo) -> dict[str, torch.Tensor] | None:
-        a = info.arguments
-        if a.get("joint_attention_kwargs") or a.get("controlnet_block_samples") is not None:
-            return None  # LoRA scale / ControlNet: eager path
-        if a.get("controlnet_single_block_samples") is not None:
-            return None
-        b = info.batch
+    def read_inputs(self, info: CallInfo) -> dict[str, torch.Tensor]:
+        a, b = info.arguments, info.batch
         inputs = dict(
             hidden_states=a["hidden_states"],
             encoder_hidden_states=a["encoder_hidden_states"],
@@ -458,34 +291,134 @@ class FluxAdapter(Adapter):
             inputs["guidance"] = a["guidance"].reshape(-1).expand(b)  # (B,)
         return inputs
 
-    def dense_fn(self, original):
-        def dense(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None):
-            return original(
-                hidden_states=hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                pooled_projections=pooled_projections,
-                timestep=timestep,
-                img_ids=img_ids,
-                txt_ids=txt_ids,
-                guidance=guidance,
-                return_dict=False,
-            )[0]  # (B, M, P)
+    def needs_eager(self, info: CallInfo) -> bool:
+        a = info.arguments
+        controlnet = ("controlnet_block_samples", "controlnet_single_block_samples")
+        return bool(a.get("joint_attention_kwargs")) or any(a.get(name) is not None for name in controlnet)
 
-        return dense
+    def eager_extras(self, info: CallInfo) -> dict:
+        a = info.arguments
+        return dict(
+            controlnet=a.get("controlnet_block_samples"),
+            controlnet_single=a.get("controlnet_single_block_samples"),
+            controlnet_repeat=bool(a.get("controlnet_blocks_repeat")),
+        )
 
-    def pruned_fn(self, caches: list[LayerCache], info: CallInfo):
-        def pruned(
-            idx, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None
-        ):
-            tensors = (hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids)
-            return self._pruned(caches, idx, *tensors, guidance)  # (B, k, P)
+    def pruned_core(
+        self,
+        caches,
+        idx,
+        m,
+        hidden_states,
+        encoder_hidden_states,
+        pooled_projections,
+        timestep,
+        img_ids,
+        txt_ids,
+        guidance=None,
+        controlnet=None,
+        controlnet_single=None,
+        controlnet_repeat=False,
+    ):
+        """FluxTransformer2DModel.forward over the (B, k) selected tokens ``idx``; returns their outputs (B, k, P)."""
+        model = self.model
+        t = encoder_hidden_states.shape[1]
+        # the x_embedder is per token: embedding only the selected tokens gives the same rows
+        x = model.x_embedder(gather_tokens(hidden_states, idx))  # (B, k, D)  # CAT: gather the selected tokens
+        timestep = timestep.to(x.dtype) * 1000
+        if guidance is None:
+            temb = model.time_text_embed(timestep, pooled_projections)  # (B, D)
+        else:
+            temb = model.time_text_embed(timestep, guidance.to(x.dtype) * 1000, pooled_projections)
+        ctx = model.context_embedder(encoder_hidden_states)  # (B, T, D)
+        cos, sin = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))  # (T + M, hd) each, float32
+        rope_txt = (cos[:t], sin[:t])  # (T, hd)
+        rope_sel = (cos[t:][idx], sin[t:][idx])  # (B, k, hd)  # CAT: every sample its own positions
 
-        return pruned
+        double = len(model.transformer_blocks)
+        for i, (block, cache) in enumerate(zip(model.transformer_blocks, caches[:double], strict=True)):
+            ctx, x = self._double_block(block, cache["attn"], x, ctx, temb, rope_txt, rope_sel, idx)
+            if controlnet is not None:
+                if controlnet_repeat:
+                    residual = controlnet[i % len(controlnet)]
+                else:
+                    residual = controlnet[i // -(-len(model.transformer_blocks) // len(controlnet))]
+                x = x + gather_tokens(residual, idx)  # (B, k, D)  # CAT: gather
 
-    def wrap_sample(self, sample: torch.Tensor, info: CallInfo):
-        if not info.arguments.get("return_dict", True):
-            return (sample,)
-        return Transformer2DModelOutput(sample=sample)
+        b = x.shape[0]
+        rope_joint = tuple(
+            torch.cat([txt.expand(b, *txt.shape), sel], dim=1) for txt, sel in zip(rope_txt, rope_sel, strict=True)
+        )  # (B, T + k, hd) each
+        stream = torch.cat([ctx, x], dim=1)  # (B, T + k, D) = [text; selected image tokens]
+        singles = model.single_transformer_blocks
+        for i, (block, cache) in enumerate(zip(singles, caches[double:], strict=True)):
+            stream = self._single_block(block, cache["attn"], stream, temb, rope_joint, idx, t)
+            if controlnet_single is not None:
+                residual = controlnet_single[i // -(-len(singles) // len(controlnet_single))]
+                stream[:, t:] += gather_tokens(residual, idx)  # (B, k, D)  # CAT: gather
+        x = model.norm_out(stream[:, t:], temb)  # (B, k, D)
+        return model.proj_out(x)  # (B, k, P)
+
+    def _double_block(self, block, kv, x, ctx, temb, rope_txt, rope_sel, idx):
+        # FluxTransformerBlock.forward with the image stream restricted to the selected tokens. Same math as the
+        # block, fewer memory passes (docs/design.md decision 15).
+        norm = block.norm1  # AdaLayerNormZero: modulation from temb, once per row
+        shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = norm.linear(norm.silu(temb)).chunk(6, dim=1)
+        nx = modulate(norm.norm(x), shift, scale)  # (B, k, D); shift etc.: (B, D)  # CAT: fused modulation
+        norm = block.norm1_context
+        c_shift, c_scale, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = norm.linear(norm.silu(temb)).chunk(6, 1)
+        nctx = modulate(norm.norm(ctx), c_shift, c_scale)  # (B, T, D)  # CAT: fused modulation
+
+        attn = block.attn
+        hd = attn.head_dim
+        q = attn.norm_q(attn.to_q(nx).unflatten(-1, (-1, hd)))  # (B, k, H, hd)
+        key = attn.norm_k(attn.to_k(nx).unflatten(-1, (-1, hd)))
+        value = attn.to_v(nx).unflatten(-1, (-1, hd))
+        qc = attn.norm_added_q(attn.add_q_proj(nctx).unflatten(-1, (-1, hd)))  # (B, T, H, hd)
+        kc = attn.norm_added_k(attn.add_k_proj(nctx).unflatten(-1, (-1, hd)))
+        vc = attn.add_v_proj(nctx).unflatten(-1, (-1, hd))
+        q, key = _rotate(q, *rope_sel), _rotate(key, *rope_sel)  # each token at its own position
+        qc, kc = _rotate(qc, *rope_txt), _rotate(kc, *rope_txt)
+        queries = torch.cat([qc, q], dim=1)  # (B, T + k, H, hd) [text; selected], as Flux orders its sequence
+        backend = attn.processor._attention_backend
+        out = cached_attention(kv, idx, queries, (key, value), (kc, vc), dispatch_attention_fn, backend=backend)
+        # CAT: cached attention (above): selected + text queries over all image K/V (cached + fresh) and the text
+        out = out.flatten(2, 3).to(queries.dtype)  # (B, T + k, D)
+        t = ctx.shape[1]
+        img_out = attn.to_out[1](attn.to_out[0](out[:, t:].contiguous()))  # (B, k, D)
+        txt_out = attn.to_add_out(out[:, :t].contiguous())  # (B, T, D)
+
+        x = gated_add(x, gate_msa, img_out)  # (B, k, D)  # CAT: fused residual
+        x = gated_add(x, gate_mlp, block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp)))  # CAT: fused
+
+        ctx = gated_add(ctx, c_gate_msa, txt_out)  # (B, T, D) text stream stays dense  # CAT: fused residual
+        ctx = gated_add(  # CAT: fused modulation and residual
+            ctx, c_gate_mlp, block.ff_context(modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
+        )
+        if ctx.dtype == torch.float16:
+            ctx = ctx.clip(-65504, 65504)
+        return ctx, x
+
+    def _single_block(self, block, kv, stream, temb, rope_joint, idx, t):
+        # FluxSingleTransformerBlock.forward on the stream [text (T); selected image tokens (k)]
+        attn = block.attn
+        hd = attn.head_dim
+        shift, scale, gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)  # (B, D) each
+        ns = modulate(block.norm.norm(stream), shift, scale)  # (B, T + k, D)  # CAT: fused modulation
+        mlp = block.act_mlp(block.proj_mlp(ns))  # (B, T + k, F)
+        q = attn.norm_q(attn.to_q(ns).unflatten(-1, (-1, hd)))  # (B, T + k, H, hd)
+        key = attn.norm_k(attn.to_k(ns).unflatten(-1, (-1, hd)))
+        value = attn.to_v(ns).unflatten(-1, (-1, hd))
+        q, key = _rotate(q, *rope_joint), _rotate(key, *rope_joint)
+        image, text = (key[:, t:], value[:, t:]), (key[:, :t], value[:, :t])  # (B, k | T, H, hd)
+        backend = attn.processor._attention_backend
+        out = cached_attention(kv, idx, q, image, text, dispatch_attention_fn, backend=backend)  # (B, T + k, H, hd)
+        # CAT: cached attention (above): text + selected queries over all image K/V (cached + fresh) and the text
+        out = out.flatten(2, 3).to(q.dtype)  # (B, T + k, D)
+        stream = gated_add(stream, gate, block.proj_out(torch.cat([out, mlp], dim=2)))  # (B, T + k, D)  # CAT: fused
+        if stream.dtype == torch.float16:
+            stream = stream.clip(-65504, 65504)
+        return stream
 
     # ---------------------------------------------------------------- cost model
     def macs(self, info: CallInfo, computed_tokens: int) -> int:

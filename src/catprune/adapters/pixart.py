@@ -12,14 +12,13 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import AttnProcessor2_0
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 
-from ..algorithm import gather_tokens, scatter_tokens_
-from .base import Adapter, CallInfo, LayerCache
+from ..algorithm import gather_tokens
+from ..runtime.contract import BufferStore, CallInfo
+from .common import PatchGridAdapter, cached_attention, capture_kv, removing, sdpa
 from .ops import describe, gated_add, linear_macs, modulate
 
 _NAME = "PixArtTransformer2DModel.forward"
@@ -31,23 +30,6 @@ def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     if mask is None or mask.dim() == 3:
         return mask
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)  # (B, 1, S)
-
-
-@torch.compiler.disable
-def cached_self_attention(kv: torch.Tensor, idx: torch.Tensor, q, key, value, bias=None) -> torch.Tensor:
-    """Write the selected tokens' fresh keys / values (B, k, H, hd) into the cache ``kv`` (2, B, M, H, hd) in place,
-    then attend with all of it: queries (B, H, k, hd) over the M image keys, ``bias`` None or (B, 1, 1, M).
-    Returns (B, H, k, hd).
-
-    Kept out of torch.compile's graphs for the reason measured on SD3 (docs/measurements.md, 2026-11-28): inductor
-    functionalises in-place writes into a persistent buffer and copies the whole buffer back. Under a CUDA graph of
-    the whole step the graph break costs nothing.
-    """
-    scatter_tokens_(kv[0], idx, key)  # (B, M, H, hd) fresh keys of the selected tokens
-    scatter_tokens_(kv[1], idx, value)
-    return F.scaled_dot_product_attention(
-        q, kv[0].transpose(1, 2), kv[1].transpose(1, 2), attn_mask=bias, dropout_p=0.0, is_causal=False
-    )  # (B, H, k, hd)
 
 
 @dataclass
@@ -65,7 +47,7 @@ class PixArtCallInfo(CallInfo):
         return super().signature + self.masks
 
 
-class PixArtAdapter(Adapter):
+class PixArtAdapter(PatchGridAdapter):
     """CAT Pruning for PixArt transformers (PixArt-Sigma; PixArt-Alpha's additional conditions are supported too).
 
     A pruned step keeps only the k selected image tokens as a compact (B, k, D) stream through all blocks (gathered
@@ -141,7 +123,7 @@ class PixArtAdapter(Adapter):
                     "(transformer.set_attn_processor(AttnProcessor2_0())) before catprune.apply()."
                 )
 
-    def inspect_call(self, args, kwargs) -> PixArtCallInfo:
+    def inspect_call(self, args, kwargs, memo: dict | None = None) -> PixArtCallInfo:
         a = self.bind(args, kwargs)
         cfg = self.model.config
         hs, ehs, t = a["hidden_states"], a["encoder_hidden_states"], a["timestep"]
@@ -224,99 +206,62 @@ class PixArtAdapter(Adapter):
                     f"{describe(value)}. Pass added_cond_kwargs as PixArtAlphaPipeline does."
                 )
 
-    # ---------------------------------------------------------------- output <-> tokens
-    def output_tokens(self, output, info: CallInfo) -> torch.Tensor:
-        sample = output.sample if isinstance(output, Transformer2DModelOutput) else output[0]  # (B, C, H, W)
-        b, c = sample.shape[:2]
-        h, w = info.grid
-        p = self.model.config.patch_size
-        tokens = sample.reshape(b, c, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
-        return tokens.reshape(b, h * w, p * p * c)  # (B, M, P) in proj_out's channel order
-
-    def unpatchify(self, tokens: torch.Tensor, info: CallInfo) -> torch.Tensor:
-        # the same unpatchify as PixArtTransformer2DModel.forward
-        b = tokens.shape[0]
-        h, w = info.grid
-        p = self.model.config.patch_size
-        c = self.model.out_channels
-        x = tokens.reshape(b, h, w, p, p, c)  # (B, h, w, p, p, C)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(b, c, h * p, w * p)  # (B, C, H, W)
-
-    def wrap_sample(self, sample: torch.Tensor, info: CallInfo):
-        if not info.arguments.get("return_dict", True):
-            return (sample,)
-        return Transformer2DModelOutput(sample=sample)
-
     # ---------------------------------------------------------------- dense step that fills the caches
     @contextlib.contextmanager
-    def capture(self, caches: list[LayerCache], info: CallInfo):
+    def capture(self, caches: list[BufferStore], info: CallInfo):
         """Temporary forward hooks on every block's self-attention ``to_k`` (or ``norm_k``) and ``to_v`` copy the
         dense step's image K/V into the (2, B, M, H, hd) caches; every hook is removed on exit."""
-        handles = []
         b, m = info.batch, info.num_tokens
-
-        def attach(attn, cache: LayerCache):
-            heads = attn.heads
-            head_dim = attn.to_k.out_features // heads
-            buf = cache.buffer("attn", (2, b, m, heads, head_dim), attn.to_k.weight.device, info.dtype)
-
-            def store_k(_mod, _inp, out):
-                if out.dim() == 4:  # norm_k output: (B, H, M, hd)
-                    buf[0].copy_(out.transpose(1, 2))
-                else:  # to_k output: (B, M, D)
-                    buf[0].copy_(out.view(b, m, heads, head_dim))
-
-            def store_v(_mod, _inp, out):
-                buf[1].copy_(out.view(b, m, heads, head_dim))  # (B, M, H, hd)
-
-            key_module = attn.norm_k if attn.norm_k is not None else attn.to_k
-            handles.append(key_module.register_forward_hook(store_k))
-            handles.append(attn.to_v.register_forward_hook(store_v))
-
-        try:
+        with removing([]) as handles:
             for block, cache in zip(self.model.transformer_blocks, caches, strict=True):
-                attach(block.attn1, cache)
+                attn = block.attn1
+                head_dim = attn.to_k.out_features // attn.heads
+                buf = cache.buffer("attn", (2, b, m, attn.heads, head_dim), info.dtype, attn.to_k.weight.device)
+                key_module = attn.norm_k if attn.norm_k is not None else attn.to_k
+                handles += capture_kv(buf, key_module, attn.to_v, attn.heads)
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     # ---------------------------------------------------------------- pruned step
-    def pruned_forward(self, caches: list[LayerCache], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
+    def read_inputs(self, info: CallInfo) -> dict[str, torch.Tensor]:
         a = info.arguments
-        added = a["added_cond_kwargs"] or {}
-        return self._pruned(
-            caches,
-            idx,
-            a["hidden_states"],
-            a["encoder_hidden_states"],
-            a["timestep"],
-            info.num_tokens,
-            encoder_attention_mask=_mask_to_bias(a["encoder_attention_mask"], info.dtype),
-            attention_mask=_mask_to_bias(a["attention_mask"], info.dtype),
-            resolution=added.get("resolution"),
-            aspect_ratio=added.get("aspect_ratio"),
+        inputs = dict(
+            hidden_states=a["hidden_states"],
+            encoder_hidden_states=a["encoder_hidden_states"],
+            timestep=a["timestep"],  # (B,), checked by inspect_call
         )
+        # masks as the (B, 1, S) biases the model's forward would make of them (converted here, outside the graph)
+        for name in ("encoder_attention_mask", "attention_mask"):
+            if a[name] is not None:
+                inputs[name] = _mask_to_bias(a[name], info.dtype)
+        if self.model.use_additional_conditions:
+            inputs["resolution"] = a["added_cond_kwargs"]["resolution"]
+            inputs["aspect_ratio"] = a["added_cond_kwargs"]["aspect_ratio"]
+        return inputs
 
-    def _pruned(
+    def forward_kwargs(self, inputs: dict[str, torch.Tensor]) -> dict:
+        inputs = dict(inputs)
+        added = {"resolution": inputs.pop("resolution", None), "aspect_ratio": inputs.pop("aspect_ratio", None)}
+        return dict(inputs, added_cond_kwargs=added)
+
+    def pruned_core(
         self,
         caches,
         idx,
+        m,
         hidden_states,
         encoder_hidden_states,
         timestep,
-        m,
         encoder_attention_mask=None,
         attention_mask=None,
         resolution=None,
         aspect_ratio=None,
     ):
-        """One pruned step over the (B, k) selected tokens ``idx``; masks are (B, 1, S) additive biases."""
+        """PixArtTransformer2DModel.forward over the (B, k) selected tokens ``idx``; masks are (B, 1, S) additive
+        biases. Returns the selected tokens' outputs (B, k, P)."""
         model = self.model
         b = hidden_states.shape[0]
         x = model.pos_embed(hidden_states)  # (B, M, D)
-        x = gather_tokens(x, idx)  # (B, k, D) compact stream of the selected tokens
+        x = gather_tokens(x, idx)  # (B, k, D)  # CAT: gather the selected tokens
         added = {"resolution": resolution, "aspect_ratio": aspect_ratio}
         temb, embedded = model.adaln_single(timestep, added, batch_size=b, hidden_dtype=x.dtype)  # (B, 6D), (B, D)
         ctx = encoder_hidden_states
@@ -325,22 +270,23 @@ class PixArtAdapter(Adapter):
         self_bias = attention_mask.unsqueeze(1) if attention_mask is not None else None  # (B, 1, 1, M)
         cross_bias = encoder_attention_mask.unsqueeze(1) if encoder_attention_mask is not None else None  # (B,1,1,T)
         for block, cache in zip(model.transformer_blocks, caches, strict=True):
-            x = self._block(block, cache.kv["attn"], x, ctx, temb, idx, self_bias, cross_bias)
+            x = self._block(block, cache["attn"], x, ctx, temb, idx, self_bias, cross_bias)
         shift, scale = (model.scale_shift_table[None] + embedded[:, None]).chunk(2, dim=1)  # (B, 1, D) each
-        x = modulate(model.norm_out(x), shift, scale)  # (B, k, D)
+        x = modulate(model.norm_out(x), shift, scale)  # (B, k, D)  # CAT: fused modulation
         return model.proj_out(x)  # (B, k, P)
 
     def _block(self, block, kv, x, ctx, temb, idx, self_bias, cross_bias):
         """BasicTransformerBlock.forward (ada_norm_single) with the image stream restricted to the selected tokens."""
-        # Same math as diffusers, fewer memory passes: each `a * (1 + s) + b` modulation and `x + g * y` gated
-        # residual is one addcmul (measured on SD3: these elementwise passes are a sizeable part of a pruned step)
+        # Same math as diffusers, fewer memory passes (docs/design.md decision 15)
         b = x.shape[0]
         table = block.scale_shift_table[None] + temb.reshape(b, 6, -1)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = table.chunk(6, dim=1)  # (B, 1, D) each
-        nx = modulate(block.norm1(x), shift_msa, scale_msa)  # (B, k, D)
-        x = gated_add(x, gate_msa, self._self_attention(block.attn1, kv, nx, idx, self_bias))  # (B, k, D)
+        nx = modulate(block.norm1(x), shift_msa, scale_msa)  # (B, k, D)  # CAT: fused modulation
+        attn_out = self._self_attention(block.attn1, kv, nx, idx, self_bias)  # (B, k, D)  # CAT: cached attention
+        x = gated_add(x, gate_msa, attn_out)  # (B, k, D)  # CAT: fused residual
         x = gated_add(x, None, self._cross_attention(block.attn2, x, ctx, cross_bias))  # no norm, no gate: PixArt
-        return gated_add(x, gate_mlp, block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp)))  # (B, k, D)
+        ff_out = block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp))  # (B, k, D)  # CAT: fused modulation
+        return gated_add(x, gate_mlp, ff_out)  # (B, k, D)  # CAT: fused residual
 
     @staticmethod
     def _self_attention(attn, kv: torch.Tensor, x, idx, bias):
@@ -357,8 +303,8 @@ class PixArtAdapter(Adapter):
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             key = attn.norm_k(key.transpose(1, 2)).transpose(1, 2)  # normalised in the processor's (B, H, k, hd)
-        out = cached_self_attention(kv, idx, q, key, value, bias)  # (B, H, k, hd)
-        out = out.transpose(1, 2).reshape(b, k, heads * head_dim).to(q.dtype)  # (B, k, D)
+        out = cached_attention(kv, idx, q.transpose(1, 2), (key, value), bias=bias)  # (B, k, H, hd)  # CAT: cached
+        out = out.reshape(b, k, heads * head_dim).to(q.dtype)  # (B, k, D)
         return attn.to_out[1](attn.to_out[0](out))  # (B, k, D)
 
     @staticmethod
@@ -376,76 +322,9 @@ class PixArtAdapter(Adapter):
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(q, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(b, k, heads * head_dim).to(q.dtype)  # (B, k, D)
+        out = sdpa(q.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), bias)  # (B, k, H, hd)
+        out = out.reshape(b, k, heads * head_dim).to(q.dtype)  # (B, k, D)
         return attn.to_out[1](attn.to_out[0](out))  # (B, k, D)
-
-    # ---------------------------------------------------------------- static-shape functions for compile / graphs
-    def fast_inputs(self, info: CallInfo) -> dict[str, torch.Tensor] | None:
-        a = info.arguments
-        inputs = dict(
-            hidden_states=a["hidden_states"],
-            encoder_hidden_states=a["encoder_hidden_states"],
-            timestep=a["timestep"],  # (B,), checked by inspect_call
-        )
-        # masks as the (B, 1, S) biases the model's forward would make of them (converted here, outside the graph)
-        for name in ("encoder_attention_mask", "attention_mask"):
-            if a[name] is not None:
-                inputs[name] = _mask_to_bias(a[name], info.dtype)
-        if self.model.use_additional_conditions:
-            inputs["resolution"] = a["added_cond_kwargs"]["resolution"]
-            inputs["aspect_ratio"] = a["added_cond_kwargs"]["aspect_ratio"]
-        return inputs
-
-    def dense_fn(self, original):
-        def dense(
-            hidden_states,
-            encoder_hidden_states,
-            timestep,
-            encoder_attention_mask=None,
-            attention_mask=None,
-            resolution=None,
-            aspect_ratio=None,
-        ):
-            return original(
-                hidden_states=hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                timestep=timestep,
-                added_cond_kwargs={"resolution": resolution, "aspect_ratio": aspect_ratio},
-                encoder_attention_mask=encoder_attention_mask,
-                attention_mask=attention_mask,
-                return_dict=False,
-            )[0]  # (B, C, H, W)
-
-        return dense
-
-    def pruned_fn(self, caches: list[LayerCache], info: CallInfo):
-        m = info.num_tokens
-
-        def pruned(
-            idx,
-            hidden_states,
-            encoder_hidden_states,
-            timestep,
-            encoder_attention_mask=None,
-            attention_mask=None,
-            resolution=None,
-            aspect_ratio=None,
-        ):
-            return self._pruned(
-                caches,
-                idx,
-                hidden_states,
-                encoder_hidden_states,
-                timestep,
-                m,
-                encoder_attention_mask=encoder_attention_mask,
-                attention_mask=attention_mask,
-                resolution=resolution,
-                aspect_ratio=aspect_ratio,
-            )  # (B, k, P)
-
-        return pruned
 
     # ---------------------------------------------------------------- cost model
     def macs(self, info: CallInfo, computed_tokens: int) -> int:

@@ -5,47 +5,27 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
-from ..algorithm import gather_tokens, scatter_tokens_
-from .base import Adapter, CallInfo, LayerCache
-from .ops import gated_add, linear_macs, lora_scale, modulate
+from ..algorithm import gather_tokens
+from ..runtime.contract import BufferStore, CallInfo
+from .common import PatchGridAdapter, cached_attention, capture_kv, removing
+from .ops import gated_add, linear_macs, modulate
 
 
-@torch.compiler.disable
-def cached_attention(kv, idx, m: int, q, key, value, text=None) -> torch.Tensor:
-    """Write the selected tokens' fresh keys / values (and this step's text K/V) into the cache ``kv`` in place,
-    then attend with all of it: queries (B, k [+ T], H, hd) over (B, M [+ T]) keys. Returns (B, H, k [+ T], hd).
-
-    Kept out of torch.compile's graphs on purpose: inductor functionalises in-place writes into a captured buffer
-    and then copies the whole buffer back (measured on H200: 2.7 ms of a 18 ms SD3-medium pruned step). Eager, the
-    writes are two small scatters; the compiled regions before and after still fuse the elementwise work. Under a
-    CUDA graph of the whole step the graph break costs nothing.
-    """
-    scatter_tokens_(kv[0, :, :m], idx, key)  # (B, M, H, hd) fresh keys of the selected tokens
-    scatter_tokens_(kv[1, :, :m], idx, value)
-    if text is not None:
-        kv[0, :, m:].copy_(text[0])  # (B, T, H, hd)
-        kv[1, :, m:].copy_(text[1])
-    return F.scaled_dot_product_attention(
-        q.transpose(1, 2), kv[0].transpose(1, 2), kv[1].transpose(1, 2), dropout_p=0.0, is_causal=False
-    )  # (B, H, k + T, hd)
-
-
-class SD3Adapter(Adapter):
+class SD3Adapter(PatchGridAdapter):
     """CAT Pruning for SD3-family MMDiT transformers (SD3-medium, SD3.5-medium with dual attention, SD3.5-large).
 
     A pruned step keeps only the k selected image tokens as a compact stream through all blocks: unselected tokens
     are needed only through their keys/values (read from the per-block cache) and their final output (the runtime's
-    output cache), so their hidden states are never materialised. This is exactly the semantics of method.md step 3
-    (cached attention / feed-forward outputs of unselected tokens would only feed values nobody reads).
+    output cache), so their hidden states are never materialised. This is exactly the semantics of docs/method.md
+    step 3 (cached attention / feed-forward outputs of unselected tokens would only feed values nobody reads).
     """
 
     model_classes = (SD3Transformer2DModel,)
     family = "SD3 / SD3.5 (SD3Transformer2DModel)"
+    lora_argument = "joint_attention_kwargs"
 
     # ---------------------------------------------------------------- checks
     def validate_model(self) -> None:
@@ -58,7 +38,7 @@ class SD3Adapter(Adapter):
                     "(transformer.set_default_attn_processor()) before catprune.apply()."
                 )
 
-    def inspect_call(self, args, kwargs) -> CallInfo:
+    def inspect_call(self, args, kwargs, memo: dict | None = None) -> CallInfo:
         a = self.bind(args, kwargs)
         hs, ehs = a["hidden_states"], a["encoder_hidden_states"]
         if not isinstance(hs, torch.Tensor) or hs.dim() != 4:
@@ -106,95 +86,25 @@ class SD3Adapter(Adapter):
         # SD3 pipelines make a second call per step for skip-layer guidance: run it dense and leave the state alone
         return bool(info.arguments.get("skip_layers"))
 
-    # ---------------------------------------------------------------- output <-> tokens
-    def output_tokens(self, output, info: CallInfo) -> torch.Tensor:
-        sample = output.sample if isinstance(output, Transformer2DModelOutput) else output[0]  # (B, C, H, W)
-        b, c = sample.shape[:2]
-        h, w = info.grid
-        p = self.model.config.patch_size
-        tokens = sample.reshape(b, c, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
-        return tokens.reshape(b, h * w, p * p * c)  # (B, M, P)
-
-    def unpatchify(self, tokens: torch.Tensor, info: CallInfo) -> torch.Tensor:
-        # the same unpatchify as SD3Transformer2DModel.forward
-        b = tokens.shape[0]
-        h, w = info.grid
-        p = self.model.config.patch_size
-        c = self.model.out_channels
-        x = tokens.reshape(b, h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(b, c, h * p, w * p)  # (B, C, H, W)
-
     # ---------------------------------------------------------------- dense step that fills the caches
     @contextlib.contextmanager
-    def capture(self, caches: list[LayerCache], info: CallInfo):
-        handles = []
+    def capture(self, caches: list[BufferStore], info: CallInfo):
         b, m, t = info.batch, info.num_tokens, info.text_tokens
-
-        def attach(attn, cache: LayerCache, name: str, extra: int):
-            heads = attn.heads
-            head_dim = attn.to_k.out_features // heads
-            w = attn.to_k.weight
-            buf = cache.buffer(name, (2, b, m + extra, heads, head_dim), w.device, info.dtype)
-
-            def store_k(_mod, _inp, out):
-                if out.dim() == 4:  # norm_k output: (B, H, M, hd)
-                    buf[0, :, :m].copy_(out.transpose(1, 2))
-                else:  # to_k output: (B, M, D)
-                    buf[0, :, :m].copy_(out.view(b, m, heads, head_dim))
-
-            def store_v(_mod, _inp, out):
-                buf[1, :, :m].copy_(out.view(b, m, heads, head_dim))  # (B, M, H, hd)
-
-            key_module = attn.norm_k if attn.norm_k is not None else attn.to_k
-            handles.append(key_module.register_forward_hook(store_k))
-            handles.append(attn.to_v.register_forward_hook(store_v))
-
-        try:
+        with removing([]) as handles:
             for block, cache in zip(self.model.transformer_blocks, caches, strict=True):
-                attach(block.attn, cache, "attn", t)
-                if block.attn2 is not None:
-                    attach(block.attn2, cache, "attn2", 0)
+                for name, attn, tail in (("attn", block.attn, t), ("attn2", block.attn2, 0)):
+                    if attn is None:
+                        continue
+                    head_dim = attn.to_k.out_features // attn.heads
+                    shape = (2, b, m + tail, attn.heads, head_dim)  # joint attention: text K/V in the tail
+                    buf = cache.buffer(name, shape, info.dtype, attn.to_k.weight.device)
+                    key_module = attn.norm_k if attn.norm_k is not None else attn.to_k
+                    handles += capture_kv(buf, key_module, attn.to_v, attn.heads)
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     # ---------------------------------------------------------------- pruned step
-    def pruned_forward(self, caches: list[LayerCache], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
+    def read_inputs(self, info: CallInfo) -> dict[str, torch.Tensor]:
         a = info.arguments
-        with lora_scale(self.model, a.get("joint_attention_kwargs")):
-            return self._pruned(
-                caches,
-                idx,
-                a["hidden_states"],
-                a["encoder_hidden_states"],
-                a["pooled_projections"],
-                a["timestep"],
-                info.num_tokens,
-                a.get("block_controlnet_hidden_states"),
-            )
-
-    def _pruned(self, caches, idx, hidden_states, encoder_hidden_states, pooled, timestep, m, controlnet=None):
-        model = self.model
-        x = model.pos_embed(hidden_states)  # (B, M, D)
-        x = gather_tokens(x, idx)  # (B, k, D) compact stream of the selected tokens
-        temb = model.time_text_embed(timestep, pooled)  # (B, D)
-        ctx = model.context_embedder(encoder_hidden_states)  # (B, T, D)
-        blocks = model.transformer_blocks
-        for index, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
-            ctx, x = self._block(block, cache.kv["attn"], cache.kv.get("attn2"), x, ctx, temb, idx, m)
-            if controlnet is not None and block.context_pre_only is False:
-                interval = len(blocks) / len(controlnet)
-                x = x + gather_tokens(controlnet[int(index / interval)], idx)  # (B, k, D)
-        x = model.norm_out(x, temb)  # (B, k, D)
-        return model.proj_out(x)  # (B, k, P)
-
-    # ---------------------------------------------------------------- static-shape functions for compile / graphs
-    def fast_inputs(self, info: CallInfo) -> dict[str, torch.Tensor] | None:
-        a = info.arguments
-        if a.get("joint_attention_kwargs") or a.get("block_controlnet_hidden_states") is not None:
-            return None  # LoRA scale / ControlNet: eager path
         t = a["timestep"]
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             t = torch.as_tensor(t, device=info.device).reshape(1)
@@ -202,60 +112,60 @@ class SD3Adapter(Adapter):
             hidden_states=a["hidden_states"],
             encoder_hidden_states=a["encoder_hidden_states"],
             pooled_projections=a["pooled_projections"],
-            timestep=t.expand(info.batch),
+            timestep=t.expand(info.batch),  # (B,)
         )
 
-    def dense_fn(self, original):
-        def dense(hidden_states, encoder_hidden_states, pooled_projections, timestep):
-            return original(
-                hidden_states=hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                pooled_projections=pooled_projections,
-                timestep=timestep,
-                return_dict=False,
-            )[0]  # (B, C, H, W)
+    def needs_eager(self, info: CallInfo) -> bool:
+        a = info.arguments
+        return bool(a.get("joint_attention_kwargs")) or a.get("block_controlnet_hidden_states") is not None
 
-        return dense
+    def eager_extras(self, info: CallInfo) -> dict:
+        return dict(controlnet=info.arguments.get("block_controlnet_hidden_states"))
 
-    def pruned_fn(self, caches: list[LayerCache], info: CallInfo):
-        m = info.num_tokens
+    def pruned_core(
+        self, caches, idx, m, hidden_states, encoder_hidden_states, pooled_projections, timestep, controlnet=None
+    ):
+        """SD3Transformer2DModel.forward over the (B, k) selected tokens ``idx``; returns their outputs (B, k, P)."""
+        model = self.model
+        x = model.pos_embed(hidden_states)  # (B, M, D)
+        x = gather_tokens(x, idx)  # (B, k, D)  # CAT: gather the selected tokens
+        temb = model.time_text_embed(timestep, pooled_projections)  # (B, D)
+        ctx = model.context_embedder(encoder_hidden_states)  # (B, T, D)
+        blocks = model.transformer_blocks
+        for index, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
+            ctx, x = self._block(block, cache["attn"], cache.get("attn2"), x, ctx, temb, idx)
+            if controlnet is not None and block.context_pre_only is False:
+                interval = len(blocks) / len(controlnet)
+                x = x + gather_tokens(controlnet[int(index / interval)], idx)  # (B, k, D)  # CAT: gather
+        x = model.norm_out(x, temb)  # (B, k, D)
+        return model.proj_out(x)  # (B, k, P)
 
-        def pruned(idx, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-            return self._pruned(caches, idx, hidden_states, encoder_hidden_states, pooled_projections, timestep, m)
-
-        return pruned
-
-    def wrap_sample(self, sample: torch.Tensor, info: CallInfo):
-        if not info.arguments.get("return_dict", True):
-            return (sample,)
-        return Transformer2DModelOutput(sample=sample)
-
-    def _block(self, block, kv, kv2, x, ctx, temb, idx, m):
+    def _block(self, block, kv, kv2, x, ctx, temb, idx):
         # JointTransformerBlock.forward with the image stream restricted to the selected tokens. Same math, fewer
-        # memory passes: every `a * (1 + s) + b` modulation and `x + g * y` gated residual is one addcmul kernel (one
-        # rounding instead of two in bf16), which matters in a pruned step where these passes are ~20% of the time.
+        # memory passes: every `a * (1 + s) + b` modulation and `x + g * y` gated residual is one addcmul kernel
+        # (docs/design.md decision 15).
         emb = block.norm1.linear(block.norm1.silu(temb))  # (B, 6D) or (B, 9D) with dual attention
         if block.use_dual_attention:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift2, scale2, gate_msa2 = emb.chunk(9, 1)
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)  # (B, D) each
         normed = block.norm1.norm(x)  # (B, k, D)
-        nx = modulate(normed, shift_msa, scale_msa)
+        nx = modulate(normed, shift_msa, scale_msa)  # CAT: fused modulation
         nctx, c_gates = self._norm1_context(block, ctx, temb)
 
-        img_out, ctx_out = self._attention(block.attn, kv, nx, nctx, idx, m)
-        x = gated_add(x, gate_msa, img_out)  # (B, k, D)
+        img_out, ctx_out = self._attention(block.attn, kv, nx, nctx, idx)  # CAT: cached attention
+        x = gated_add(x, gate_msa, img_out)  # (B, k, D)  # CAT: fused residual
         if block.use_dual_attention:
-            img_out2, _ = self._attention(block.attn2, kv2, modulate(normed, shift2, scale2), None, idx, m)
-            x = gated_add(x, gate_msa2, img_out2)
+            img_out2, _ = self._attention(block.attn2, kv2, modulate(normed, shift2, scale2), None, idx)  # CAT: cached
+            x = gated_add(x, gate_msa2, img_out2)  # CAT: fused residual
 
-        x = gated_add(x, gate_mlp, block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp)))  # (B, k, D)
+        x = gated_add(x, gate_mlp, block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp)))  # (B, k, D)  # CAT: fused
 
         if block.context_pre_only:
             return None, x
         c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_gates
-        ctx = gated_add(ctx, c_gate_msa, ctx_out)  # (B, T, D) text stream stays dense
-        ctx = gated_add(
+        ctx = gated_add(ctx, c_gate_msa, ctx_out)  # (B, T, D) text stream stays dense  # CAT: fused residual
+        ctx = gated_add(  # CAT: fused modulation and residual
             ctx, c_gate_mlp, block.ff_context(modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
         )
         return ctx, x
@@ -267,12 +177,12 @@ class SD3Adapter(Adapter):
         norm = block.norm1_context
         if block.context_pre_only:  # AdaLayerNormContinuous: (scale, shift) order, silu output cast to x's dtype
             scale, shift = norm.linear(norm.silu(temb).to(ctx.dtype)).chunk(2, dim=1)
-            return modulate(norm.norm(ctx), shift, scale), None
+            return modulate(norm.norm(ctx), shift, scale), None  # CAT: fused modulation
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = norm.linear(norm.silu(temb)).chunk(6, dim=1)
-        return modulate(norm.norm(ctx), shift, scale), (gate, shift_mlp, scale_mlp, gate_mlp)
+        return modulate(norm.norm(ctx), shift, scale), (gate, shift_mlp, scale_mlp, gate_mlp)  # CAT: fused
 
     @staticmethod
-    def _attention(attn, kv: torch.Tensor, x, ctx, idx, m):
+    def _attention(attn, kv: torch.Tensor, x, ctx, idx):
         """Selected queries (+ text queries) over all image keys (fresh at idx, cached elsewhere) + text keys.
 
         ``kv``: (2, B, M + T, H, hd) cache; this writes the fresh K/V of the selected tokens and this step's text
@@ -301,8 +211,8 @@ class SD3Adapter(Adapter):
                 kc = attn.norm_added_k(kc)
             text = (kc, vc)
             q = torch.cat([q, qc], dim=1)  # (B, k + T, H, hd)
-        out = cached_attention(kv, idx, m, q, key, value, text)  # (B, H, k + T, hd)
-        out = out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(q.dtype)  # (B, k + T, D)
+        out = cached_attention(kv, idx, q, (key, value), text)  # (B, k + T, H, hd)  # CAT: cached attention
+        out = out.reshape(b, -1, heads * head_dim).to(q.dtype)  # (B, k + T, D)
         img, txt = out[:, :k], out[:, k:]
         if ctx is not None and not attn.context_pre_only:
             txt = attn.to_add_out(txt)

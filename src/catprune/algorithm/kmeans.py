@@ -21,7 +21,7 @@ def grid_positions(height: int, width: int, device=None, dtype=torch.float32) ->
 
 
 def cluster_features(output: torch.Tensor, grid_hw: tuple[int, int], weight: float) -> torch.Tensor:
-    """Clustering features: ``weight * output`` next to the normalised grid position (method.md, step 2).
+    """Clustering features: ``weight * output`` next to the normalised grid position (docs/method.md, step 2).
 
     Args:
         output: (S, M, P) per-token model output, M = h * w in row-major order.

@@ -1,4 +1,4 @@
-"""Scoring and cluster-aware selection of exactly k tokens per sample (method.md, step 4).
+"""Scoring and cluster-aware selection of exactly k tokens per sample (docs/method.md, step 4).
 
 All functions are batched over S independent samples, use static shapes (exactly k tokens out) and never
 synchronise with the host, so they can run inside a CUDA graph.
@@ -107,6 +107,29 @@ def _rank_within_cluster(labels: torch.Tensor, order: torch.Tensor, num_clusters
     return torch.empty_like(rank_sorted).scatter_(1, by_cluster, rank_sorted)  # (S, M) back in token order
 
 
+def _magnitude_part(cluster_score, labels, staleness, quotas, by_score, by_age) -> torch.Tensor:
+    """(S, M) bool: the magnitude part of `select_tokens`: per cluster, by its rank's quota, half (rounded up) of
+    the largest-score tokens and the rest of its stalest remaining tokens."""
+    s, num_clusters = cluster_score.shape
+    device = cluster_score.device
+    cluster_order = cluster_score.float().sort(dim=1, descending=True, stable=True).indices  # (S, C)
+    rank_of_cluster = torch.empty_like(cluster_order).scatter_(
+        1, cluster_order, torch.arange(num_clusters, device=device).expand(s, -1)
+    )  # (S, C)
+    quota = quotas[rank_of_cluster]  # (S, C)
+    quota_score = (quota + 1) // 2  # (S, C) largest-score share (rounded up)
+    quota_stale = quota - quota_score  # (S, C)
+
+    rank_score = _rank_within_cluster(labels, by_score, num_clusters)  # (S, M)
+    chosen = rank_score < quota_score.gather(1, labels)  # (S, M)
+
+    # stalest remaining tokens of each cluster; chosen tokens sort last (+inf), ties by score
+    stale_key = torch.where(chosen, torch.inf, staleness.float()).gather(1, by_age)  # (S, M) in by_age order
+    by_stale = by_age.gather(1, stale_key.sort(dim=1, stable=True).indices)  # (S, M)
+    rank_stale = _rank_within_cluster(labels, by_stale, num_clusters)  # (S, M)
+    return chosen | (rank_stale < quota_stale.gather(1, labels))  # (S, M)
+
+
 def select_tokens(
     score: torch.Tensor,
     cluster_score: torch.Tensor,
@@ -126,11 +149,13 @@ def select_tokens(
     2. Staleness part: the rest, up to exactly k, are the stalest (lowest f) tokens not yet chosen.
     Ties in staleness are broken by larger ``age`` (steps since the token was last computed) when given, then by
     larger score, then by lower index. With all-zero staleness (the first selection) this reduces to "the
-    largest-score tokens, cluster-aware", as method.md step 2 asks.
+    largest-score tokens, cluster-aware", as docs/method.md step 2 asks.
 
     Why ``age``: f alone cannot order tokens once ``decay**age`` is 0 (decay 0, or long runs in float32), and then
-    ties would go to the largest scores and starve low-score tokens. Breaking ties by age keeps the guarantee that
-    every token is recomputed within about ``M / (k - m) + 2`` steps for every decay.
+    ties would go to the largest scores and starve low-score tokens. Breaking ties by age keeps a refresh guarantee
+    for every decay (docs/design.md decision 6, checked by a property test): every token is recomputed at least once
+    in every ``ceil(M / s) + L + 1`` steps, with ``s = k - m`` staleness picks per step and
+    ``L = ceil(log(1 - decay) / log(decay))`` (1 for decay 0).
 
     Args:
         score: (S, M) per-token change score.
@@ -168,22 +193,7 @@ def select_tokens(
     if budget > 0:
         if quotas is None:
             quotas = torch.tensor(cluster_quotas(budget, num_clusters, share_weights), device=device)  # (C,) by rank
-        cluster_order = cluster_score.float().sort(dim=1, descending=True, stable=True).indices  # (S, C)
-        rank_of_cluster = torch.empty_like(cluster_order).scatter_(
-            1, cluster_order, torch.arange(num_clusters, device=device).expand(s, -1)
-        )  # (S, C)
-        quota = quotas[rank_of_cluster]  # (S, C)
-        quota_score = (quota + 1) // 2  # (S, C) largest-score share (rounded up)
-        quota_stale = quota - quota_score  # (S, C)
-
-        rank_score = _rank_within_cluster(labels, by_score, num_clusters)  # (S, M)
-        chosen = rank_score < quota_score.gather(1, labels)  # (S, M)
-
-        # stalest remaining tokens of each cluster; chosen tokens sort last (+inf), ties by score
-        stale_key = torch.where(chosen, torch.inf, staleness.float()).gather(1, by_age)  # (S, M) in by_age order
-        by_stale = by_age.gather(1, stale_key.sort(dim=1, stable=True).indices)  # (S, M)
-        rank_stale = _rank_within_cluster(labels, by_stale, num_clusters)  # (S, M)
-        chosen = chosen | (rank_stale < quota_stale.gather(1, labels))
+        chosen = _magnitude_part(cluster_score, labels, staleness, quotas, by_score, by_age)  # (S, M)
 
     # fill up to exactly k: chosen first, then stalest, ties by age and score (kept by the stable sort)
     fill_key = torch.where(chosen, -torch.inf, staleness.float()).gather(1, by_age)  # (S, M)

@@ -18,14 +18,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import catprune
-from catprune.algorithm import cluster_features, kmeans
 from catprune.models import model_configs
 from catprune.models.testing import TINY_FLUX_CONFIG, TINY_PIXART_CONFIG
 from catprune.runtime.backends import GraphedCall
 
 from .families import FAMILIES, build_text_encoders, family_of
 
-MODES = ("eager", "compile", "cudagraph", "compile+cudagraph")
+MODES = tuple(b.value for b in catprune.Backend)  # a case's "mode" is its CATConfig.backend
 DENSE_START = 10**6
 # tiny random presets for tests and CPU smoke runs (not full-size models)
 TEST_PRESETS = {
@@ -336,21 +335,12 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None) -> BenchResult
     with torch.no_grad():
         dense, _ = _run_method(pipe, embeds, case, catprune.CATConfig(start_step=DENSE_START, **base), device)
         cat, latents = _run_method(pipe, embeds, case, catprune.CATConfig(start_step=case.start_step, **base), device)
-        runtime = pipe.transformer.forward.__catprune_runtime__
-        cache_bytes = sum(c.nbytes() for c in runtime.caches)
-        cache_bytes += sum(t.numel() * t.element_size() for t in (runtime.outputs, runtime.reference))
-        scored = runtime._score_view(runtime.outputs).float()
-        grid = runtime.signature[1]
-        features = cluster_features(scored, grid, runtime.config.cluster_feature_weight)
-
-        def cluster():
-            cfg = runtime.config
-            return kmeans(features, runtime.num_clusters, cfg.kmeans_iters, cfg.seed, runtime.uniforms)
-
-        select, clusterer = runtime._select_next, cluster
-        if runtime.fuse:  # time them as they run in the fused step: inside a CUDA graph
-            select = GraphedCall(lambda: runtime._select_next(), {}, state=[runtime.idx, runtime.idx_rows])
-            clusterer = GraphedCall(lambda: cluster(), {})
+        cache_bytes = catprune.inspect(pipe).cache_bytes
+        kernels = catprune.step_kernels(pipe)
+        select, clusterer = kernels.select, kernels.cluster
+        if kernels.fused:  # time them as they run in the fused step: inside a CUDA graph
+            select = GraphedCall(lambda: kernels.select(), {}, state=list(kernels.state))
+            clusterer = GraphedCall(lambda: kernels.cluster(), {})
         select_s = _time(select, device, repeats=20)
         kmeans_s = _time(clusterer, device, 5)
         vae_s = 0.0

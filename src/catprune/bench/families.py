@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..families import FAMILIES as FAMILY_RECORDS
+from ..families import load
+
 #: random-weight text encoders of the public pipelines, for an honest "dense peak memory" (resident, as
 #: ``from_pretrained(...).to("cuda")`` holds them); standard configs of CLIP ViT-L/14, OpenCLIP bigG/14 and
 #: T5-v1.1-XXL text towers
@@ -199,18 +202,15 @@ def _shapes_inputs(pipe, entry, batch, cfg, device, dtype, seed=0):
     return dict(prompt=captions, guidance_scale=DEFAULT_GUIDANCE_SCALE if cfg else 1.0)
 
 
-FAMILIES = {
-    "SD3Transformer2DModel": Family(
-        "sd3", _sd3_build, _sd3_inputs, _decode_vae, text_encoders=("clip-l", "clip-g", "t5-xxl")
-    ),
-    "PixArtTransformer2DModel": Family(
-        "pixart", _pixart_build, _pixart_inputs, _decode_vae, text_encoders=("t5-xxl",)
-    ),
-    "FluxTransformer2DModel": Family(
-        "flux", _flux_build, _flux_inputs, _flux_decode, text_encoders=("clip-l", "t5-xxl"), cfg_default=False
-    ),
-    "ShapesPipeline": Family("shapes", _shapes_build, _shapes_inputs, None),
-}
+SD3 = Family("sd3", _sd3_build, _sd3_inputs, _decode_vae, text_encoders=("clip-l", "clip-g", "t5-xxl"))
+PIXART = Family("pixart", _pixart_build, _pixart_inputs, _decode_vae, text_encoders=("t5-xxl",))
+FLUX = Family("flux", _flux_build, _flux_inputs, _flux_decode, text_encoders=("clip-l", "t5-xxl"), cfg_default=False)
+SHAPES = Family("shapes", _shapes_build, _shapes_inputs, None)
+
+#: pipeline class (the transformer's, for diffusers families) -> its benchmark record; the diffusers families come
+#: from the family records (catprune.families), the embedded shapes pipeline has no transformer adapter of its own
+FAMILIES = {record.transformer_class: load(record.bench) for record in FAMILY_RECORDS}
+FAMILIES["ShapesPipeline"] = SHAPES
 
 
 def family_of(entry: dict) -> Family:

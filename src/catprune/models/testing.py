@@ -234,3 +234,117 @@ def flux_pipeline_from_components(transformer, vae, scheduler=None):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---------------------------------------------------------------- one tiny harness per family (contract tests)
+class TinyFamily:
+    """A family's tiny random model and how a pipeline drives it, for the shared contract tests.
+
+    ``variants``: named config overrides (every variant runs the whole contract); ``inputs`` returns every call
+    argument except ``timestep`` (``hidden_states`` holds the starting latents); ``denoise`` runs a minimal
+    sampling loop over a bare transformer, as the family's pipeline calls it.
+    """
+
+    variants: dict[str, dict] = {"default": {}}
+    batched: tuple[str, ...] = ("hidden_states", "encoder_hidden_states")  # inputs with one row per sample
+    timestep_scale = 1.0  # what the pipeline multiplies the scheduler's timestep by
+
+    def transformer(self, variant: str = "default", seed: int = 0):
+        raise NotImplementedError
+
+    def inputs(self, model, batch: int = 2, height: int = 8, width: int = 12, seed: int = 0) -> dict:
+        raise NotImplementedError
+
+    def grid(self, model, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) image-token grid of ``height x width`` latents."""
+        p = 2
+        return height // p, width // p
+
+    def scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler()
+
+    def velocity(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The part of the model's output the scheduler steps with (PixArt drops its learned sigma)."""
+        return out
+
+    def call_kwargs(self, model, inputs: dict, t) -> dict:
+        """Keyword arguments of one transformer call at scheduler timestep ``t``."""
+        b = inputs["hidden_states"].shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32)
+        return dict(inputs, timestep=(t * self.timestep_scale).expand(b), return_dict=False)
+
+    def denoise(self, model, inputs: dict, steps: int = 6) -> torch.Tensor:
+        scheduler = self.scheduler()
+        scheduler.set_timesteps(steps)
+        x = inputs["hidden_states"].clone()
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                out = model(**self.call_kwargs(model, {**inputs, "hidden_states": x}, t))[0]
+                x = scheduler.step(self.velocity(out, x), t, x).prev_sample
+        return x
+
+    def row(self, inputs: dict, i: int) -> dict:
+        """Sample ``i`` of a batch of inputs."""
+        return {k: (v[i : i + 1] if k in self.batched else v) for k, v in inputs.items()}
+
+
+class TinySD3(TinyFamily):
+    variants = {"sd3": {}, "sd3.5": dict(qk_norm="rms_norm", dual_attention_layers=(0,))}
+    batched = ("hidden_states", "encoder_hidden_states", "pooled_projections")
+
+    def transformer(self, variant: str = "sd3", seed: int = 0):
+        return tiny_sd3_transformer(seed, **self.variants[variant])
+
+    def inputs(self, model, batch=2, height=8, width=12, seed=0):
+        return tiny_sd3_inputs(model, batch, height, width, seed=seed)
+
+
+class TinyPixArt(TinyFamily):
+    # PixArt-Alpha style: resolution / aspect-ratio micro-conditions (need a width divisible by 3)
+    variants = {
+        "sigma": {},
+        "alpha-conds": dict(use_additional_conditions=True, num_attention_heads=3, cross_attention_dim=24),
+    }
+    batched = ("hidden_states", "encoder_hidden_states", "encoder_attention_mask")
+
+    def transformer(self, variant: str = "sigma", seed: int = 0):
+        return tiny_pixart_transformer(seed, **self.variants[variant])
+
+    def inputs(self, model, batch=2, height=8, width=12, seed=0):
+        inputs = tiny_pixart_inputs(model, batch, height, width, seed=seed, masked_text_tokens=2)
+        if model.use_additional_conditions:
+            inputs["added_cond_kwargs"] = dict(
+                resolution=torch.tensor([[height * 8.0, width * 8.0]]).repeat(batch, 1),
+                aspect_ratio=torch.tensor([[height / width]]).repeat(batch, 1),
+            )
+        return inputs
+
+    def scheduler(self):
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler()
+
+    def velocity(self, out, x):
+        return out[:, : x.shape[1]]  # the noise half; the learned sigma is dropped as PixArtSigmaPipeline does
+
+    def row(self, inputs, i):
+        single = super().row(inputs, i)
+        added = inputs.get("added_cond_kwargs")
+        if added is not None:
+            single["added_cond_kwargs"] = {k: v[i : i + 1] for k, v in added.items()}
+        return single
+
+
+class TinyFlux(TinyFamily):
+    # FLUX.1-dev embeds the guidance scale; schnell does not
+    variants = {"dev": {}, "schnell": dict(guidance_embeds=False)}
+    batched = ("hidden_states", "encoder_hidden_states", "pooled_projections", "guidance")
+    timestep_scale = 1 / 1000  # FluxPipeline passes t / 1000
+
+    def transformer(self, variant: str = "dev", seed: int = 0):
+        return tiny_flux_transformer(seed, **self.variants[variant])
+
+    def inputs(self, model, batch=2, height=8, width=12, seed=0):
+        return tiny_flux_inputs(model, batch, height, width, seed=seed)

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..config import Backend
+
 
 class GraphedCall:
     """A function of tensors captured once as a CUDA graph and replayed.
@@ -39,21 +41,53 @@ class GraphedCall:
 
 
 class StepRunner:
-    """Runs static-shape step functions with one backend, caching one compiled / graphed callable per key."""
+    """Runs static-shape step functions with one `Backend`, caching one compiled / graphed callable per key.
 
-    def __init__(self, backend: str):
-        self.backend = backend
+    Args:
+        backend: the `Backend` (or its value) of `CATConfig.backend`.
+        fuse: run a pruned step's forward, output scatter, staleness update and next selection as one function,
+            and the capture step's k-means and first selection as another. ``None`` (default): exactly when the
+            backend captures CUDA graphs, where each of them is then one graph replay. ``True`` on the eager
+            backend runs the same fused functions without graphs: the way to check the fused logic on a CPU, e.g.
+            ``catprune.apply(model, config, runner=StepRunner(Backend.EAGER, fuse=True))``.
+
+    Example:
+        >>> runner = StepRunner("eager", fuse=True)
+        >>> runner.backend, runner.fuse, runner.uses_graphs
+        (<Backend.EAGER: 'eager'>, True, False)
+    """
+
+    def __init__(self, backend: Backend | str = Backend.EAGER, fuse: bool | None = None):
+        try:
+            self.backend = Backend(backend)
+        except ValueError:
+            choices = ", ".join(repr(b.value) for b in Backend)
+            raise ValueError(
+                f"StepRunner: backend: expected a catprune.Backend or one of {choices}, got {backend!r}. "
+                "Pass e.g. Backend.EAGER."
+            ) from None
+        if fuse is not None and not isinstance(fuse, bool):
+            raise TypeError(f"StepRunner: fuse: expected True, False or None, got {type(fuse).__name__}.")
+        self.fuse = self.uses_graphs if fuse is None else fuse
         self._compiled: dict = {}
         self._graphs: dict = {}
         self._pool = None
 
     @property
     def uses_graphs(self) -> bool:
-        return self.backend in ("cudagraph", "compile+cudagraph")
+        return self.backend in (Backend.CUDAGRAPH, Backend.COMPILE_CUDAGRAPH)
 
     @property
     def uses_compile(self) -> bool:
-        return self.backend in ("compile", "compile+cudagraph")
+        return self.backend in (Backend.COMPILE, Backend.COMPILE_CUDAGRAPH)
+
+    def check_device(self, device: torch.device) -> None:
+        """The one CUDA check: ValueError when this backend captures CUDA graphs and ``device`` is not CUDA."""
+        if self.uses_graphs and torch.device(device).type != "cuda":
+            raise ValueError(
+                f"CATConfig.backend: {self.backend.value!r} captures CUDA graphs and needs CUDA inputs, got inputs "
+                f"on {device}. Use backend='eager' or 'compile' on this device."
+            )
 
     def compiled(self, key, make_fn: Callable[[], Callable[..., torch.Tensor]]):
         """``make_fn()`` built once per ``key``, through ``torch.compile`` for the compile backends."""
@@ -74,11 +108,6 @@ class StepRunner:
         """
         if not self.uses_graphs:
             return fn(**inputs)
-        if inputs and not all(t.is_cuda for t in inputs.values()):
-            raise ValueError(
-                f"CATConfig.backend: {self.backend!r} needs CUDA tensors, got inputs on "
-                f"{next(iter(inputs.values())).device}. Use backend='eager' or 'compile' on this device."
-            )
         graphed = self._graphs.get(key)
         if graphed is None:
             graphed = GraphedCall(fn, inputs, pool=self._pool, warmup=1 if state else 2, state=state)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+
+import torch
 
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One transformer call of a generation."""
+    """One transformer call of a generation (read-only: what `catprune.observe` callbacks and `catprune.inspect`
+    give). Steps are recorded with pruning off too: then every step is ``"dense"``.
+
+    Example:
+        >>> r = StepRecord(3, "pruned", 2, 16, 4, 100, 40, selected=torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]]))
+        >>> r.kind, tuple(r.selected.shape), r.to_dict()["computed"]
+        ('pruned', (2, 4), 4)
+    """
 
     step: int  # denoising step index (0-based)
     phase: str  # "dense" (full step), "capture" (full step that fills the caches) or "pruned"
@@ -16,6 +25,18 @@ class StepRecord:
     computed: int  # image tokens per row recomputed in this step (M for full steps, k for pruned ones)
     macs_dense: int  # analytic multiply-accumulates of the dense step
     macs: int  # analytic multiply-accumulates of the step as run
+    # (B, k) long indices of the image tokens each batch row computed (pruned steps; None otherwise): a copy, on the
+    # model's device
+    selected: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def kind(self) -> str:
+        """The same as ``phase``: "dense", "capture" or "pruned"."""
+        return self.phase
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict of the fields, without ``selected``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "selected"}
 
 
 @dataclass
@@ -56,7 +77,7 @@ class PruneStats:
 
     def to_dict(self) -> dict:
         return {
-            "steps": [asdict(s) for s in self.steps],
+            "steps": [s.to_dict() for s in self.steps],
             "macs_dense": self.macs_dense,
             "macs": self.macs,
             "macs_ratio": self.macs_ratio,
@@ -75,3 +96,30 @@ class PruneStats:
             f"MACs {self.macs / 1e9:.2f} G of dense {self.macs_dense / 1e9:.2f} G "
             f"(ratio {self.macs_ratio:.3f}, {self.macs_speedup:.2f}x fewer)"
         )
+
+
+@dataclass(frozen=True)
+class InspectView:
+    """A read-only snapshot of catprune on one transformer (what `catprune.inspect` returns).
+
+    Tensors are copies: changing them changes nothing in the runtime.
+    """
+
+    family: str  # the adapter's model family
+    config: object  # the CATConfig in force
+    stats: PruneStats  # the current (or last) generation's per-step records
+    grid: tuple[int, int] | None  # (h, w) image-token grid of the current generation, None before the first call
+    batch: int | None  # B, rows of the current generation
+    cfg_shared: bool | None  # whether CFG rows share one selection (None while the generation prunes nothing)
+    next_selection: torch.Tensor | None  # (B, k) tokens the next pruned step computes, None before the capture step
+    kv_cache_shapes: tuple[tuple[int, ...], ...]  # shape of every block's K/V cache, e.g. (2, B, M + T, H, hd)
+    cache_bytes: int  # bytes a pruned step reads from caches: per-block K/V, output cache, reference
+
+    @property
+    def steps(self) -> tuple[StepRecord, ...]:
+        """The per-step records (`StepRecord`), in call order."""
+        return tuple(self.stats.steps)
+
+    def selected(self, step: int) -> torch.Tensor | None:
+        """(B, k) token indices each batch row computed at ``step`` (None for a dense / capture / missing step)."""
+        return next((r.selected for r in self.stats.steps if r.step == step), None)

@@ -1,6 +1,6 @@
 """The procedural shapes world: caption grammar, random scenes and anti-aliased rendering.
 
-The world is fixed (issue 3) so that quality numbers stay comparable across versions:
+The world is fixed so that quality numbers stay comparable across versions:
 
 - 128x128 RGB images on a soft vertical gradient between two random light tones (every channel in [0.80, 1.00]).
 - 1 or 2 objects, each in a different cell of a 3x3 grid, centred on the cell centre jittered by at most 4% of the

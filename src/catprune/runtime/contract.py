@@ -1,4 +1,7 @@
-"""What a model-family adapter provides to the generic runtime."""
+"""The contract between the generic runtime and a model-family adapter.
+
+`runtime/` defines it and drives it; `adapters/` implements it. Nothing here imports diffusers or an adapter.
+"""
 
 from __future__ import annotations
 
@@ -29,39 +32,60 @@ class CallInfo:
 
     @property
     def signature(self) -> tuple:
-        """Shape signature: a change means the caches must be rebuilt."""
+        """Shape signature: a change means the buffers must be rebuilt (and a new generation starts)."""
         return (self.batch, self.grid, self.text_tokens, self.device, self.dtype)
 
 
-class LayerCache:
-    """Per-block K/V cache of image tokens.
+class BufferStore:
+    """Named persistent tensors, allocated once per (shape, dtype, device) and then written in place.
 
-    ``kv[name]`` is a ``(2, B, M + T_extra, H, head_dim)`` buffer: K and V of every image token at its last
-    computation, followed by ``T_extra`` slots that the pruned step fills with this step's text keys/values so that
-    attention reads one buffer without concatenating.
+    The runtime keeps one store per block for the K/V caches and one for its own per-generation tensors; CUDA graphs
+    captured over them keep pointing at the same memory across generations. One argument order everywhere:
+    ``(name, shape, dtype, device)``, the order of ``torch.empty(shape, dtype=..., device=...)``.
+
+    Example:
+        >>> store = BufferStore()
+        >>> store.buffer("kv", (2, 3), torch.float32, "cpu").shape
+        torch.Size([2, 3])
+        >>> store.put("idx", torch.arange(4)).tolist(), store.nbytes()
+        ([0, 1, 2, 3], 56)
     """
 
     def __init__(self):
-        self.kv: dict[str, torch.Tensor] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
 
-    def buffer(self, name: str, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
-        """The buffer ``name``, allocated (uninitialised) when missing or of another shape, device or dtype."""
-        buf = self.kv.get(name)
-        if buf is None or tuple(buf.shape) != tuple(shape) or buf.device != torch.device(device) or buf.dtype != dtype:
-            buf = self.kv[name] = torch.empty(tuple(shape), device=device, dtype=dtype)
+    def buffer(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """The buffer ``name``, allocated (uninitialised) when missing or of another shape, dtype or device."""
+        buf = self.tensors.get(name)
+        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype or buf.device != torch.device(device):
+            buf = self.tensors[name] = torch.empty(tuple(shape), dtype=dtype, device=device)
         return buf
 
+    def put(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Copy ``value`` into the buffer ``name`` (allocated on first use) and return the buffer."""
+        return self.buffer(name, value.shape, value.dtype, value.device).copy_(value)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """The buffer ``name`` or None when it was never allocated."""
+        return self.tensors.get(name)
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kv.values())
+        """Bytes held by all buffers."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 class Adapter(abc.ABC):
     """One model family: how to read a call, how to run a pruned step, how to count MACs.
 
-    Subclasses are registered in `catprune.adapters.ADAPTERS` and looked up by the transformer's class.
+    Implementations live in `catprune.adapters` (one module per family) and are found through its lazy registry by
+    the transformer's class name. ``memo`` arguments are a dict owned by the current `Generation`: an adapter keeps
+    what it remembers between calls there, never on itself, so that `reset` forgets it.
     """
 
-    #: transformer classes this adapter handles (checked with isinstance)
+    #: transformer classes this adapter handles (checked with isinstance once the registry imported the module)
     model_classes: tuple[type, ...] = ()
     #: human-readable family name
     family: str = ""
@@ -79,7 +103,7 @@ class Adapter(abc.ABC):
         return arguments
 
     def num_caches(self) -> int:
-        """How many `LayerCache` objects a generation needs (one per block that attends over image tokens)."""
+        """How many K/V `BufferStore` objects a generation needs (one per block that attends over image tokens)."""
         return len(self.model.transformer_blocks)
 
     def validate_model(self) -> None:
@@ -91,7 +115,7 @@ class Adapter(abc.ABC):
         return False
 
     @abc.abstractmethod
-    def inspect_call(self, args, kwargs) -> CallInfo:
+    def inspect_call(self, args, kwargs, memo: dict | None = None) -> CallInfo:
         """Read and validate one call's inputs; raise ValueError naming the argument if it cannot be pruned."""
 
     @abc.abstractmethod
@@ -100,18 +124,22 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     def unpatchify(self, tokens: torch.Tensor, info: CallInfo) -> torch.Tensor:
-        """The output sample (e.g. (B, C, H, W)) from per-token outputs (B, M, P)."""
+        """The output sample (e.g. (B, C, H, W)) from per-token outputs (B, M, P); never the argument itself."""
+
+    @abc.abstractmethod
+    def wrap_sample(self, sample: torch.Tensor, info: CallInfo):
+        """The transformer's return value around an output sample."""
 
     def build_output(self, tokens: torch.Tensor, info: CallInfo):
         """The transformer's return value from per-token outputs (B, M, P)."""
         return self.wrap_sample(self.unpatchify(tokens, info), info)
 
     @abc.abstractmethod
-    def capture(self, caches: list[LayerCache], info: CallInfo):
+    def capture(self, caches: list[BufferStore], info: CallInfo):
         """Context manager: during a dense forward, fill the per-block K/V caches. Leaves no hooks behind."""
 
     @abc.abstractmethod
-    def pruned_forward(self, caches: list[LayerCache], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
+    def pruned_forward(self, caches: list[BufferStore], idx: torch.Tensor, info: CallInfo) -> torch.Tensor:
         """Run one pruned step over the (B, k) selected image tokens; return their outputs (B, k, P)."""
 
     def fast_inputs(self, info: CallInfo) -> dict[str, torch.Tensor] | None:
@@ -122,12 +150,8 @@ class Adapter(abc.ABC):
         """A function of the `fast_inputs` tensors returning the dense output sample (for compile / graphs)."""
         raise NotImplementedError
 
-    def pruned_fn(self, caches: list[LayerCache], info: CallInfo):
+    def pruned_fn(self, caches: list[BufferStore], info: CallInfo):
         """A function ``(idx, **fast_inputs) -> (B, k, P)`` of one pruned step (for compile / graphs)."""
-        raise NotImplementedError
-
-    def wrap_sample(self, sample: torch.Tensor, info: CallInfo):
-        """The transformer's return value around an output sample."""
         raise NotImplementedError
 
     @abc.abstractmethod
