@@ -443,8 +443,9 @@ def test_introspection_selections_and_macs():
 
     with catprune.applied(pipe, catprune.CATConfig(keep_ratio=1.0, start_step=START)), watch(pipe) as off:
         pipe(prompts, generator=torch.Generator().manual_seed(0), **kwargs)
-        assert catprune.stats(pipe).steps == []  # the runtime records nothing with pruning off
+        off_stats = catprune.stats(pipe)  # pruning off: every call recorded as a dense step
         off_macs = off.macs()
+    assert [r.kind for r in off_stats.steps] == ["dense"] * STEPS and off_stats.pruned_steps == 0
     assert off_macs == dense_macs and off.step_selections() == [None] * STEPS
     assert not pipe.transformer._forward_hooks and not pipe.transformer._forward_pre_hooks  # hooks removed
 

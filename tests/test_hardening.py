@@ -78,9 +78,11 @@ def test_deepcopy_of_an_applied_pipeline_binds_the_copy_to_its_own_scheduler():
     assert not torch.equal(cat, dense)
     clone = copy.deepcopy(pipe)
     assert clone.transformer is not pipe.transformer
-    runtime = clone.transformer.forward.__catprune_runtime__
-    assert runtime is not pipe.transformer.forward.__catprune_runtime__ and runtime._pipe() is clone
-    assert torch.equal(_generate(clone), cat)
+    seen_by_original, seen_by_clone = [], []
+    with catprune.observe(pipe, seen_by_original.append), catprune.observe(clone, seen_by_clone.append):
+        assert torch.equal(_generate(clone), cat)
+        assert torch.equal(_generate(clone), cat)  # the copy's own scheduler starts each of its generations
+    assert seen_by_original == [] and [r.step for r in seen_by_clone] == [0, 1, 2, 3, 4] * 2
     assert catprune.stats(clone).pruned_steps == 3
     original_steps = catprune.stats(pipe).steps
     _generate(clone, steps=4)

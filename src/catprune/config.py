@@ -130,22 +130,32 @@ class CATConfig:
     ras_starvation: float = 0.1
     backend: Backend = Backend.EAGER
 
+    def _fail(self, name, expected, fix, error=ValueError):
+        got = getattr(self, name)
+        raise error(f"CATConfig.{name}: expected {expected}, got {got!r} ({type(got).__name__}). {fix}")
+
+    def _normalise_numbers(self) -> None:
+        """numpy / torch scalars become Python numbers, so that to_dict() is JSON-serialisable and values compare
+        and hash like the plain ones."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (bool, str, enum.Enum)) or value is None:
+                continue
+            if _is_int(value) and type(value) is not int and f.type in ("int", "int | None"):
+                object.__setattr__(self, f.name, int(value))
+            elif _is_real(value) and type(value) is not float and f.type == "float":
+                object.__setattr__(self, f.name, float(value))
+
+    def _parse_enum(self, name, enum_cls, fix) -> None:
+        try:
+            object.__setattr__(self, name, enum_cls(getattr(self, name)))
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in enum_cls)
+            self._fail(name, f"a {enum_cls.__name__} or one of {choices}", fix)
+
     def __post_init__(self):
-        def fail(name, expected, fix, error=ValueError):
-            got = getattr(self, name)
-            raise error(f"CATConfig.{name}: expected {expected}, got {got!r} ({type(got).__name__}). {fix}")
-
-        # numpy / torch scalars become Python numbers, so that to_dict() is JSON-serialisable and values compare
-        # and hash like the plain ones
-        for name in ("start_step", "num_clusters", "kmeans_iters", "seed"):
-            value = getattr(self, name)
-            if _is_int(value) and type(value) is not int:
-                object.__setattr__(self, name, int(value))
-        for name in ("keep_ratio", "cluster_feature_weight", "staleness_decay", "magnitude_share", "ras_starvation"):
-            value = getattr(self, name)
-            if _is_real(value) and type(value) is not float:
-                object.__setattr__(self, name, float(value))
-
+        fail = self._fail
+        self._normalise_numbers()
         if not _is_real(self.keep_ratio):
             fail("keep_ratio", "a float in (0, 1]", "Pass e.g. keep_ratio=0.3.", TypeError)
         if not (0.0 < float(self.keep_ratio) <= 1.0) or math.isnan(self.keep_ratio):
@@ -191,17 +201,9 @@ class CATConfig:
         if not all(w > 0 and math.isfinite(w) for w in weights):
             fail("cluster_share_weights", "a non-empty tuple of positive floats", "Pass e.g. (3, 2, 1).")
         object.__setattr__(self, "cluster_share_weights", tuple(float(w) for w in weights))
-
-        def parse_enum(name, enum_cls, fix):
-            try:
-                object.__setattr__(self, name, enum_cls(getattr(self, name)))
-            except ValueError:
-                choices = ", ".join(repr(m.value) for m in enum_cls)
-                fail(name, f"a {enum_cls.__name__} or one of {choices}", fix)
-
-        parse_enum("cfg", CFGMode, "Pass e.g. cfg='auto'.")
-        parse_enum("selection", Selection, "Pass e.g. selection='cat'.")
-        parse_enum("backend", Backend, "Pass e.g. backend='cudagraph' on a GPU.")
+        self._parse_enum("cfg", CFGMode, "Pass e.g. cfg='auto'.")
+        self._parse_enum("selection", Selection, "Pass e.g. selection='cat'.")
+        self._parse_enum("backend", Backend, "Pass e.g. backend='cudagraph' on a GPU.")
         if not _is_real(self.ras_starvation):
             fail("ras_starvation", "a finite float >= 0", "Pass e.g. 0.1.", TypeError)
         if not (self.ras_starvation >= 0 and math.isfinite(self.ras_starvation)):

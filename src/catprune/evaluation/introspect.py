@@ -8,11 +8,10 @@
     watched.dense_macs_per_call          # analytic MACs of one dense transformer call, or None
     watched.step_selections()            # per call: (B, k) selected token indices per row, None = all computed
 
-This is the only module that knows how the runtime keeps its state today: it hooks the transformer, copies the
-runtime's persistent selection buffer (``idx_rows``) before each call, decides from the recorded step that follows
-whether the call was pruned, finds the runtime through the private marker on the patched ``forward``, and charges
-every call at the dense cost when the runtime recorded nothing (pruning off, a dense method). When catprune offers a
-public per-step view of a generation, only this module changes.
+Built on catprune's public API only: `catprune.observe` delivers each counted call's `StepRecord` (its kind,
+tokens computed, the (B, k) selected indices of a pruned step) while a catprune method is applied, and
+`catprune.stats` its MACs; a forward pre-hook counts the calls and reads the model's grid and dense MACs through
+its adapter, so dense methods (nothing applied) are charged at the dense cost.
 
 Example:
     >>> import torch
@@ -34,13 +33,6 @@ import torch
 
 from .. import api
 
-_RUNTIME_MARKER = "__catprune_runtime__"  # set by catprune.api.apply on the patched forward
-
-
-def _runtime(transformer: torch.nn.Module):
-    """The catprune runtime applied to ``transformer``, or None."""
-    return getattr(transformer.__dict__.get("forward"), _RUNTIME_MARKER, None)
-
 
 class Watched:
     """What `watch` observed; see the module docstring for the attributes."""
@@ -53,7 +45,9 @@ class Watched:
         self.grid: tuple[int, int] | None = None
         self.dense_macs_per_call: int | None = None
         self._selections: list[torch.Tensor | None] = []
-        self._pending = None
+        self._records: list = []  # StepRecords delivered by catprune.observe
+        self._records_before = 0
+        self._observer = api.observe(pipe, self._records.append) if api.is_applied(pipe) else None
         self._handles = [
             self.transformer.register_forward_pre_hook(self._pre, with_kwargs=True),
             self.transformer.register_forward_hook(self._post),
@@ -68,26 +62,16 @@ class Watched:
                 info = adapter.inspect_call(args, kwargs)
                 self.dense_macs_per_call = int(adapter.macs(info, info.num_tokens))
                 self.grid = tuple(info.grid)
-        runtime = _runtime(module)
-        self._pending = None
-        if self.record_selections and runtime is not None:
-            idx = runtime.idx_rows
-            # idx_rows is a persistent buffer that the step overwrites in place with the next selection: copy it
-            self._pending = (runtime.stats, len(runtime.stats.steps), idx.clone() if idx is not None else None)
+        if self._observer is None and api.is_applied(self.pipe):  # applied after `watch` began
+            self._observer = api.observe(self.pipe, self._records.append)
+        self._records_before = len(self._records)
         return None
 
     def _post(self, module, args, output):
         self.calls += 1
-        if not self.record_selections:
-            return None
-        runtime = _runtime(module)
-        selected = None
-        if runtime is not None and self._pending is not None:
-            stats_before, len_before, idx_before = self._pending
-            recorded = runtime.stats is not stats_before or len(runtime.stats.steps) > len_before
-            if recorded and runtime.stats.steps and runtime.stats.steps[-1].phase == "pruned":
-                selected = idx_before
-        self._selections.append(selected)
+        if self.record_selections:
+            new = self._records[self._records_before :]  # the record of this call (none for an auxiliary call)
+            self._selections.append(new[-1].selected if new else None)
         return None
 
     def step_selections(self) -> list[torch.Tensor | None]:
@@ -109,6 +93,9 @@ class Watched:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._observer is not None:
+            self._observer.remove()
+            self._observer = None
 
 
 @contextlib.contextmanager
