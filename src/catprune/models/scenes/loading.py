@@ -48,7 +48,8 @@ def random_config(**transformer_overrides) -> dict[str, Any]:
     """The shipped config with transformer overrides; ``caption_projection_dim`` follows heads x head dim.
 
     Example:
-        >>> random_config(num_layers=1, attention_head_dim=8, num_attention_heads=2)["transformer"]["caption_projection_dim"]
+        >>> config = random_config(num_layers=1, attention_head_dim=8, num_attention_heads=2)
+        >>> config["transformer"]["caption_projection_dim"]
         16
     """
     config = copy.deepcopy(default_config())

@@ -6,7 +6,7 @@ from ..shapes.pipeline import ShapesPipeline, ShapesPipelineOutput
 
 #: Classifier-free guidance scale used when ``guidance_scale`` is not given (chosen on validation captions, see
 #: docs/scenes_model.md).
-DEFAULT_GUIDANCE_SCALE = 4.0
+DEFAULT_GUIDANCE_SCALE = 5.5
 
 
 class ScenesPipeline(ShapesPipeline):

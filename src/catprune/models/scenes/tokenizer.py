@@ -7,6 +7,10 @@ from collections.abc import Sequence
 import torch
 from diffusers.configuration_utils import register_to_config
 
+# SchedulerMixin is imported for diffusers' loader: DiffusionPipeline.from_pretrained looks the loadable base classes
+# up as attributes of the component's module (see ShapesTokenizer for why the tokenizer is a SchedulerMixin).
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
+
 from ..shapes.tokenizer import PAD, ShapesTokenizer
 from ..shapes.world import CELLS
 from .world import GRAMMAR_WORDS, OBJECT_NAMES, VOCABULARY, SceneBatch, article

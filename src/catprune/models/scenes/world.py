@@ -268,7 +268,7 @@ def _generator(generator: torch.Generator | int | None) -> torch.Generator:
 
 
 def sample_layout(objects: torch.Tensor, cells: torch.Tensor, present: torch.Tensor, generator) -> SceneBatch:
-    """Random sizes, jitters and backgrounds for given objects/cells/present (B, K), drawn on the generator's device."""
+    """Random sizes, jitters and backgrounds for given objects / cells / present (B, K), on the generator's device."""
     g = _generator(generator)
     b, k = objects.shape
     dev = g.device

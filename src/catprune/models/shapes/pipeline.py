@@ -167,10 +167,11 @@ class ShapesPipeline(DiffusionPipeline):
             if value % step != 0 or not step <= value <= largest:
                 sample = self.transformer.config.sample_size
                 raise ValueError(
-                    f"unsupported resolution: {name}={value} (height={height}, width={width}). The {self.model_name} model "
-                    f"takes heights and widths that are multiples of {step} (its patch size) from {step} to "
-                    f"{largest} pixels (pos_embed_max_size={self.transformer.config.pos_embed_max_size} patches); "
-                    f"its weights were trained at {sample}x{sample}. Use height={sample}, width={sample}."
+                    f"unsupported resolution: {name}={value} (height={height}, width={width}). The "
+                    f"{self.model_name} model takes heights and widths that are multiples of {step} (its patch size) "
+                    f"from {step} to {largest} pixels (pos_embed_max_size="
+                    f"{self.transformer.config.pos_embed_max_size} patches); its weights were trained at "
+                    f"{sample}x{sample}. Use height={sample}, width={sample}."
                 )
         if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}.")
