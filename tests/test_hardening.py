@@ -174,6 +174,8 @@ def test_per_row_selection_gives_each_row_what_it_gets_alone():
     for row in range(2):
         alone.append(denoise(model, {k: v[row : row + 1] for k, v in inputs.items()}, steps=8))
     both = denoise(model, inputs, steps=8)
+    idx = catprune.inspect(model).next_selection
+    assert idx.shape == (2, 5) and not torch.equal(idx[0], idx[1])  # one selection per row, and they differ
     for row in range(2):
         assert torch.allclose(both[row : row + 1], alone[row], atol=1e-4), (both[row] - alone[row][0]).abs().max()
         assert not torch.allclose(both[row], dense[row], atol=1e-4)  # and pruning did change each row

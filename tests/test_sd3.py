@@ -73,16 +73,6 @@ def test_cfg_rows_share_selection_scored_on_conditional_row(model):
             assert torch.equal(record.selected[1], record.selected[3])
 
 
-def test_per_row_selection_is_independent(model):
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=2, cfg="per_row"))
-    g = torch.Generator().manual_seed(5)
-    inputs = tiny_sd3_inputs(model, batch=2, height=8, width=8)
-    inputs["hidden_states"][1] = torch.randn(inputs["hidden_states"][1].shape, generator=g) * 3
-    denoise(model, inputs, steps=5)
-    idx = catprune.inspect(model).next_selection
-    assert idx.shape == (2, 5) and not torch.equal(idx[0], idx[1])
-
-
 def test_macs_match_flop_counter():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -205,5 +195,3 @@ def test_ablation_and_baseline_selections_keep_the_budget(selection):
     assert [r.computed for r in s.steps if r.phase == "pruned"] == [4] * 4
     view = catprune.inspect(model)
     assert all(len(set(row)) == 4 for row in view.next_selection.tolist())
-
-
