@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..evaluation.machine import cuda_sync
 from .dist import DistContext
 from .io import atomic_write_bytes, atomic_write_json, encode_png
 from .outdir import FORMAT, expected_fields, item_done, prepare_directory
@@ -146,8 +147,7 @@ def _generate(pipe, encode, batch: Batch, options: BatchOptions, device) -> tupl
         kwargs["height"] = options.height
     if options.width is not None:
         kwargs["width"] = options.width
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    cuda_sync(device)
     start = time.perf_counter()
     try:
         images = pipe(**kwargs).images
@@ -157,8 +157,7 @@ def _generate(pipe, encode, batch: Batch, options: BatchOptions, device) -> tupl
             f"--prompts {options.prompts}, line(s) {lines}: the model refused the batch ({exc}). Fix or remove the "
             "line(s) and re-run the same command: finished images are kept."
         ) from exc
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    cuda_sync(device)
     seconds = time.perf_counter() - start
     if len(images) != len(batch.items):
         raise RuntimeError(f"the pipeline returned {len(images)} images for {len(batch.items)} prompts.")
