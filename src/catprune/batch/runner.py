@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..evaluation.machine import cuda_sync
+from ..evaluation.settings import set_call_kwargs
 from .dist import DistContext
 from .io import atomic_write_bytes, atomic_write_json, encode_png
 from .outdir import FORMAT, expected_fields, item_done, prepare_directory
@@ -141,12 +142,7 @@ def _generate(pipe, encode, batch: Batch, options: BatchOptions, device) -> tupl
     generators = [torch.Generator(device="cpu").manual_seed(item.seed) for item in batch.items]  # one per image
     kwargs = encode([item.prompt for item in batch.items], batch.negative_prompt)
     kwargs.update(num_inference_steps=batch.steps, generator=generators, output_type="pil")
-    if batch.guidance_scale is not None:
-        kwargs["guidance_scale"] = batch.guidance_scale
-    if options.height is not None:
-        kwargs["height"] = options.height
-    if options.width is not None:
-        kwargs["width"] = options.width
+    kwargs.update(set_call_kwargs(guidance_scale=batch.guidance_scale, height=options.height, width=options.width))
     cuda_sync(device)
     start = time.perf_counter()
     try:
