@@ -217,7 +217,7 @@ class _StepTimer:
     def steps(self) -> list[float]:
         marks = self.starts + [self.end]
         if self.cuda:
-            torch.cuda.synchronize()
+            cuda_sync()
             return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:], strict=False)]
         return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
