@@ -137,4 +137,14 @@ def reference_name(settings: EvalSettings) -> str:
     return f"dense-{settings.steps}"
 
 
-__all__ = ["EvalSettings", "reference_name"]
+def set_call_kwargs(**values) -> dict:
+    """The pipeline-call keyword arguments among ``values`` that are set: None leaves the pipeline's default.
+
+    Example:
+        >>> set_call_kwargs(guidance_scale=None, height=64, width=None)
+        {'height': 64}
+    """
+    return {name: value for name, value in values.items() if value is not None}
+
+
+__all__ = ["EvalSettings", "reference_name", "set_call_kwargs"]
