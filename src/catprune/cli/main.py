@@ -243,6 +243,9 @@ def _compare(pipe, config, args, out: Path, report: dict, dense_equivalent: bool
 
 
 def cmd_generate(args) -> int:
+    from catprune.cli.speedup import check_speedup_flags, planned_config
+
+    check_speedup_flags(args)
     if args.prompts is not None or args.prompt is None:  # batch mode: --prompts FILE --out DIR
         from catprune.cli.batch_cmd import cmd_generate_batch
 
@@ -284,7 +287,13 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(args.model, device=device, dtype=torch_dtype(args.dtype))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not args.progress)
+    plan = None
+    if args.speedup is not None:  # the planner picks steps and config for the model just loaded
+        config, plan = planned_config(pipe, args, device, config)
+        reason = None if args.dense else _nothing_pruned_reason(config, args.steps)
     report = {"prompt": args.prompt, "model": args.model, "device": str(device), "config": config.to_dict()}
+    if plan is not None:
+        report["plan"] = plan
 
     def apply():
         try:
@@ -380,6 +389,13 @@ def _add_generate(sub):
         "--keep-ratio", type=ratio, default=0.3, help="fraction of image tokens recomputed per pruned step, in (0, 1]"
     )
     p.add_argument("--start-step", type=positive_int, default=8, help="dense warm-up steps before pruning starts")
+    p.add_argument(
+        "--speedup",
+        type=finite_float,
+        default=None,
+        help="let catprune.plan choose steps, keep ratio and start step for this speed-up over dense --steps; "
+        "prints its choice and why (not with --keep-ratio / --start-step / --dense / --compare)",
+    )
     p.add_argument("--seed", type=seed, default=0, help="generator seed (also the k-means seed), in [0, 2**63 - 1]")
     p.add_argument("--height", type=positive_int, default=None, help="image height in pixels (model default)")
     p.add_argument("--width", type=positive_int, default=None, help="image width in pixels (model default)")
