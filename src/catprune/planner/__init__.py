@@ -97,7 +97,9 @@ class Plan:
 
     def summary(self) -> str:
         """Several lines for people: what was chosen, the cost, the quality, and why."""
-        chosen = self.config and f"CAT Pruning keep_ratio={self.config.keep_ratio:g} start_step={self.config.start_step}"
+        chosen = (
+            self.config and f"CAT Pruning keep_ratio={self.config.keep_ratio:g} start_step={self.config.start_step}"
+        )
         quality = (
             f"{self.expected_quality.psnr_db:.2f} dB PSNR to dense ({self.expected_quality.source})"
             if self.expected_quality is not None

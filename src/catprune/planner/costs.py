@@ -154,16 +154,11 @@ class TimeModel:
         points = self._points()
         if not points:
             return macs_ratio
-        if macs_ratio <= points[0][0] or len(points) == 1:
-            m, t = points[0] if macs_ratio <= points[0][0] else points[-1]
-            return max(macs_ratio + (t - m), 1e-3)
-        if macs_ratio >= points[-1][0]:
-            m, t = points[-1]
-            return macs_ratio + (t - m)
-        for (m0, t0), (m1, t1) in zip(points, points[1:]):
-            if m0 <= macs_ratio <= m1:
+        for (m0, t0), (m1, t1) in zip(points, points[1:], strict=False):
+            if m0 <= macs_ratio <= m1:  # between two measured keep ratios: linear in the MACs ratio
                 return t0 + (t1 - t0) * (macs_ratio - m0) / (m1 - m0)
-        raise AssertionError("unreachable: points are sorted")
+        m, t = points[0] if macs_ratio < points[0][0] else points[-1]
+        return max(macs_ratio + (t - m), 1e-3)  # beyond them: the nearest row's fixed overhead
 
 
 def select_rows(rows, key: str | None, device: str, backend: str, size: tuple[int, int], batch: int = 1):
@@ -174,6 +169,4 @@ def select_rows(rows, key: str | None, device: str, backend: str, size: tuple[in
         return ()
     pixels = size[0] * size[1]
     best = min(rows, key=lambda r: (abs(math.log(r.height * r.width / pixels)), abs(r.batch - batch)))
-    return tuple(
-        r for r in rows if (r.height, r.width, r.batch) == (best.height, best.width, best.batch)
-    )
+    return tuple(r for r in rows if (r.height, r.width, r.batch) == (best.height, best.width, best.batch))

@@ -157,9 +157,7 @@ class Tables:
         """Tables from the JSON structure of ``cost_tables.json`` (rows with unknown config fields skipped)."""
         if not isinstance(data, dict):
             raise TypeError(f"catprune.plan: tables: expected a dict with step_times / quality, got {type(data)}.")
-        times = tuple(
-            _step_time_row(r, f"{origin} step_times[{i}]") for i, r in enumerate(data.get("step_times", []))
-        )
+        times = tuple(_step_time_row(r, f"{origin} step_times[{i}]") for i, r in enumerate(data.get("step_times", [])))
         quality = [_quality_row(r, f"{origin} quality[{i}]") for i, r in enumerate(data.get("quality", []))]
         return cls(times, tuple(r for r in quality if r is not None))
 
