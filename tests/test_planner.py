@@ -234,3 +234,29 @@ def test_cli_speedup_refuses_explicit_config_flags(tmp_path, capsys):
     assert "--speedup: chooses the steps" in err and "--keep-ratio" in err and not (tmp_path / "a.png").exists()
     assert main(["generate", "x", "--speedup", "1", "--steps", "4", "--out", str(tmp_path / "b.png")]) == 2
     assert "speedup: expected a finite number > 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "preset, measured_loop, measured_macs",
+    [("sd3-medium", 1.83, 1.861), ("flux-dev", 1.74, 1.80), ("pixart-sigma-1024", 1.82, 1.985)],
+)
+def test_time_model_reproduces_the_measured_bench_case(preset, measured_loop, measured_macs):
+    """Full-size configs on the meta device (no memory): the prediction for the benchmarked case (keep 0.3, start 8,
+    28 steps, cudagraph, 1024 px) matches docs/bench/*.json."""
+    import diffusers
+
+    from catprune.models import model_configs
+    from catprune.planner.choose import CostModel
+    from catprune.planner.costs import MacsModel, family_of, model_key, select_rows, text_tokens, token_grid
+
+    entry = model_configs()[preset]
+    with torch.device("meta"):
+        model = getattr(diffusers, entry["class"])(**entry["config"])
+    family, key = family_of(model), model_key(model)
+    grid, size = token_grid(model, None, family, key, None, None)
+    assert key == preset and size == (1024, 1024)
+    time = TimeModel(select_rows(shipped_tables().step_times, key, "cuda", "cudagraph", size))
+    costs = CostModel(28, MacsModel(model, grid, text_tokens(family, key)), time)
+    macs, seconds = costs.cost(28, CATConfig(keep_ratio=0.3, start_step=8))
+    assert 1 / macs == pytest.approx(measured_macs, rel=0.01)
+    assert 1 / seconds == pytest.approx(measured_loop, rel=0.015)

@@ -93,7 +93,7 @@ def token_grid(model, pipe, family: str, key: str | None, height, width) -> tupl
         if sample is None:  # Flux has no sample_size: its pipelines default to 1024 px
             default = 1024
         else:
-            default = int(sample) * int(getattr(model.config, "patch_size", 1)) * (1 if key == "shapes" else 8)
+            default = int(sample) * (1 if key == "shapes" else 8)  # sample_size counts latent pixels
         height, width = height or default, width or default
     return (max(1, height // ppt), max(1, width // ppt)), (int(height), int(width))
 
