@@ -27,6 +27,7 @@ from .options import (
     seed,
     torch_dtype,
 )
+from .speedup import check_speedup_flags, planned_config
 
 #: CATConfig fields -> the ``generate`` flags that set them (config errors name the flag)
 CONFIG_FLAGS = {"keep_ratio": "--keep-ratio", "start_step": "--start-step", "seed": "--seed", "backend": "--backend"}
@@ -243,8 +244,6 @@ def _compare(pipe, config, args, out: Path, report: dict, dense_equivalent: bool
 
 
 def cmd_generate(args) -> int:
-    from catprune.cli.speedup import check_speedup_flags, planned_config
-
     check_speedup_flags(args)
     if args.prompts is not None or args.prompt is None:  # batch mode: --prompts FILE --out DIR
         from catprune.cli.batch_cmd import cmd_generate_batch
@@ -287,13 +286,8 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(args.model, device=device, dtype=torch_dtype(args.dtype))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not args.progress)
-    plan = None
-    if args.speedup is not None:  # the planner picks steps and config for the model just loaded
-        config, plan = planned_config(pipe, args, device, config)
-        reason = None if args.dense else _nothing_pruned_reason(config, args.steps)
-    report = {"prompt": args.prompt, "model": args.model, "device": str(device), "config": config.to_dict()}
-    if plan is not None:
-        report["plan"] = plan
+    config, reason, plan = planned_config(pipe, args, device, config, reason)  # --speedup: the planner's choice
+    report = {"prompt": args.prompt, "model": args.model, "device": str(device), "config": config.to_dict(), **plan}
 
     def apply():
         try:

@@ -39,9 +39,11 @@ def check_speedup_flags(args) -> None:
         )
 
 
-def planned_config(pipe, args, device: str, config):
-    """The plan's config (or ``config`` with ``args.dense`` set when the plan is plain fewer steps), after printing
-    what was chosen and why; ``args.steps`` becomes the plan's step count. Returns (config, report dict)."""
+def planned_config(pipe, args, device: str, config, reason):
+    """With ``--speedup``: print what the planner chose and why, set ``args.steps`` (and ``args.dense`` for a plan
+    of plain fewer steps), and return (config, None, {"plan": report}); without it (config, reason, {}) unchanged."""
+    if getattr(args, "speedup", None) is None:
+        return config, reason, {}
     import catprune
 
     try:
@@ -75,4 +77,4 @@ def planned_config(pipe, args, device: str, config):
         "time_source": plan.time_source,
         "reason": plan.reason,
     }
-    return config, report
+    return config, None, {"plan": report}  # a plan prunes (or is dense with fewer steps): nothing to warn about
