@@ -52,6 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--sd3-prompts", type=int, default=50)
     p.add_argument("--sd3-size", type=int, default=1024)
     p.add_argument("--sd3-batch-size", type=int, default=1)
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="CATConfig.backend of the CAT runs (default cudagraph on CUDA, eager on the CPU); dense runs are the "
+        "stock pipeline",
+    )
     p.add_argument("--only", choices=("shapes", "sd3"), default=None, help="run one of the two cases")
     p.add_argument("--out", default=None, help="output root (default: a temporary directory, removed at the end)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -74,10 +80,16 @@ def steady_rate(out: Path) -> float:
     return sum(n for _, n in ordered) / seconds if seconds else 0.0
 
 
+def write_json(path: str, device: str, results: list[dict]) -> None:
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.startswith("cuda") else device}
+    Path(path).write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    backend = args.backend or ("cudagraph" if device.startswith("cuda") else "eager")
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="catprune-batch-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     cases = [
@@ -94,7 +106,8 @@ def main(argv=None) -> int:
         cases = cases[:1] if args.only == "shapes" else cases[1:]
     results = []
     print(
-        f"device {device}, dtype {dtype}, {args.steps} steps, CAT keep {args.keep_ratio} from step {args.start_step}"
+        f"device {device}, dtype {dtype}, {args.steps} steps, CAT keep {args.keep_ratio} from step {args.start_step}, "
+        f"CAT backend {backend} (dense: the stock pipeline)"
     )
     for name, model, prompts, size, batch_size in cases:
         slug = name.replace(":", "-")
@@ -114,6 +127,7 @@ def main(argv=None) -> int:
                 width=size,
                 batch_size=batch_size,
                 dense=mode == "dense",
+                backend=None if mode == "dense" else backend,
                 device=device,
                 dtype=dtype,
                 overwrite=True,
@@ -131,8 +145,11 @@ def main(argv=None) -> int:
                 "steady_images_per_s": rates[mode],
                 "macs_saved": summary.macs_saved,
                 "wall_s": summary.wall_s,
+                "backend": "stock" if mode == "dense" else backend,
             }
             results.append(row)
+            if args.json:  # after every run: a run cut short keeps what it measured
+                write_json(args.json, device, results)
             print(
                 f"{name:>20} {mode:>5}: {summary.done} images, {summary.images_per_s:.3f} img/s end to end, "
                 f"{rates[mode]:.3f} img/s steady, MACs saved {100 * summary.macs_saved:.1f}%",
@@ -143,12 +160,6 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
         if rates["dense"] > 0:
             print(f"{name:>20} CAT/dense steady img/s: {rates['cat'] / rates['dense']:.2f}x")
-    if args.json:
-        env = {
-            "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
-        }
-        Path(args.json).write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
     if not args.out:
         import shutil
 

@@ -26,6 +26,7 @@ from catprune.bench import (
     run_case,
     save_json,
 )
+from catprune.evaluation.machine import cuda_sync
 
 
 def rel_err(a, b) -> float:
@@ -134,14 +135,14 @@ def profile_steps(pipe, out) -> None:
         for _ in range(2):
             model(**call)
             adapter.pruned_forward(caches, idx, info)
-        torch.cuda.synchronize()
+        cuda_sync()
         for name, fn in (
             ("dense", lambda: model(**call)),
             ("pruned", lambda: adapter.pruned_forward(caches, idx, info)),
         ):
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 fn()
-                torch.cuda.synchronize()
+                cuda_sync()
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
             total = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
             print(f"PROFILE {name}: total kernel time {total:.2f} ms", flush=True)

@@ -27,6 +27,7 @@ from catprune.evaluation.adherence import (  # noqa: E402
     HELD_OUT_NUM_CAPTIONS,
     measure_shapes_quality,
 )
+from catprune.evaluation.machine import environment  # noqa: E402
 from catprune.models.shapes import load_shapes_pipeline  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
     )
     summary = {**result.summary(), "device": str(pipe.device), "seconds": round(time.time() - start, 1)}
     if args.device.startswith("cuda"):
-        summary["card"] = torch.cuda.get_device_name()
+        summary["card"] = environment(args.device)["gpu"]
     print(
         f"colour_at_cell={result.colour_at_cell:.3f} shape={result.shape:.3f} "
         f"({result.num_objects} objects, {result.num_captions} captions, {args.steps} steps, "

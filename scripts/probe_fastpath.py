@@ -19,6 +19,7 @@ import torch
 from catprune.adapters import BufferStore, adapter_for
 from catprune.adapters.sd3 import SD3Adapter
 from catprune.bench import build_pipeline, graph_replay_ms
+from catprune.evaluation.machine import cuda_sync
 
 
 def unfused_block(self, block, kv, kv2, x, ctx, temb, idx):
@@ -120,10 +121,10 @@ def main():
         ):
             for _ in range(2):
                 fn(**inputs)
-            torch.cuda.synchronize()
+            cuda_sync()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 fn(**inputs)
-                torch.cuda.synchronize()
+                cuda_sync()
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70)
             total = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
             with open(os.path.join(args.out, f"profile_{label.replace(' ', '_')}.txt"), "w") as f:

@@ -49,6 +49,7 @@ from catprune.evaluation.adherence import (  # noqa: E402
     QUICK_CHECK_CAPTIONS,
     measure_shapes_quality,
 )
+from catprune.evaluation.machine import cuda_sync  # noqa: E402
 from catprune.models.shapes.loading import (  # noqa: E402
     build_shapes_pipeline,
     default_config,
@@ -232,12 +233,10 @@ def main(argv=None) -> None:
     train_start = time.time()
     while step < total:
         if args.steps is None and step == 5:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            cuda_sync(device)
             probe_start = time.time()
         if args.steps is None and step == 5 + args.probe_steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            cuda_sync(device)
             per_step = (time.time() - probe_start) / args.probe_steps
             remaining = args.time_budget - (time.time() - START)
             total = step + max(0, int(remaining / per_step))
@@ -293,8 +292,7 @@ def main(argv=None) -> None:
         if args.steps is None and time.time() - START > args.time_budget + 30:
             log(f"time budget exceeded: stopping at step {step} of {total}")
             break
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    cuda_sync(device)
     train_seconds = time.time() - train_start
     log(f"trained {step} steps in {train_seconds:.1f}s")
 

@@ -578,3 +578,22 @@ def test_cli_model_flag_and_quick_list(capsys, tmp_path):
                       "staleness-a0.3-t8", "ras-a0.3-t8"]  # fmt: skip
     assert main(["eval", "--model", "org/model", "--out", str(tmp_path), "--methods", "dense"]) == 2
     assert "--prompts FILE" in capsys.readouterr().err
+
+
+def test_scenes_is_registered_with_its_held_out_set_and_identity_scorer():
+    from catprune.evaluation import adherence, identity
+    from catprune.evaluation.registry import resolve, scenes_identity
+    from catprune.evaluation.settings import EvalSettings
+    from catprune.models.scenes import render_captions
+
+    assert resolve("shapes").held_out_seed == adherence.HELD_OUT_CAPTION_SEED
+    entry = resolve("scenes")
+    assert entry.held_out_seed == identity.HELD_OUT_CAPTION_SEED and entry.adherence_keys == ("identity_top1",)
+    assert EvalSettings(model="scenes", num_prompts=200).prompts() == identity.held_out_captions()  # the default
+    prompts = EvalSettings(model="scenes", num_prompts=5).prompts()
+    assert EvalSettings(model="scenes", num_prompts=5, prompt_seed=7).prompts() != prompts
+    truth = render_captions(prompts, seed=0)
+    scores = scenes_identity(truth, prompts)
+    assert scores["summary"]["identity_top1"] == 1.0 and scores["per_image"]["identity_top1"] == [1.0] * 5
+    wrong = scenes_identity(truth, prompts[1:] + prompts[:1])  # captions of other images
+    assert wrong["summary"]["identity_top1"] < 0.5

@@ -1,5 +1,7 @@
 """Layer (c): the Flux family on tiny random models (CPU, fp32, fixed seeds): the equivalence contract."""
 
+import functools
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -8,6 +10,13 @@ import catprune
 from catprune import CATConfig
 from catprune.adapters import BufferStore, adapter_for
 from catprune.models.testing import flux_image_ids, tiny_flux_inputs, tiny_flux_transformer
+from helpers import (
+    assert_batch_equals_single_and_non_square,
+    assert_macs_match_flop_counter,
+    assert_stock_pipeline_contract,
+    generate,
+    tiny_vae,
+)
 
 BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "guidance")
 
@@ -134,28 +143,12 @@ def test_grid_is_read_from_img_ids(model):
 
 
 def test_macs_match_flop_counter():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = tiny_flux_transformer(num_layers=2, num_single_layers=3)
     adapter = adapter_for(model)
     inputs = tiny_flux_inputs(model, batch=2, height=16, width=16, text_tokens=7)
     kwargs = call_kwargs(inputs)
-    info = adapter.inspect_call((), kwargs)
     caches = [BufferStore() for _ in range(adapter.num_caches())]
-    # the math backend decomposes attention into matmuls that the counter sees (the CPU flash kernel is not counted)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        with FlopCounterMode(display=False) as counter:
-            with adapter.capture(caches, info):
-                model(**kwargs)
-        dense_counted = counter.get_total_flops() / 2
-        idx = torch.arange(0, 64, 4).expand(2, 16)
-        with FlopCounterMode(display=False) as counter:
-            adapter.pruned_forward(caches, idx, info)
-        pruned_counted = counter.get_total_flops() / 2
-    assert abs(adapter.macs(info, 64) / dense_counted - 1) < 0.05
-    assert abs(adapter.macs(info, 16) / pruned_counted - 1) < 0.05
-    assert adapter.macs(info, 16) < adapter.macs(info, 64)
+    assert_macs_match_flop_counter(model, adapter, kwargs, caches)
 
 
 def test_static_functions_match_the_eager_path(model, inputs):
@@ -256,24 +249,9 @@ def test_two_calls_per_step_true_cfg_is_refused(model, inputs):
 # ---------------------------------------------------------------- a stock diffusers pipeline
 def _tiny_flux_pipeline(**overrides):
     pytest.importorskip("transformers", reason="diffusers' FluxPipeline imports transformers")
-    from diffusers import AutoencoderKL
-
     from catprune.models.testing import flux_pipeline_from_components
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=16,
-        shift_factor=0.0,
-        scaling_factor=1.0,
-    ).eval()
+    vae = tiny_vae(shift_factor=0.0)
     return flux_pipeline_from_components(tiny_flux_transformer(**overrides), vae)
 
 
@@ -284,32 +262,13 @@ def _embeds(batch, seed=0):
     )
 
 
-def _generate(pipe, embeds, seeds, height=16, width=16, steps=8, **extra):
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(
-        **embeds,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=3.5,
-        output_type="pt",
-        generator=generators if len(generators) > 1 else generators[0],
-        **extra,
-    ).images
+_generate = functools.partial(generate, guidance_scale=3.5)
 
 
 def test_stock_pipeline_contract():
     pipe = _tiny_flux_pipeline()
     embeds = _embeds(1)
-    dense = _generate(pipe, embeds, [1])
-    with catprune.applied(pipe, CATConfig(keep_ratio=1.0)):
-        assert torch.equal(_generate(pipe, embeds, [1]), dense)
-    with catprune.applied(pipe, CATConfig(keep_ratio=0.3, start_step=9)):
-        assert torch.equal(_generate(pipe, embeds, [1]), dense)
-    catprune.apply(pipe, CATConfig(keep_ratio=0.3, start_step=3))
-    pruned = _generate(pipe, embeds, [1])
-    assert torch.isfinite(pruned).all() and not torch.equal(pruned, dense)
-    assert torch.equal(_generate(pipe, embeds, [1]), pruned)  # a new generation resets the state
+    dense, _ = assert_stock_pipeline_contract(pipe, _generate, embeds, CATConfig(keep_ratio=0.3, start_step=3))
     assert not catprune.inspect(pipe).cfg_shared  # FluxPipeline has no CFG batch
     s = catprune.stats(pipe)
     assert s.pruned_steps == 5 and s.steps[-1].tokens == 64 and s.steps[-1].computed == round(0.3 * 64)
@@ -319,15 +278,7 @@ def test_stock_pipeline_contract():
 
 def test_stock_pipeline_batch_equals_single_and_non_square():
     pipe = catprune.apply(_tiny_flux_pipeline(guidance_embeds=False), CATConfig(keep_ratio=0.3, start_step=3))
-    embeds = _embeds(2, seed=4)
-    both = _generate(pipe, embeds, [11, 12])
-    for i, seed in enumerate([11, 12]):
-        alone = _generate(pipe, {k: v[i : i + 1] for k, v in embeds.items()}, [seed])
-        assert torch.allclose(both[i : i + 1], alone, atol=1e-4)
-    wide = _generate(pipe, _embeds(2), [3, 4], height=16, width=24)
-    assert wide.shape == (2, 3, 16, 24) and torch.isfinite(wide).all()
-    assert catprune.stats(pipe).steps[-1].rows == 2
-    assert catprune.stats(pipe).steps[-1].tokens == 8 * 12
+    assert_batch_equals_single_and_non_square(pipe, _generate, _embeds(2, seed=4), _embeds(2), rows=2)  # no CFG
 
 
 def test_stock_pipeline_true_cfg_is_refused_with_advice():

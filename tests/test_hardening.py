@@ -22,6 +22,7 @@ from catprune.models.testing import (
     tiny_sd3_inputs,
     tiny_sd3_transformer,
 )
+from helpers import pixart_output
 
 
 def denoise(model, inputs, steps=6, **extra):
@@ -174,6 +175,8 @@ def test_per_row_selection_gives_each_row_what_it_gets_alone():
     for row in range(2):
         alone.append(denoise(model, {k: v[row : row + 1] for k, v in inputs.items()}, steps=8))
     both = denoise(model, inputs, steps=8)
+    idx = catprune.inspect(model).next_selection
+    assert idx.shape == (2, 5) and not torch.equal(idx[0], idx[1])  # one selection per row, and they differ
     for row in range(2):
         assert torch.allclose(both[row : row + 1], alone[row], atol=1e-4), (both[row] - alone[row][0]).abs().max()
         assert not torch.allclose(both[row], dense[row], atol=1e-4)  # and pruning did change each row
@@ -186,18 +189,9 @@ def test_per_row_selection_gives_each_row_what_it_gets_alone():
 # ---------------------------------------------------------------- PixArt ignores a LoRA scale, like diffusers
 def _pixart_denoise(model, inputs, steps=6, **extra):
     x = inputs["hidden_states"].clone()
-    c = x.shape[1]
     with torch.no_grad():
         for t in torch.linspace(900.0, 100.0, steps):
-            out = model(
-                hidden_states=x,
-                encoder_hidden_states=inputs["encoder_hidden_states"],
-                encoder_attention_mask=inputs.get("encoder_attention_mask"),
-                timestep=t.expand(x.shape[0]),
-                return_dict=False,
-                **extra,
-            )[0]
-            x = x - 0.1 * out[:, :c]
+            x = x - 0.1 * pixart_output(model, x, inputs, t, **extra)
     return x
 
 

@@ -4,28 +4,11 @@ import dataclasses
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 import catprune
 from catprune import CATConfig
 from catprune.models.testing import tiny_sd3_inputs, tiny_sd3_transformer
-
-
-def denoise(model, inputs, steps=6):
-    scheduler = FlowMatchEulerDiscreteScheduler()
-    scheduler.set_timesteps(steps)
-    x = inputs["hidden_states"].clone()
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            v = model(
-                hidden_states=x,
-                encoder_hidden_states=inputs["encoder_hidden_states"],
-                pooled_projections=inputs["pooled_projections"],
-                timestep=t.expand(x.shape[0]),
-                return_dict=False,
-            )[0]
-            x = scheduler.step(v, t, x).prev_sample
-    return x
+from helpers import flow_denoise as denoise
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """Layer (c): PixArt-Sigma on tiny random models (CPU, fp32, fixed seeds): the equivalence contract."""
 
+import functools
+
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
@@ -10,6 +12,15 @@ from catprune import CATConfig
 from catprune.adapters import BufferStore, adapter_for, supported_models
 from catprune.adapters.pixart import PixArtAdapter
 from catprune.models.testing import tiny_pixart_inputs, tiny_pixart_transformer
+from helpers import (
+    assert_batch_equals_single_and_non_square,
+    assert_cfg_rows_share_selection,
+    assert_macs_match_flop_counter,
+    assert_stock_pipeline_contract,
+    generate,
+    pixart_output,
+    tiny_vae,
+)
 
 # PixArt-Alpha style: resolution / aspect-ratio micro-conditions (need a width divisible by 3)
 ALPHA_STYLE = dict(use_additional_conditions=True, num_attention_heads=3, cross_attention_dim=24)
@@ -27,18 +38,10 @@ def denoise(model, inputs, steps=8, added_cond_kwargs=None):
     scheduler = DPMSolverMultistepScheduler()
     x = inputs["hidden_states"].clone()
     scheduler.set_timesteps(steps, device=x.device)
-    c = x.shape[1]
     with torch.no_grad():
         for t in scheduler.timesteps:
-            out = model(
-                hidden_states=x,
-                encoder_hidden_states=inputs["encoder_hidden_states"],
-                encoder_attention_mask=inputs.get("encoder_attention_mask"),
-                timestep=t.expand(x.shape[0]),
-                added_cond_kwargs=added_cond_kwargs,
-                return_dict=False,
-            )[0]
-            x = scheduler.step(out[:, :c], t, x).prev_sample
+            out = pixart_output(model, x, inputs, t, added_cond_kwargs=added_cond_kwargs)
+            x = scheduler.step(out, t, x).prev_sample
     return x
 
 
@@ -148,25 +151,7 @@ def test_cfg_rows_share_selection_scored_on_conditional_row(model):
     inputs = tiny_pixart_inputs(model, batch=4, height=8, width=8)
     added = _added(4) if model.use_additional_conditions else None
     denoise(model, inputs, steps=4, added_cond_kwargs=added)
-    view = catprune.inspect(model)
-    idx = view.next_selection
-    assert torch.equal(idx[0], idx[2]) and torch.equal(idx[1], idx[3])
-    assert view.cfg_shared
-    for record in view.steps:
-        if record.kind == "pruned":  # every pruned step computed the same tokens for both rows of a sample
-            assert torch.equal(record.selected[0], record.selected[2])
-            assert torch.equal(record.selected[1], record.selected[3])
-
-
-def test_per_row_selection_is_independent():
-    model = tiny_pixart_transformer()
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=2, cfg="per_row"))
-    g = torch.Generator().manual_seed(5)
-    inputs = tiny_pixart_inputs(model, batch=2, height=8, width=8)
-    inputs["hidden_states"][1] = torch.randn(inputs["hidden_states"][1].shape, generator=g) * 3
-    denoise(model, inputs, steps=5)
-    idx = catprune.inspect(model).next_selection
-    assert idx.shape == (2, 5) and not torch.equal(idx[0], idx[1])
+    assert_cfg_rows_share_selection(catprune.inspect(model))
 
 
 def test_batch_matches_single_samples(model):
@@ -197,9 +182,6 @@ def test_resolution_batch_and_mask_changes_between_generations():
 
 
 def test_macs_match_flop_counter():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = tiny_pixart_transformer(
         num_layers=3,
         attention_head_dim=16,
@@ -211,21 +193,8 @@ def test_macs_match_flop_counter():
     adapter = adapter_for(model)
     inputs = tiny_pixart_inputs(model, batch=2, height=16, width=16, text_tokens=7, masked_text_tokens=2)
     kwargs = dict(**inputs, timestep=torch.tensor([500, 500]), added_cond_kwargs=_added(2, 16, 16), return_dict=False)
-    info = adapter.inspect_call((), kwargs)
     caches = [BufferStore() for _ in model.transformer_blocks]
-    # the math backend decomposes attention into matmuls that the counter sees (the CPU flash kernel is not counted)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        with FlopCounterMode(display=False) as counter:
-            with adapter.capture(caches, info):
-                model(**kwargs)
-        dense_counted = counter.get_total_flops() / 2
-        idx = torch.arange(0, 64, 4).expand(2, 16)
-        with FlopCounterMode(display=False) as counter:
-            adapter.pruned_forward(caches, idx, info)
-        pruned_counted = counter.get_total_flops() / 2
-    assert abs(adapter.macs(info, 64) / dense_counted - 1) < 0.05
-    assert abs(adapter.macs(info, 16) / pruned_counted - 1) < 0.05
-    assert adapter.macs(info, 16) < adapter.macs(info, 64)
+    assert_macs_match_flop_counter(model, adapter, kwargs, caches)
 
 
 def test_static_functions_match_the_eager_paths(model):
@@ -337,14 +306,6 @@ def test_call_errors_name_the_argument(change, error, match):
         model(**kwargs)
 
 
-def test_lora_scale_in_cross_attention_kwargs_is_ignored_like_diffusers():
-    model = tiny_pixart_transformer()
-    inputs = tiny_pixart_inputs(model, batch=1, height=8, width=8)
-    kwargs = _call_kwargs(model, inputs)
-    adapter = adapter_for(model)
-    assert adapter.inspect_call((), dict(kwargs, cross_attention_kwargs={"scale": 0.5})).batch == 1
-
-
 def test_missing_additional_conditions_is_a_clear_error():
     model = catprune.apply(tiny_pixart_transformer(**ALPHA_STYLE), CATConfig(keep_ratio=0.3, start_step=2))
     kwargs = _call_kwargs(model, tiny_pixart_inputs(model, batch=2, height=8, width=8))
@@ -356,23 +317,9 @@ def test_missing_additional_conditions_is_a_clear_error():
 # ---------------------------------------------------------------- a stock diffusers pipeline
 def _tiny_pixart_pipeline():
     pytest.importorskip("transformers", reason="diffusers' PixArtSigmaPipeline imports transformers")
-    from diffusers import AutoencoderKL
-
     from catprune.models.testing import pixart_pipeline_from_components
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=1.0,
-    ).eval()
+    vae = tiny_vae()
     return pixart_pipeline_from_components(tiny_pixart_transformer(), vae)
 
 
@@ -392,38 +339,19 @@ def _embeds(batch, seed=0, text_tokens=6, masked=0):
     )
 
 
-def _generate(pipe, embeds, seeds, height=16, width=16, steps=8, guidance_scale=3.0, **extra):
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(
-        **embeds,
-        negative_prompt=None,  # the pipeline's default "" conflicts with negative_prompt_embeds
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        output_type="pt",
-        use_resolution_binning=False,
-        generator=generators if len(generators) > 1 else generators[0],
-        **extra,
-    ).images
+# the pipeline's default negative prompt "" conflicts with negative_prompt_embeds
+_generate = functools.partial(generate, negative_prompt=None, use_resolution_binning=False)
 
 
 @pytest.mark.parametrize("masked", [0, 2])
 def test_stock_pipeline_contract(masked):
     pipe = _tiny_pixart_pipeline()
     embeds = _embeds(1, masked=masked)
-    dense = _generate(pipe, embeds, [1])
     other = _generate(pipe, embeds, [2])  # another seed: the scale of an unrelated difference
-    with catprune.applied(pipe, CATConfig(keep_ratio=1.0)):
-        assert torch.equal(_generate(pipe, embeds, [1]), dense)
-    with catprune.applied(pipe, CATConfig(keep_ratio=0.3, start_step=20)):
-        assert torch.equal(_generate(pipe, embeds, [1]), dense)
     # PixArtSigmaPipeline has no do_classifier_free_guidance, so cfg="auto" cannot see CFG: ask for "shared"
-    catprune.apply(pipe, CATConfig(keep_ratio=0.3, start_step=3, cfg="shared"))
-    pruned = _generate(pipe, embeds, [1])
-    assert torch.isfinite(pruned).all() and not torch.equal(pruned, dense)
+    config = CATConfig(keep_ratio=0.3, start_step=3, cfg="shared")
+    dense, pruned = assert_stock_pipeline_contract(pipe, _generate, embeds, config, late_start=20)
     assert (pruned - dense).abs().mean() < 0.25 * (other - dense).abs().mean()
-    assert torch.equal(_generate(pipe, embeds, [1]), pruned)  # a new generation resets the state
     view = catprune.inspect(pipe)
     assert view.cfg_shared and torch.equal(view.next_selection[0], view.next_selection[1])  # CFG rows share
     assert catprune.stats(pipe).pruned_steps == 5
@@ -455,11 +383,4 @@ def test_stock_pipeline_cfg_auto_detects_guidance():
 def test_stock_pipeline_batch_equals_single_and_non_square():
     pipe = catprune.apply(_tiny_pixart_pipeline(), CATConfig(keep_ratio=0.3, start_step=3, cfg="shared"))
     embeds = _embeds(2, seed=4, masked=1)
-    both = _generate(pipe, embeds, [11, 12])
-    for row, seed in enumerate([11, 12]):
-        alone = _generate(pipe, {k: v[row : row + 1] for k, v in embeds.items()}, [seed])
-        assert torch.allclose(both[row : row + 1], alone, atol=1e-4)
-    wide = _generate(pipe, _embeds(2), [3, 4], height=16, width=24)
-    assert wide.shape == (2, 3, 16, 24) and torch.isfinite(wide).all()
-    assert catprune.stats(pipe).steps[-1].rows == 4  # 2 images x CFG
-    assert catprune.stats(pipe).steps[-1].tokens == 8 * 12
+    assert_batch_equals_single_and_non_square(pipe, _generate, embeds, _embeds(2), rows=4)  # 2 images x CFG

@@ -2,32 +2,22 @@
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 import catprune
 from catprune import CATConfig
 from catprune.adapters import BufferStore, adapter_for
 from catprune.models.testing import tiny_sd3_inputs, tiny_sd3_transformer
+from helpers import (
+    assert_batch_equals_single_and_non_square,
+    assert_cfg_rows_share_selection,
+    assert_macs_match_flop_counter,
+    assert_stock_pipeline_contract,
+    generate,
+    tiny_vae,
+)
+from helpers import flow_denoise as denoise
 
 SD35_STYLE = dict(qk_norm="rms_norm", dual_attention_layers=(0,))
-
-
-def denoise(model, inputs, steps=8, batch=2):
-    """A minimal rectified-flow loop over a bare transformer, like a diffusers pipeline's."""
-    scheduler = FlowMatchEulerDiscreteScheduler()
-    scheduler.set_timesteps(steps)
-    x = inputs["hidden_states"].clone()
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            v = model(
-                hidden_states=x,
-                encoder_hidden_states=inputs["encoder_hidden_states"],
-                pooled_projections=inputs["pooled_projections"],
-                timestep=t.expand(x.shape[0]),
-                return_dict=False,
-            )[0]
-            x = scheduler.step(v, t, x).prev_sample
-    return x
 
 
 @pytest.fixture(params=["sd3", "sd3.5"])
@@ -63,74 +53,26 @@ def test_cfg_rows_share_selection_scored_on_conditional_row(model):
     catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=2, cfg="shared"))
     inputs = tiny_sd3_inputs(model, batch=4, height=8, width=8)
     denoise(model, inputs, steps=4)
-    view = catprune.inspect(model)
-    idx = view.next_selection
-    assert torch.equal(idx[0], idx[2]) and torch.equal(idx[1], idx[3])
-    assert view.cfg_shared
-    for record in view.steps:
-        if record.kind == "pruned":  # every pruned step computed the same tokens for both rows of a sample
-            assert torch.equal(record.selected[0], record.selected[2])
-            assert torch.equal(record.selected[1], record.selected[3])
-
-
-def test_per_row_selection_is_independent(model):
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=2, cfg="per_row"))
-    g = torch.Generator().manual_seed(5)
-    inputs = tiny_sd3_inputs(model, batch=2, height=8, width=8)
-    inputs["hidden_states"][1] = torch.randn(inputs["hidden_states"][1].shape, generator=g) * 3
-    denoise(model, inputs, steps=5)
-    idx = catprune.inspect(model).next_selection
-    assert idx.shape == (2, 5) and not torch.equal(idx[0], idx[1])
+    assert_cfg_rows_share_selection(catprune.inspect(model))
 
 
 def test_macs_match_flop_counter():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = tiny_sd3_transformer(
         num_layers=3, attention_head_dim=16, num_attention_heads=4, caption_projection_dim=64, **SD35_STYLE
     )
     adapter = adapter_for(model)
     inputs = tiny_sd3_inputs(model, batch=2, height=16, width=16, text_tokens=7)
     kwargs = dict(**inputs, timestep=torch.tensor([500.0, 500.0]), return_dict=False)
-    info = adapter.inspect_call((), kwargs)
     caches = [BufferStore() for _ in model.transformer_blocks]
-    # the math backend decomposes attention into matmuls that the counter sees (the CPU flash kernel is not counted)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        with FlopCounterMode(display=False) as counter:
-            with adapter.capture(caches, info):
-                model(**kwargs)
-        dense_counted = counter.get_total_flops() / 2
-        idx = torch.arange(0, 64, 4).expand(2, 16)
-        with FlopCounterMode(display=False) as counter:
-            adapter.pruned_forward(caches, idx, info)
-        pruned_counted = counter.get_total_flops() / 2
-    assert abs(adapter.macs(info, 64) / dense_counted - 1) < 0.05
-    assert abs(adapter.macs(info, 16) / pruned_counted - 1) < 0.05
-    assert adapter.macs(info, 16) < adapter.macs(info, 64)
+    assert_macs_match_flop_counter(model, adapter, kwargs, caches)
 
 
 # ---------------------------------------------------------------- a stock diffusers pipeline
 def _tiny_sd3_pipeline():
     pytest.importorskip("transformers", reason="diffusers' StableDiffusion3Pipeline imports transformers")
-    from diffusers import AutoencoderKL
-
     from catprune.models.testing import sd3_pipeline_from_components
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=16,
-        shift_factor=0.0,
-        scaling_factor=1.0,
-    ).eval()
+    vae = tiny_vae(shift_factor=0.0)
     pipe = sd3_pipeline_from_components(tiny_sd3_transformer(), vae)
     return pipe
 
@@ -145,30 +87,13 @@ def _embeds(batch, seed=0):
     )
 
 
-def _generate(pipe, embeds, seeds, height=16, width=16, steps=8, **extra):
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(
-        **embeds,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=3.0,
-        output_type="pt",
-        generator=generators if len(generators) > 1 else generators[0],
-        **extra,
-    ).images
+_generate = generate  # guidance 3.0
 
 
 def test_stock_pipeline_contract():
     pipe = _tiny_sd3_pipeline()
     embeds = _embeds(1)
-    dense = _generate(pipe, embeds, [1])
-    with catprune.applied(pipe, CATConfig(keep_ratio=1.0)):
-        assert torch.equal(_generate(pipe, embeds, [1]), dense)
-    catprune.apply(pipe, CATConfig(keep_ratio=0.3, start_step=3))
-    pruned = _generate(pipe, embeds, [1])
-    assert torch.isfinite(pruned).all() and not torch.equal(pruned, dense)
-    assert torch.equal(_generate(pipe, embeds, [1]), pruned)  # a new generation resets the state
+    dense, _ = assert_stock_pipeline_contract(pipe, _generate, embeds, CATConfig(keep_ratio=0.3, start_step=3))
     view = catprune.inspect(pipe)
     assert view.cfg_shared and torch.equal(view.next_selection[0], view.next_selection[1])  # CFG rows share
     assert catprune.stats(pipe).pruned_steps == 5
@@ -178,17 +103,9 @@ def test_stock_pipeline_contract():
 
 def test_stock_pipeline_batch_equals_single_and_non_square():
     pipe = catprune.apply(_tiny_sd3_pipeline(), CATConfig(keep_ratio=0.3, start_step=3))
-    embeds = _embeds(2, seed=4)
-    both = _generate(pipe, embeds, [11, 12])
-    for row, seed in enumerate([11, 12]):
-        alone = _generate(pipe, {k: v[row : row + 1] for k, v in embeds.items()}, [seed])
-        assert torch.allclose(both[row : row + 1], alone, atol=1e-4)
     # (num_images_per_prompt with precomputed embeds is not expanded by diffusers itself; the embedded pipeline's
     # tests cover it)
-    wide = _generate(pipe, _embeds(2), [3, 4], height=16, width=24)
-    assert wide.shape == (2, 3, 16, 24) and torch.isfinite(wide).all()
-    assert catprune.stats(pipe).steps[-1].rows == 4  # 2 images x CFG
-    assert catprune.stats(pipe).steps[-1].tokens == 8 * 12
+    assert_batch_equals_single_and_non_square(pipe, _generate, _embeds(2, seed=4), _embeds(2), rows=4)  # 2 x CFG
 
 
 @pytest.mark.parametrize("selection", ["random", "magnitude", "staleness", "no_clustering", "ras"])
@@ -205,5 +122,3 @@ def test_ablation_and_baseline_selections_keep_the_budget(selection):
     assert [r.computed for r in s.steps if r.phase == "pruned"] == [4] * 4
     view = catprune.inspect(model)
     assert all(len(set(row)) == 4 for row in view.next_selection.tolist())
-
-

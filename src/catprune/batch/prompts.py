@@ -134,6 +134,37 @@ def _parse_record(record, path: Path, line: int) -> dict:
     return out
 
 
+def _read_text(path: Path) -> str:
+    """The prompt file's text; FileNotFoundError or PromptFileError naming ``--prompts`` otherwise."""
+    if not path.exists():
+        raise FileNotFoundError(f"--prompts: expected an existing prompt file, got {str(path)!r} (no such file).")
+    if not path.is_file():
+        raise PromptFileError(f"--prompts: expected a prompt file, got {str(path)!r} (a directory?).")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"{_where(path)}: expected UTF-8 text ({exc}). Re-save the file as UTF-8.") from exc
+
+
+def _line_fields(raw: str, path: Path, line_number: int, on_error: str, warn) -> dict | None:
+    """The fields of one JSONL line, or None when it is malformed and ``on_error`` is ``"skip"`` (reported through
+    ``warn``); with ``"stop"`` a malformed line raises PromptFileError."""
+    try:
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise PromptFileError(
+                f"{_where(path, line_number)}: malformed JSON ({exc.msg} at column {exc.colno}). Expected one "
+                'object per line, e.g. {"prompt": "a red circle", "id": "a1"}.'
+            ) from exc
+        return _parse_record(record, path, line_number)
+    except PromptFileError as exc:
+        if on_error == "stop":
+            raise PromptFileError(f"{exc} (or pass --on-error skip to skip such lines)") from exc
+        warn(f"catprune generate: skipping {exc}")
+        return None
+
+
 def read_prompts(path, base_seed: int = 0, on_error: str = "stop", warn=None) -> list[Item]:
     """Read a prompt file into items (ids unique, seeds set).
 
@@ -162,37 +193,16 @@ def read_prompts(path, base_seed: int = 0, on_error: str = "stop", warn=None) ->
         raise ValueError(f"--on-error: expected 'stop' or 'skip', got {on_error!r}.")
     warn = warn or (lambda message: print(message, file=sys.stderr))
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--prompts: expected an existing prompt file, got {str(path)!r} (no such file).")
-    if not path.is_file():
-        raise PromptFileError(f"--prompts: expected a prompt file, got {str(path)!r} (a directory?).")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise PromptFileError(f"{_where(path)}: expected UTF-8 text ({exc}). Re-save the file as UTF-8.") from exc
+    text = _read_text(path)
     jsonl = path.suffix.lower() in JSONL_SUFFIXES
     items: list[Item] = []
     seen: dict[str, int] = {}
     for line_number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
-        if jsonl:
-            try:
-                try:
-                    record = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    raise PromptFileError(
-                        f"{_where(path, line_number)}: malformed JSON ({exc.msg} at column {exc.colno}). Expected one "
-                        'object per line, e.g. {"prompt": "a red circle", "id": "a1"}.'
-                    ) from exc
-                fields = _parse_record(record, path, line_number)
-            except PromptFileError as exc:
-                if on_error == "stop":
-                    raise PromptFileError(f"{exc} (or pass --on-error skip to skip such lines)") from exc
-                warn(f"catprune generate: skipping {exc}")
-                continue
-        else:
-            fields = {"prompt": raw.strip()}
+        fields = _line_fields(raw, path, line_number, on_error, warn) if jsonl else {"prompt": raw.strip()}
+        if fields is None:
+            continue
         item_id = fields.get("id", default_id(line_number))
         if item_id in seen:
             raise PromptFileError(

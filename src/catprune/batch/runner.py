@@ -26,21 +26,15 @@ from pathlib import Path
 
 import torch
 
+from ..evaluation.machine import cuda_sync
+from ..evaluation.settings import set_call_kwargs
 from .dist import DistContext
-from .io import (
-    atomic_write_bytes,
-    atomic_write_json,
-    clean_stale_temporaries,
-    encode_png,
-    ensure_writable_dir,
-    image_ok,
-    read_json,
-)
+from .io import atomic_write_bytes, atomic_write_json, encode_png
+from .outdir import FORMAT, expected_fields, item_done, prepare_directory
 from .plan import Batch, make_batches, shard
 from .progress import Progress, format_seconds
 from .prompts import Item, read_prompts
 
-FORMAT = "catprune-batch/1"
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
 #: settings that change the images: a directory holds the outputs of one combination of them
 FINGERPRINT_KEYS = ("model", "catprune", "steps", "guidance_scale", "height", "width", "dtype", "seed", "batch_size")
@@ -138,89 +132,6 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------------------------------------- the output directory
-def _expected(item: Item, batch: Batch) -> dict:
-    """The sidecar fields that identify an item's image."""
-    return {
-        "id": item.id,
-        "prompt": item.prompt,
-        "seed": item.seed,
-        "negative_prompt": item.negative_prompt,
-        "num_inference_steps": batch.steps,
-        "guidance_scale": batch.guidance_scale,
-    }
-
-
-def item_done(out: Path, item: Item, batch: Batch, run_fingerprint: str) -> bool:
-    """Whether ``item`` is finished in ``out``: sidecar parses and matches the item and the run, image decodes."""
-    sidecar = read_json(out / f"{item.id}.json")
-    if sidecar is None or sidecar.get("fingerprint") != run_fingerprint:
-        return False
-    if any(sidecar.get(key) != value for key, value in _expected(item, batch).items()):
-        return False
-    size = (sidecar.get("width"), sidecar.get("height"))
-    return image_ok(out / f"{item.id}.png", size if None not in size else None)
-
-
-def _describe_mismatch(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new))
-    parts = [f"{k}: directory {old.get(k)!r}, this run {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-    return "; ".join(parts) or "unknown difference"
-
-
-def _remove_previous_outputs(out: Path, keep_fingerprint: str) -> int:
-    """With ``overwrite``: delete the images and sidecars another run left (recognised by their sidecar)."""
-    removed = 0
-    for sidecar in out.glob("*.json"):
-        if sidecar.name in ("run.json", "manifest.json"):
-            continue
-        data = read_json(sidecar)
-        if data is None or data.get("format") != FORMAT or data.get("fingerprint") == keep_fingerprint:
-            continue
-        for path in (sidecar.with_suffix(".png"), sidecar):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-        removed += 1
-    return removed
-
-
-def prepare_directory(options: BatchOptions) -> Path:
-    """Rank 0, before any image: check the directory is writable and holds this run (or nothing), remove stale
-    temporary files, write ``run.json``."""
-    out = ensure_writable_dir(options.out)
-    settings, fp = options.settings(), options.fingerprint()
-    run_file = out / "run.json"
-    previous = read_json(run_file) if run_file.exists() else None
-    if run_file.exists() and previous is None and not options.overwrite:
-        raise ValueError(
-            f"--out: expected {run_file} to be a catprune run file, got an unreadable file. Remove it, choose "
-            "another --out, or pass --overwrite."
-        )
-    if previous is not None and previous.get("fingerprint") != fp:
-        if not options.overwrite:
-            raise ValueError(
-                f"--out: expected a directory of this run's settings or a new one, got {str(out)!r} with other "
-                f"settings ({_describe_mismatch(previous.get('settings') or {}, settings)}). Re-run with the "
-                "directory's settings to resume, choose another --out, or pass --overwrite to replace its images."
-            )
-    clean_stale_temporaries(out)
-    if options.overwrite:
-        _remove_previous_outputs(out, fp)
-    if previous is None or previous.get("fingerprint") != fp:
-        atomic_write_json(
-            run_file,
-            {
-                "format": FORMAT,
-                "fingerprint": fp,
-                "settings": settings,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            },
-        )
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- generation
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, DTYPES[name])
@@ -231,14 +142,8 @@ def _generate(pipe, encode, batch: Batch, options: BatchOptions, device) -> tupl
     generators = [torch.Generator(device="cpu").manual_seed(item.seed) for item in batch.items]  # one per image
     kwargs = encode([item.prompt for item in batch.items], batch.negative_prompt)
     kwargs.update(num_inference_steps=batch.steps, generator=generators, output_type="pil")
-    if batch.guidance_scale is not None:
-        kwargs["guidance_scale"] = batch.guidance_scale
-    if options.height is not None:
-        kwargs["height"] = options.height
-    if options.width is not None:
-        kwargs["width"] = options.width
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    kwargs.update(set_call_kwargs(guidance_scale=batch.guidance_scale, height=options.height, width=options.width))
+    cuda_sync(device)
     start = time.perf_counter()
     try:
         images = pipe(**kwargs).images
@@ -248,8 +153,7 @@ def _generate(pipe, encode, batch: Batch, options: BatchOptions, device) -> tupl
             f"--prompts {options.prompts}, line(s) {lines}: the model refused the batch ({exc}). Fix or remove the "
             "line(s) and re-run the same command: finished images are kept."
         ) from exc
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    cuda_sync(device)
     seconds = time.perf_counter() - start
     if len(images) != len(batch.items):
         raise RuntimeError(f"the pipeline returned {len(images)} images for {len(batch.items)} prompts.")
@@ -357,11 +261,9 @@ def run_batch(options: BatchOptions, ctx: DistContext | None = None, stream=None
         ctx.close()
 
 
-def _run(options: BatchOptions, ctx: DistContext, device, stream) -> RunSummary:
-    start = time.perf_counter()
-    run_fp = options.fingerprint()
-    # 1. inputs and directory, checked by rank 0 before anything is loaded; the other ranks get its items (so only
-    # rank 0 needs to read the prompt file) or its verdict
+def _checked_items(options: BatchOptions, ctx: DistContext) -> list[Item]:
+    """The prompt file's items, read and the directory prepared by rank 0 before anything is loaded; the other ranks
+    get its items (so only rank 0 needs to read the prompt file) or its verdict, and stop too on an error."""
     error = None
     items: list[Item] = []
     if ctx.is_main:
@@ -375,53 +277,120 @@ def _run(options: BatchOptions, ctx: DistContext, device, stream) -> RunSummary:
         raise error
     if verdict is not None:  # the other ranks stop too, naming rank 0's reason
         raise ValueError(f"rank {ctx.rank}: rank 0 stopped the run: {verdict}")
-    out = Path(options.out)
-    batches = make_batches(items, options.batch_size, options.steps, options.guidance_scale)
+    return items
 
-    # 2. what is already done: each rank checks a share of the items, everyone gets the union
+
+def _done_ids(out: Path, items: list[Item], batches: list[Batch], ctx: DistContext, run_fp: str) -> set[str]:
+    """The ids already finished in ``out``: each rank checks a share of the items, everyone gets the union."""
     batch_of = {item.id: batch for batch in batches for item in batch.items}
     mine = [item.id for item in items[ctx.rank :: ctx.world_size] if item_done(out, item, batch_of[item.id], run_fp)]
-    done_ids = {item_id for share in ctx.all_gather(mine) for item_id in share}
+    return {item_id for share in ctx.all_gather(mine) for item_id in share}
+
+
+def _load_model(options: BatchOptions, device, config):
+    """The pipeline and prompt encoder of ``options.model`` on ``device``, CAT Pruning applied unless dense."""
+    from .models import load_generation_model
+
+    pipe, encode = load_generation_model(options.model, device, _dtype(options.dtype))
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    if config is not None:
+        import catprune
+
+        catprune.apply(pipe, config)
+    return pipe, encode
+
+
+@dataclass
+class _Writer:
+    """Writes this process's images and sidecars and counts them (this process only; summed over ranks by the
+    caller)."""
+
+    out: Path
+    run_fp: str
+    model: str
+    config_record: dict | str
+    done_ids: set[str]
+    generated: int = 0
+    macs: float = 0.0
+    macs_dense: float = 0.0
+
+    def counts(self) -> list:
+        return [self.generated, self.macs, self.macs_dense]
+
+    def write(self, batch: Batch, images: list, seconds: float, accounting: dict, on_image=None) -> None:
+        """The batch's images not finished before, each with its sidecar; ``on_image()`` after each one written."""
+        for item, image in zip(batch.items, images, strict=True):
+            if item.id in self.done_ids:
+                continue  # finished by an earlier run; regenerated only because its batch was incomplete
+            record = {
+                "format": FORMAT,
+                "fingerprint": self.run_fp,
+                **expected_fields(item, batch),
+                "line": item.line,
+                "model": self.model,
+                "catprune": self.config_record,
+                "width": image.width,
+                "height": image.height,
+                "batch_index": batch.index,
+                "batch_size": len(batch.items),
+                "batch_seconds": seconds,
+                "seconds": seconds / len(batch.items),
+                **accounting,
+            }
+            _write_item(self.out, item, batch, image, record, self.generated)
+            self.generated += 1
+            if accounting["macs"] is not None:
+                self.macs += accounting["macs"]
+                self.macs_dense += accounting["macs_dense"]
+            if on_image is not None:
+                on_image()
+
+
+def _summary(totals, n_items: int, skipped: int, start: float, world_size: int) -> RunSummary:
+    """The run summary from the counts summed over the ranks (generated, MACs, dense MACs)."""
+    wall = time.perf_counter() - start
+    generated = int(totals[0])
+    return RunSummary(
+        items=n_items,
+        done=skipped + generated,
+        generated=generated,
+        skipped=skipped,
+        wall_s=wall,
+        images_per_s=generated / wall if wall > 0 else 0.0,
+        macs=totals[1],
+        macs_dense=totals[2],
+        world_size=world_size,
+    )
+
+
+def _run(options: BatchOptions, ctx: DistContext, device, stream) -> RunSummary:
+    start = time.perf_counter()
+    run_fp = options.fingerprint()
+    # 1. inputs and directory, checked by rank 0; 2. what is already done, checked by all ranks
+    items = _checked_items(options, ctx)
+    out = Path(options.out)
+    batches = make_batches(items, options.batch_size, options.steps, options.guidance_scale)
+    done_ids = _done_ids(out, items, batches, ctx, run_fp)
     pending = [b for b in batches if any(item.id not in done_ids for item in b.items)]
     to_write = sum(item.id not in done_ids for b in pending for item in b.items)
 
     # 3. the model, only when this rank has something to do
     config = options.cat_config()
-    config_record = "dense" if config is None else config.to_dict()
     rounds = shard(pending, ctx.rank, ctx.world_size)  # this rank's batch (or None) in each round
     pipe = encode = None
     if any(batch is not None for batch in rounds):  # a rank with nothing to do never loads the model
-        from .models import load_generation_model
-
-        pipe, encode = load_generation_model(options.model, device, _dtype(options.dtype))
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
-        if config is not None:
-            import catprune
-
-            catprune.apply(pipe, config)
+        pipe, encode = _load_model(options, device, config)
 
     # 4. rounds of one batch per rank; counts summed over the ranks when a manifest is due and at the end
     progress = Progress(to_write, enabled=ctx.is_main and options.progress and to_write > 0, stream=stream)
-    local = {"generated": 0, "macs": 0.0, "macs_dense": 0.0}
-    model_name = options.model
+    writer = _Writer(out, run_fp, options.model, "dense" if config is None else config.to_dict(), done_ids)
     planned = 0  # images the whole run should have written after the current round
     next_manifest = options.manifest_every
+    on_image = None if ctx.distributed else (lambda: progress.update(1))  # distributed: counted per round below
 
     def summary(totals) -> RunSummary:
-        wall = time.perf_counter() - start
-        generated = int(totals[0])
-        return RunSummary(
-            items=len(items),
-            done=len(done_ids) + generated,
-            generated=generated,
-            skipped=len(done_ids),
-            wall_s=wall,
-            images_per_s=generated / wall if wall > 0 else 0.0,
-            macs=totals[1],
-            macs_dense=totals[2],
-            world_size=ctx.world_size,
-        )
+        return _summary(totals, len(items), len(done_ids), start, ctx.world_size)
 
     try:
         for round_index, batch in enumerate(rounds):
@@ -430,41 +399,17 @@ def _run(options: BatchOptions, ctx: DistContext, device, stream) -> RunSummary:
             if batch is not None:
                 images, seconds = _generate(pipe, encode, batch, options, device)
                 accounting = _batch_stats(pipe, config is None, len(batch.items))
-                for item, image in zip(batch.items, images, strict=True):
-                    if item.id in done_ids:
-                        continue  # finished by an earlier run; regenerated only because its batch was incomplete
-                    record = {
-                        "format": FORMAT,
-                        "fingerprint": run_fp,
-                        **_expected(item, batch),
-                        "line": item.line,
-                        "model": model_name,
-                        "catprune": config_record,
-                        "width": image.width,
-                        "height": image.height,
-                        "batch_index": batch.index,
-                        "batch_size": len(batch.items),
-                        "batch_seconds": seconds,
-                        "seconds": seconds / len(batch.items),
-                        **accounting,
-                    }
-                    _write_item(out, item, batch, image, record, local["generated"])
-                    local["generated"] += 1
-                    if accounting["macs"] is not None:
-                        local["macs"] += accounting["macs"]
-                        local["macs_dense"] += accounting["macs_dense"]
-                    if not ctx.distributed:
-                        progress.update(1)
+                writer.write(batch, images, seconds, accounting, on_image)
                 if ctx.distributed:
                     progress.update(sum(i.id not in done_ids for i in batch.items) * ctx.world_size)
             if planned >= next_manifest and planned < to_write:  # every rank reaches this at the same round
                 while next_manifest <= planned:
                     next_manifest += options.manifest_every
-                totals = ctx.sum([local["generated"], local["macs"], local["macs_dense"]])
+                totals = ctx.sum(writer.counts())
                 progress.set(int(totals[0]))
                 if ctx.is_main:
                     atomic_write_json(out / "manifest.json", _manifest(options, run_fp, items, summary(totals), False))
-        totals = ctx.sum([local["generated"], local["macs"], local["macs_dense"]])
+        totals = ctx.sum(writer.counts())
         progress.set(int(totals[0]))
         ctx.barrier()
     finally:

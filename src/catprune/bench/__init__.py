@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import catprune
+from catprune.evaluation.machine import cuda_sync
+from catprune.evaluation.machine import environment as machine_environment
 from catprune.models import model_configs
 from catprune.models.testing import TINY_FLUX_CONFIG, TINY_PIXART_CONFIG
 from catprune.runtime.backends import GraphedCall
@@ -145,35 +147,10 @@ class BenchResult:
 
 
 def environment() -> dict:
-    import importlib.metadata as md
-
-    def version(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
-
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": version("diffusers"),
-        "catprune": catprune.__version__,
-        "cuda": torch.version.cuda,
-    }
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-        try:
-            import subprocess
-
-            env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            env["driver"] = None
-    return env
+    """The bench JSON's environment block: `catprune.evaluation.machine.environment` for the default device (with
+    the NVIDIA driver on CUDA machines), and the version of the catprune that ran."""
+    device = "cuda" if torch.cuda.is_available() else None
+    return {**machine_environment(device, driver=device is not None), "catprune": catprune.__version__}
 
 
 def build_pipeline(
@@ -214,11 +191,6 @@ def _embeddings(pipe, entry, batch: int, device, dtype, seed: int = 0, cfg: bool
     return family.inputs(pipe, entry, batch, family.cfg_default if cfg is None else cfg, device, dtype, seed)
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 class _StepTimer:
     """Per-step wall times of the transformer loop, from forward hooks on the transformer: a step is from one
     transformer call's start to the next one's (the scheduler step included), the last one to its end. CUDA events
@@ -245,7 +217,7 @@ class _StepTimer:
     def steps(self) -> list[float]:
         marks = self.starts + [self.end]
         if self.cuda:
-            torch.cuda.synchronize()
+            cuda_sync()
             return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:], strict=False)]
         return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
@@ -265,7 +237,7 @@ def _run_method(pipe, embeds, case: BenchCase, config, device, generator_seed=0)
             torch.cuda.reset_peak_memory_stats()
         runs = []
         for _ in range(case.repeats):
-            _sync(device)
+            cuda_sync(device)
             timer.start()
             latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(generator_seed)).images
             runs.append(timer.steps())
@@ -292,12 +264,12 @@ def _run_method(pipe, embeds, case: BenchCase, config, device, generator_seed=0)
 
 def _time(fn, device, repeats=10) -> float:
     fn()
-    _sync(device)
+    cuda_sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        cuda_sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -38,8 +38,9 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument(
         "--prompt-seed",
         type=seed,
-        default=HELD_OUT_CAPTION_SEED,
-        help=f"seed of the model's prompt generator (default {HELD_OUT_CAPTION_SEED}: the held-out set)",
+        default=None,
+        help="seed of the model's prompt generator (default: the model's held-out set, e.g. "
+        f"{HELD_OUT_CAPTION_SEED} for shapes)",
     )
     p.add_argument("--prompts", default=None, help="text file with one prompt per line (required for hub models)")
     p.add_argument(

@@ -7,7 +7,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -50,9 +49,10 @@ def psnr(a, b) -> float:
     """
     import torch
 
+    from catprune.evaluation.metrics import psnr as psnr_per_image
+
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(1.0 / mse)).item()
+    return float(psnr_per_image(a.reshape(1, 1, 1, -1), b.reshape(1, 1, 1, -1))[0])  # all pixels as one image
 
 
 def _json_safe(value):
@@ -326,30 +326,17 @@ def cmd_generate(args) -> int:
 
 
 def cmd_env(args) -> int:
-    import importlib.metadata as md
-
-    import torch
-
     import catprune
+    from catprune.evaluation.machine import environment
 
-    def version(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return "not installed"
-
+    env = environment()
     info = {
         "catprune": catprune.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "diffusers": version("diffusers"),
-        "transformers": version("transformers"),
-        "accelerate": version("accelerate"),
-        "cuda_available": torch.cuda.is_available(),
-        "cuda": torch.version.cuda,
-        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "cpu_threads": torch.get_num_threads(),
+        **{key: env[key] for key in ("python", "platform", "torch")},
+        **{name: env[name] or "not installed" for name in ("diffusers", "transformers", "accelerate")},
+        **{key: env[key] for key in ("cuda_available", "cuda")},
+        "devices": env["gpus"],
+        "cpu_threads": env["torch_threads"],
     }
     if args.json:
         print(json.dumps(info, indent=2))

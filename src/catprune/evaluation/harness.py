@@ -39,7 +39,7 @@ from .introspect import selection_counts, watch
 from .machine import cuda_sync, environment
 from .methods import Kind, Method
 from .peers import DBCachePeer, PeerUnavailable
-from .settings import EvalSettings
+from .settings import EvalSettings, set_call_kwargs
 from .store import MethodCache, load_counts, open_cache
 
 Log = Callable[[str], None]
@@ -51,13 +51,8 @@ def _print(message: str) -> None:
 
 def _call_pipe(pipe, prompts: list[str], seeds: list[int], steps: int, settings: EvalSettings, device) -> torch.Tensor:
     generators = [torch.Generator(device=torch.device(device)).manual_seed(s) for s in seeds]
-    kwargs = dict(num_inference_steps=steps, generator=generators, output_type="pt")
-    if settings.guidance_scale is not None:
-        kwargs["guidance_scale"] = settings.guidance_scale
-    if settings.height is not None:
-        kwargs["height"] = settings.height
-    if settings.width is not None:
-        kwargs["width"] = settings.width
+    optional = set_call_kwargs(guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width)
+    kwargs = dict(num_inference_steps=steps, generator=generators, output_type="pt", **optional)
     images = pipe(prompts, **kwargs).images
     if not isinstance(images, torch.Tensor):
         images = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2)

@@ -51,6 +51,8 @@ class EvalModel:
         learned_metrics: use CLIP score and FID (when their weights are cached locally).
         matches: optional ``matches(model) -> bool`` for other ``--model`` values this entry handles (a saved
             pipeline folder of the same class, say).
+        held_out_seed: the seed of the model's held-out prompt set: ``prompts(n, held_out_seed)`` is what an
+            evaluation uses unless ``--prompt-seed`` says otherwise.
     """
 
     name: str
@@ -60,6 +62,7 @@ class EvalModel:
     adherence_keys: tuple[str, ...] = ()
     learned_metrics: bool = False
     matches: Callable[[str], bool] | None = None
+    held_out_seed: int | None = None
 
 
 _REGISTRY: dict[str, EvalModel] = {}
@@ -173,21 +176,59 @@ register(
         adherence=shapes_adherence,
         adherence_keys=("colour_at_cell", "shape"),
         matches=_is_shapes_folder,
+        held_out_seed=20_000,  # catprune.evaluation.adherence.HELD_OUT_CAPTION_SEED (checked by a test)
     )
 )
 
 # ---------------------------------------------------------------------------------------------------- scenes
-# REGISTRATION POINT for the `scenes` model, once `catprune.load_pipeline("scenes")` and
-# `catprune.evaluation.identity` exist. Sketch (names of the identity module to be confirmed when wiring):
-#
-#     register(EvalModel(
-#         name="scenes",
-#         # load: the default (catprune.models.load_pipeline("scenes", ...)) needs no entry
-#         prompts=<held-out scenes captions: (n, seed) -> list[str]>,
-#         adherence=<wrap identity's per-caption top-1 score into {"summary": {"identity_top1": rate},
-#                    "per_image": {"identity_top1": [0/1 per image]}}>,
-#         adherence_keys=("identity_top1",),
-#     ))
+def _scenes_prompts(n: int, seed: int) -> list[str]:
+    from ..models.scenes.world import random_captions
+
+    return random_captions(n, seed=seed)
 
 
-__all__ = ["AdherenceScores", "EvalModel", "load_pipeline", "register", "registered", "resolve", "shapes_adherence"]
+def scenes_identity(images: torch.Tensor, prompts: Sequence[str]) -> AdherenceScores:
+    """Identity of scenes images: per image the fraction of named objects found in their cell (top-1 among all
+    object names, `catprune.evaluation.identity`); in the summary the rate over all objects and the object count.
+
+    Example:
+        >>> from catprune.models.scenes import render_captions
+        >>> captions = ["a cat at the top"]
+        >>> scenes_identity(render_captions(captions, seed=0), captions)["summary"]["identity_top1"]
+        1.0
+    """
+    from .identity import check_identity
+
+    n = len(prompts)
+    report = check_identity(images, list(prompts))
+    correct, objects = [0] * n, [0] * n
+    for obj in report.objects:
+        correct[obj.image] += int(obj.correct)
+        objects[obj.image] += 1
+    return {
+        "summary": {"identity_top1": report.top1 if report.objects else 1.0, "objects": len(report.objects)},
+        "per_image": {"identity_top1": [c / o if o else 1.0 for c, o in zip(correct, objects, strict=True)]},
+    }
+
+
+register(
+    EvalModel(
+        name="scenes",
+        prompts=_scenes_prompts,
+        adherence=scenes_identity,
+        adherence_keys=("identity_top1",),
+        held_out_seed=30_000,  # catprune.evaluation.identity.HELD_OUT_CAPTION_SEED (checked by a test)
+    )
+)
+
+
+__all__ = [
+    "AdherenceScores",
+    "EvalModel",
+    "load_pipeline",
+    "register",
+    "registered",
+    "resolve",
+    "scenes_identity",
+    "shapes_adherence",
+]

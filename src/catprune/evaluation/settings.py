@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import registry
-from .adherence import HELD_OUT_CAPTION_SEED
 
 
 @dataclass(frozen=True)
@@ -26,8 +25,9 @@ class EvalSettings:
     - ``model`` (str, default "shapes"): a registered model (see `catprune.evaluation.registry`; "shapes" is the
       embedded model) or a hub id / local pipeline folder.
     - ``num_prompts`` (int, default 200): prompts used (the first ``num_prompts`` of the prompt list).
-    - ``prompt_seed`` (int, default `HELD_OUT_CAPTION_SEED`, 20000): seed of the model's prompt generator (for
-      shapes, ``random_captions(n, prompt_seed)``; 20000 is its held-out set). Ignored when ``prompts_file`` is given.
+    - ``prompt_seed`` (int or None, default None): seed of the model's prompt generator; None is the model's
+      held-out set (`EvalModel.held_out_seed`: 20000 for shapes, 30000 for scenes). Ignored when ``prompts_file``
+      is given.
     - ``prompts_file`` (str or None): a text file with one prompt per line (required for models without a prompt
       generator, e.g. hub models).
     - ``steps`` (int, default 28): denoising steps of the reference (dense) run.
@@ -44,7 +44,7 @@ class EvalSettings:
 
     model: str = "shapes"
     num_prompts: int = 200
-    prompt_seed: int = HELD_OUT_CAPTION_SEED
+    prompt_seed: int | None = None
     prompts_file: str | None = None
     steps: int = 28
     seed: int = 0
@@ -80,7 +80,7 @@ class EvalSettings:
         parts = [model, f"p{self.num_prompts}", f"s{self.steps}", f"seed{self.seed}"]
         if self.prompts_file is not None:
             parts.append(Path(self.prompts_file).stem)
-        elif self.prompt_seed != HELD_OUT_CAPTION_SEED:
+        elif self.prompt_seed is not None and self.prompt_seed != self.eval_model.held_out_seed:
             parts.append(f"ps{self.prompt_seed}")
         if self.guidance_scale is not None:
             parts.append(f"g{self.guidance_scale:g}")
@@ -118,7 +118,8 @@ class EvalSettings:
                 f"{', '.join(registry.registered())}), so a prompt file is needed (one prompt per line). Pass "
                 "--prompts FILE."
             )
-        return list(generator(self.num_prompts, self.prompt_seed))
+        seed = self.prompt_seed if self.prompt_seed is not None else self.eval_model.held_out_seed
+        return list(generator(self.num_prompts, 0 if seed is None else seed))
 
     def image_key(self) -> dict:
         """The fields that determine the images (a change invalidates the generation cache)."""
@@ -136,4 +137,14 @@ def reference_name(settings: EvalSettings) -> str:
     return f"dense-{settings.steps}"
 
 
-__all__ = ["EvalSettings", "reference_name"]
+def set_call_kwargs(**values) -> dict:
+    """The pipeline-call keyword arguments among ``values`` that are set: None leaves the pipeline's default.
+
+    Example:
+        >>> set_call_kwargs(guidance_scale=None, height=64, width=None)
+        {'height': 64}
+    """
+    return {name: value for name, value in values.items() if value is not None}
+
+
+__all__ = ["EvalSettings", "reference_name", "set_call_kwargs"]

@@ -1,4 +1,4 @@
-"""Model presets and loading: the embedded ``shapes`` model, and hub pipelines by id or path."""
+"""Model presets and loading: the embedded ``shapes`` and ``scenes`` models, and hub pipelines by id or path."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-EMBEDDED = ("shapes",)
+EMBEDDED = ("shapes", "scenes")
 _CONFIGS = Path(__file__).with_name("model_configs.json")
 
 
@@ -29,38 +29,49 @@ def load_pipeline(
 ):
     """Load a text-to-image pipeline.
 
-    ``"shapes"`` is the small model embedded in catprune (works offline). Anything else is passed to diffusers'
+    ``"shapes"`` and ``"scenes"`` are the small models embedded in catprune (they work offline; see
+    docs/shapes_model.md and docs/scenes_model.md). Anything else is passed to diffusers'
     ``DiffusionPipeline.from_pretrained`` (a hub id such as ``"stabilityai/stable-diffusion-3-medium-diffusers"``
     or a local folder), then moved to ``device``.
 
     Example:
         >>> pipe = load_pipeline("shapes")  # doctest: +SKIP
         >>> pipe("a large red circle at the center").images[0]  # doctest: +SKIP
+        >>> pipe = load_pipeline("scenes")  # doctest: +SKIP
+        >>> pipe("an owl at the top left and a taxi at the center").images[0]  # doctest: +SKIP
     """
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(
-            f"load_pipeline: name_or_path: expected 'shapes', a hub id or a local path, got "
+            f"load_pipeline: name_or_path: expected 'shapes', 'scenes', a hub id or a local path, got "
             f"{type(name_or_path).__name__}."
         )
     if str(name_or_path) == "shapes":
         from .shapes import load_shapes_pipeline
 
         return load_shapes_pipeline(device=device, dtype=dtype)
+    if str(name_or_path) == "scenes":
+        from .scenes import load_scenes_pipeline
+
+        return load_scenes_pipeline(device=device, dtype=dtype)
     if Path(name_or_path).is_dir() and (Path(name_or_path) / "model_index.json").is_file():
         index = json.loads((Path(name_or_path) / "model_index.json").read_text())
         if index.get("_class_name") == "ShapesPipeline":
             from .shapes import load_shapes_pipeline
 
             return load_shapes_pipeline(path=name_or_path, device=device, dtype=dtype)
+        if index.get("_class_name") == "ScenesPipeline":
+            from .scenes import load_scenes_pipeline
+
+            return load_scenes_pipeline(path=name_or_path, device=device, dtype=dtype)
     from diffusers import DiffusionPipeline
 
     try:
         pipe = DiffusionPipeline.from_pretrained(str(name_or_path), dtype=dtype)
     except (OSError, ValueError) as exc:
         raise OSError(
-            f"load_pipeline: could not load {str(name_or_path)!r} with diffusers ({exc}). Expected 'shapes' (the "
-            "embedded model), a local pipeline folder, or a hub id reachable from this machine (hub models need "
-            "network access or a populated Hugging Face cache, and `pip install catprune[hub]`)."
+            f"load_pipeline: could not load {str(name_or_path)!r} with diffusers ({exc}). Expected 'shapes' or "
+            "'scenes' (the embedded models), a local pipeline folder, or a hub id reachable from this machine (hub "
+            "models need network access or a populated Hugging Face cache, and `pip install catprune[hub]`)."
         ) from exc
     return pipe.to(device)
 

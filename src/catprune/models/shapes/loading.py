@@ -43,8 +43,13 @@ def _heads_for(hidden_size: int) -> int:
     return 1
 
 
-def build_shapes_pipeline(config: dict[str, Any]) -> ShapesPipeline:
-    """Instantiate the pipeline (random weights, diffusers' default initialisation) from a full config dict."""
+def build_shapes_pipeline(
+    config: dict[str, Any], pipeline_class: type = ShapesPipeline, tokenizer_class: type = ShapesTokenizer
+) -> ShapesPipeline:
+    """Instantiate the pipeline (random weights, diffusers' default initialisation) from a full config dict.
+
+    ``pipeline_class`` / ``tokenizer_class`` let another embedded world (scenes) reuse this construction.
+    """
     t_cfg = dict(config["transformer"])
     e_cfg = dict(config["text_encoder"])
     inner = t_cfg["num_attention_heads"] * t_cfg["attention_head_dim"]
@@ -63,14 +68,14 @@ def build_shapes_pipeline(config: dict[str, Any]) -> ShapesPipeline:
             f"({e_cfg['joint_attention_dim']}, {e_cfg['pooled_projection_dim']}) must match the transformer's "
             f"({t_cfg['joint_attention_dim']}, {t_cfg['pooled_projection_dim']})."
         )
-    tokenizer = ShapesTokenizer(**config.get("tokenizer", {}))
+    tokenizer = tokenizer_class(**config.get("tokenizer", {}))
     if e_cfg["vocab_size"] != tokenizer.vocab_size or e_cfg["max_length"] != tokenizer.config.max_length:
         raise ValueError(
             f"text_encoder vocab_size/max_length ({e_cfg['vocab_size']}, {e_cfg['max_length']}) must match the "
             f"tokenizer ({tokenizer.vocab_size}, {tokenizer.config.max_length})."
         )
     t_cfg["dual_attention_layers"] = tuple(t_cfg.get("dual_attention_layers", ()))
-    return ShapesPipeline(
+    return pipeline_class(
         transformer=SD3Transformer2DModel(**t_cfg),
         scheduler=FlowMatchEulerDiscreteScheduler(**config.get("scheduler", {})),
         text_encoder=ShapesTextEncoder(**e_cfg),
@@ -140,13 +145,15 @@ def _component_files(directory: Path, component: str) -> list[Path]:
     return sorted(directory.glob(f"{component}-*-of-*.safetensors"))
 
 
-def _load_state(directory: Path, component: str) -> dict[str, torch.Tensor]:
+def _load_state(
+    directory: Path, component: str, script: str = "scripts/train_shapes.py", pipeline_name: str = "ShapesPipeline"
+) -> dict[str, torch.Tensor]:
     files = _component_files(directory, component)
     if not files:
         raise FileNotFoundError(
             f"missing weights file {directory / (component + '.safetensors')} (or its shards "
             f"{component}-*-of-*.safetensors). Reinstall catprune, or pass path= a folder written by "
-            "ShapesPipeline.save_pretrained or scripts/train_shapes.py."
+            f"{pipeline_name}.save_pretrained or {script}."
         )
     if len(files) > 1 or files[0].name != f"{component}.safetensors":
         total = int(files[0].stem.rsplit("-of-", 1)[1])
@@ -155,7 +162,7 @@ def _load_state(directory: Path, component: str) -> dict[str, torch.Tensor]:
             if not shard.is_file():
                 raise FileNotFoundError(
                     f"missing weights file {shard} (shard {k} of {total}). Reinstall catprune, or re-create the "
-                    "folder with scripts/train_shapes.py."
+                    f"folder with {script}."
                 )
     state: dict[str, torch.Tensor] = {}
     for file in files:
@@ -163,17 +170,19 @@ def _load_state(directory: Path, component: str) -> dict[str, torch.Tensor]:
             state.update(load_file(str(file)))
         except Exception as err:  # safetensors raises its own error types for truncated or garbled files
             raise ValueError(
-                f"corrupt weights file {file}: {err}. Reinstall catprune or re-create the file with "
-                "scripts/train_shapes.py."
+                f"corrupt weights file {file}: {err}. Reinstall catprune or re-create the file with {script}."
             ) from err
     return state
 
 
 def save_flat_weights(
-    pipe: ShapesPipeline, directory: str | os.PathLike, dtype: torch.dtype = torch.float16
+    pipe: ShapesPipeline,
+    directory: str | os.PathLike,
+    dtype: torch.dtype = torch.float16,
+    config_name: str = CONFIG_NAME,
 ) -> list[Path]:
-    """Write the shipped layout: ``shapes_config.json`` plus ``transformer[-k-of-n].safetensors`` and
-    ``text_encoder.safetensors`` in ``dtype`` (shards of at most 15 MiB). Returns the files written.
+    """Write the shipped layout: ``shapes_config.json`` (``config_name``) plus ``transformer[-k-of-n].safetensors``
+    and ``text_encoder.safetensors`` in ``dtype`` (shards of at most 15 MiB). Returns the files written.
 
     Example:
         >>> import tempfile
@@ -194,9 +203,9 @@ def save_flat_weights(
         "scheduler": {k: pipe.scheduler.config[k] for k in ("num_train_timesteps", "shift")},
     }
     config["transformer"]["dual_attention_layers"] = list(config["transformer"]["dual_attention_layers"])
-    with open(directory / CONFIG_NAME, "w") as f:
+    with open(directory / config_name, "w") as f:
         json.dump(config, f, indent=2)
-    written.append(directory / CONFIG_NAME)
+    written.append(directory / config_name)
     for component in COMPONENTS:
         for old in _component_files(directory, component):
             old.unlink()
@@ -221,19 +230,31 @@ def save_flat_weights(
     return written
 
 
-def _load_flat(directory: Path, device, dtype) -> ShapesPipeline:
-    # A training output folder carries its own shapes_config.json; the shipped weights folder uses the packaged one.
-    config_path = directory / CONFIG_NAME if (directory / CONFIG_NAME).is_file() else CONFIG_PATH
+def _load_flat(
+    directory: Path,
+    device,
+    dtype,
+    config_name: str = CONFIG_NAME,
+    packaged_config: Path = CONFIG_PATH,
+    build=build_shapes_pipeline,
+    script: str = "scripts/train_shapes.py",
+    pipeline_name: str = "ShapesPipeline",
+) -> ShapesPipeline:
+    # A training output folder carries its own config json; the shipped weights folder uses the packaged one.
+    config_path = directory / config_name if (directory / config_name).is_file() else packaged_config
     try:
         with open(config_path) as f:
             config = json.load(f)
     except (OSError, ValueError) as err:
         raise ValueError(f"corrupt config file {config_path}: {err}.") from err
     with torch.device("meta"):
-        pipe = build_shapes_pipeline(config)
+        pipe = build(config)
     for component in COMPONENTS:
         module = getattr(pipe, component)
-        state = {k: v.to(device=device, dtype=dtype) for k, v in _load_state(directory, component).items()}
+        state = {
+            k: v.to(device=device, dtype=dtype)
+            for k, v in _load_state(directory, component, script, pipeline_name).items()
+        }
         try:
             module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as err:

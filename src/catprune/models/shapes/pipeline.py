@@ -57,6 +57,8 @@ class ShapesPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->transformer"
     default_guidance_scale = DEFAULT_GUIDANCE_SCALE
+    #: Names the model in messages; a pipeline for another embedded world (``ScenesPipeline``) overrides it.
+    model_name = "shapes"
 
     def __init__(
         self,
@@ -70,7 +72,7 @@ class ShapesPipeline(DiffusionPipeline):
             transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
         )
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False, do_normalize=True)
-        self._guidance_scale = DEFAULT_GUIDANCE_SCALE
+        self._guidance_scale = self.default_guidance_scale
         self._num_timesteps = 0
 
     @property
@@ -165,10 +167,11 @@ class ShapesPipeline(DiffusionPipeline):
             if value % step != 0 or not step <= value <= largest:
                 sample = self.transformer.config.sample_size
                 raise ValueError(
-                    f"unsupported resolution: {name}={value} (height={height}, width={width}). The shapes model "
-                    f"takes heights and widths that are multiples of {step} (its patch size) from {step} to "
-                    f"{largest} pixels (pos_embed_max_size={self.transformer.config.pos_embed_max_size} patches); "
-                    f"its weights were trained at {sample}x{sample}. Use height={sample}, width={sample}."
+                    f"unsupported resolution: {name}={value} (height={height}, width={width}). The "
+                    f"{self.model_name} model takes heights and widths that are multiples of {step} (its patch size) "
+                    f"from {step} to {largest} pixels (pos_embed_max_size="
+                    f"{self.transformer.config.pos_embed_max_size} patches); its weights were trained at "
+                    f"{sample}x{sample}. Use height={sample}, width={sample}."
                 )
         if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}.")
@@ -200,7 +203,7 @@ class ShapesPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 28,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -215,7 +218,8 @@ class ShapesPipeline(DiffusionPipeline):
             negative_prompt: caption(s) to steer away from; None uses the empty caption (plain CFG).
             height, width: pixels; default ``transformer.config.sample_size`` (128, the trained resolution).
             num_inference_steps: Euler steps of the flow-matching scheduler.
-            guidance_scale: classifier-free guidance weight; guidance is on iff it is > 1.
+            guidance_scale: classifier-free guidance weight; guidance is on iff it is > 1. None: the model's
+                ``default_guidance_scale`` (2.0 for shapes).
             num_images_per_prompt: images per caption.
             generator: a ``torch.Generator`` or a list with one per image.
             latents: optional initial noise (B, 3, height, width).
@@ -234,8 +238,10 @@ class ShapesPipeline(DiffusionPipeline):
             prompt, negative_prompt, height, width, num_inference_steps, num_images_per_prompt, output_type
         )
         if (height, width) != (sample, sample):
-            logger.warning(f"The shapes model was trained at {sample}x{sample}; {height}x{width} images are untested.")
-        self._guidance_scale = float(guidance_scale)
+            logger.warning(
+                f"The {self.model_name} model was trained at {sample}x{sample}; {height}x{width} images are untested."
+            )
+        self._guidance_scale = float(self.default_guidance_scale if guidance_scale is None else guidance_scale)
         device = self._execution_device
         batch_size = len(prompts) * num_images_per_prompt
 

@@ -34,6 +34,14 @@ class ShapesTokenizer(SchedulerMixin, ConfigMixin):
 
     config_name = "tokenizer_config.json"
     _compatibles = []
+    #: Wording of the input errors; a tokenizer for another caption world (``ScenesTokenizer``) overrides these.
+    world_name = "shapes"
+    caption_hint = "Write captions like 'a small red circle at the top left' (two objects joined by ' and ')."
+    max_objects_hint = "Use at most two objects."
+
+    def vocabulary_hint(self) -> str:
+        """The sentence of the unknown-word error that says which words exist (and where the list is)."""
+        return f"The embedded {self.world_name} model knows only these words: {', '.join(self.vocabulary)}."
 
     @register_to_config
     def __init__(self, vocabulary: Sequence[str] = VOCABULARY, max_length: int = 24):
@@ -79,14 +87,13 @@ class ShapesTokenizer(SchedulerMixin, ConfigMixin):
             unknown = sorted({w for w in words if w not in self.token_to_id or w in SPECIAL_TOKENS})
             if unknown:
                 raise ValueError(
-                    f"{argument} {prompt!r} has words outside the shapes vocabulary: {unknown}. "
-                    f"The embedded shapes model knows only these words: {', '.join(self.vocabulary)}. "
-                    "Write captions like 'a small red circle at the top left' (two objects joined by ' and ')."
+                    f"{argument} {prompt!r} has words outside the {self.world_name} vocabulary: {unknown}. "
+                    f"{self.vocabulary_hint()} {self.caption_hint}"
                 )
             if len(words) > limit:
                 raise ValueError(
-                    f"{argument} {prompt!r} has {len(words)} words; the shapes tokenizer takes at most {limit} "
-                    f"(max_length={self.config.max_length} including <bos> and <eos>). Use at most two objects."
+                    f"{argument} {prompt!r} has {len(words)} words; the {self.world_name} tokenizer takes at most "
+                    f"{limit} (max_length={self.config.max_length} including <bos> and <eos>). {self.max_objects_hint}"
                 )
 
     def __call__(self, prompts: str | Sequence[str], argument: str = "prompt") -> dict[str, torch.Tensor]:
