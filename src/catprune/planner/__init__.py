@@ -107,8 +107,8 @@ class Plan:
         )
         return "\n".join(
             [
-                f"plan for {self.requested_speedup:g}x on {self.model or self.family} at {self.reference_steps} steps: "
-                f"{chosen or 'no CAT Pruning'}, {self.num_inference_steps} steps",
+                f"plan for {self.requested_speedup:g}x on {self.model or self.family} at {self.reference_steps} "
+                f"steps: {chosen or 'no CAT Pruning'}, {self.num_inference_steps} steps",
                 f"  predicted speed-up {self.predicted_speedup:.2f}x (MACs ratio {self.macs_ratio:.3f}); cost from "
                 f"{self.time_source}",
                 f"  expected quality: {quality}",

@@ -15,7 +15,7 @@ from ..config import CATConfig
 from .costs import MacsModel, TimeModel
 from .tables import Quality, QualityRow
 
-KEEP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+KEEP_RATIOS = tuple(round(0.05 * i, 2) for i in range(2, 20))  # 0.1, 0.15, ..., 0.95
 START_STEPS_AT_28 = (4, 8, 12)  # warm-up steps tried, scaled to the step count
 MIN_STEP_SHARE = 0.25  # plain fewer steps go down to a quarter of the requested steps (at most 4x)
 

@@ -7,6 +7,7 @@ device kind and backend, and in analytic MACs otherwise.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -20,7 +21,15 @@ from .tables import StepTimeRow
 
 #: text tokens of one call when the model is not a known preset (CLIP + T5 for SD3, T5 for PixArt / Flux)
 TEXT_TOKENS = {"sd3": 333, "pixart": 300, "flux": 512}
-SHAPES_TEXT_TOKENS = 24
+#: the embedded pixel-space models: table name -> (pipeline class, module with default_config())
+EMBEDDED = {
+    "shapes": ("ShapesPipeline", "catprune.models.shapes"),
+    "scenes": ("ScenesPipeline", "catprune.models.scenes"),
+}
+
+
+def _embedded_config(name: str) -> dict:
+    return importlib.import_module(EMBEDDED[name][1]).default_config()
 
 
 def _same(a, b) -> bool:
@@ -54,8 +63,8 @@ def family_of(model: torch.nn.Module) -> str:
 
 
 def model_key(model: torch.nn.Module, pipe=None) -> str | None:
-    """The name the tables use for ``model``: ``"shapes"``, a preset of `catprune.models.model_configs` whose config
-    matches the model's, or None.
+    """The name the tables use for ``model``: an embedded model (``"shapes"``, ``"scenes"``), a preset of
+    `catprune.models.model_configs` whose config matches the model's, or None.
 
     Example:
         >>> from catprune.models.testing import tiny_sd3_transformer
@@ -64,11 +73,10 @@ def model_key(model: torch.nn.Module, pipe=None) -> str | None:
     """
     config = dict(getattr(model, "config", {}) or {})
     classes = {c.__name__ for c in type(model).__mro__}
-    if pipe is not None and type(pipe).__name__ == "ShapesPipeline":
-        return "shapes"
-    from ..models.shapes import default_config
-
-    candidates = [("shapes", "SD3Transformer2DModel", default_config()["transformer"])]
+    for name, (pipeline_class, _) in EMBEDDED.items():
+        if pipe is not None and type(pipe).__name__ == pipeline_class:
+            return name
+    candidates = [(name, "SD3Transformer2DModel", _embedded_config(name)["transformer"]) for name in EMBEDDED]
     candidates += [(name, e["class"], e["config"]) for name, e in model_configs().items() if "config" in e]
     for name, cls, preset in candidates:
         if cls in classes and all(_same(config.get(k), v) for k, v in preset.items()):
@@ -78,7 +86,7 @@ def model_key(model: torch.nn.Module, pipe=None) -> str | None:
 
 def pixels_per_token(model: torch.nn.Module, pipe, family: str, key: str | None) -> int:
     """Image pixels per token side: the VAE's downsampling times the patch size (Flux packs 2x2 latents)."""
-    if key == "shapes":
+    if key in EMBEDDED:
         return int(model.config.patch_size)  # pixel space
     vae = getattr(pipe, "vae_scale_factor", None) or 8
     patch = 2 if family == "flux" else int(getattr(model.config, "patch_size", 2))
@@ -93,14 +101,14 @@ def token_grid(model, pipe, family: str, key: str | None, height, width) -> tupl
         if sample is None:  # Flux has no sample_size: its pipelines default to 1024 px
             default = 1024
         else:
-            default = int(sample) * (1 if key == "shapes" else 8)  # sample_size counts latent pixels
+            default = int(sample) * (1 if key in EMBEDDED else 8)  # sample_size counts latent pixels
         height, width = height or default, width or default
     return (max(1, height // ppt), max(1, width // ppt)), (int(height), int(width))
 
 
 def text_tokens(family: str, key: str | None) -> int:
-    if key == "shapes":
-        return SHAPES_TEXT_TOKENS
+    if key in EMBEDDED:
+        return int(_embedded_config(key)["text_encoder"]["max_length"])
     entry = model_configs().get(key or "", {})
     return int(entry.get("text_tokens", TEXT_TOKENS.get(family, 300)))
 
