@@ -260,3 +260,11 @@ def test_time_model_reproduces_the_measured_bench_case(preset, measured_loop, me
     macs, seconds = costs.cost(28, CATConfig(keep_ratio=0.3, start_step=8))
     assert 1 / macs == pytest.approx(measured_macs, rel=0.01)
     assert 1 / seconds == pytest.approx(measured_loop, rel=0.015)
+
+
+def test_embedded_models_are_identified_by_architecture():
+    from catprune.models.scenes import build_random_scenes_pipeline
+
+    pipe = build_random_scenes_pipeline(seed=0)
+    assert catprune.plan(pipe, 2.0).model == "scenes"
+    assert catprune.plan(pipe.transformer, 2.0).model == "scenes"  # by config, without the pipeline
