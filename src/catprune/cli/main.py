@@ -277,7 +277,7 @@ def cmd_generate(args) -> int:
         )
     if not args.prompt.strip():
         _warn("the prompt is empty: this generates the unconditional image (what the model draws for no caption).")
-    reason = None if args.dense else _nothing_pruned_reason(config, args.steps)
+    reason = None if args.dense or args.speedup is not None else _nothing_pruned_reason(config, args.steps)
     if reason is not None:
         _warn(
             f"nothing will be pruned ({reason}); the output equals the dense image and is labelled dense-equivalent."
