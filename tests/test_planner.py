@@ -270,3 +270,23 @@ def test_embedded_models_are_identified_by_architecture():
     pipe = build_random_scenes_pipeline(seed=0)
     assert catprune.plan(pipe, 2.0).model == "scenes"
     assert catprune.plan(pipe.transformer, 2.0).model == "scenes"  # by config, without the pipeline
+
+
+def test_step_cache_rows_are_candidates_only_where_they_apply_and_were_measured():
+    from catprune.models.testing import tiny_flux_transformer
+    from catprune.planner.choose import CostModel, candidates, choose
+    from catprune.planner.costs import MacsModel
+
+    data = {
+        "quality": [
+            {**_quality(10, 45.0), "step_cache": {"kind": "fbcache", "threshold": 0.1}, "macs_ratio": 0.5},
+            {**_quality(10, 44.0), "step_cache": {"kind": "fbcache", "threshold": 0.2}},  # no measured cost: never
+        ]
+    }
+    rows = list(Tables.from_dict(data).quality)
+    costs = CostModel(10, MacsModel(tiny_flux_transformer(), (4, 4), 5), TimeModel())
+    cached = [c for c in candidates(costs, rows, "eager", lambda spec: True) if c.step_cache is not None]
+    assert [dict(c.step_cache)["threshold"] for c in cached] == [0.1] and cached[0].speedup == pytest.approx(2.0)
+    best, why = choose([c for c in candidates(costs, rows, "eager", lambda spec: True) if c.speedup >= 2.0], 10, "x")
+    assert best.step_cache == cached[0].step_cache and "45.00 dB" in why
+    assert not [c for c in candidates(costs, rows, "eager", lambda spec: False) if c.step_cache is not None]
