@@ -10,6 +10,7 @@ Example:
 from .api import Observer, applied, apply, get_config, inspect, is_applied, observe, remove, reset, stats, step_kernels
 from .config import Backend, CATConfig, CFGMode, Selection
 from .models import load_pipeline
+from .planner import Plan, plan
 from .runtime import InspectView, PruneStats, StepRecord
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "Selection",
     "InspectView",
     "Observer",
+    "Plan",
     "PruneStats",
     "StepRecord",
     "__version__",
@@ -34,6 +36,7 @@ __all__ = [
     "is_applied",
     "load_pipeline",
     "observe",
+    "plan",
     "remove",
     "reset",
     "stats",

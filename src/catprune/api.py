@@ -145,6 +145,8 @@ def apply(pipe_or_transformer, config: CATConfig | None = None, *, runner: StepR
     """Apply CAT Pruning to a diffusers pipeline (its ``.transformer``) or to a transformer, in place.
 
     Idempotent: applying again replaces the previous configuration (observers registered with `observe` stay).
+    ``config`` may be a `catprune.Plan` (from `catprune.plan`): its config is applied, and a plan of plain fewer
+    steps (``plan.config is None``) removes CAT Pruning and warns; pass ``plan.pipeline_kwargs()`` to the pipeline.
     Everything is validated before the model is modified. Returns its argument.
 
     ``runner`` (advanced): how steps execute, a `catprune.runtime.StepRunner` whose backend is ``config.backend``;
@@ -160,9 +162,13 @@ def apply(pipe_or_transformer, config: CATConfig | None = None, *, runner: StepR
     """
     if config is None:
         config = CATConfig()
+    from .planner import Plan  # the planner is built on this module: imported on use
+
+    if isinstance(config, Plan):
+        return config.apply_to(pipe_or_transformer, runner=runner)
     if not isinstance(config, CATConfig):
         raise TypeError(
-            f"catprune.apply: config: expected a catprune.CATConfig, got {type(config).__name__}. "
+            f"catprune.apply: config: expected a catprune.CATConfig or a catprune.Plan, got {type(config).__name__}. "
             "Pass e.g. catprune.CATConfig(keep_ratio=0.3, start_step=8)."
         )
     model, pipe = _resolve(pipe_or_transformer, "apply")

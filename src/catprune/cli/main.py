@@ -26,6 +26,7 @@ from .options import (
     seed,
     torch_dtype,
 )
+from .speedup import check_speedup_flags, planned_config
 
 #: CATConfig fields -> the ``generate`` flags that set them (config errors name the flag)
 CONFIG_FLAGS = {"keep_ratio": "--keep-ratio", "start_step": "--start-step", "seed": "--seed", "backend": "--backend"}
@@ -243,6 +244,7 @@ def _compare(pipe, config, args, out: Path, report: dict, dense_equivalent: bool
 
 
 def cmd_generate(args) -> int:
+    check_speedup_flags(args)
     if args.prompts is not None or args.prompt is None:  # batch mode: --prompts FILE --out DIR
         from catprune.cli.batch_cmd import cmd_generate_batch
 
@@ -275,7 +277,7 @@ def cmd_generate(args) -> int:
         )
     if not args.prompt.strip():
         _warn("the prompt is empty: this generates the unconditional image (what the model draws for no caption).")
-    reason = None if args.dense else _nothing_pruned_reason(config, args.steps)
+    reason = None if args.dense or args.speedup is not None else _nothing_pruned_reason(config, args.steps)
     if reason is not None:
         _warn(
             f"nothing will be pruned ({reason}); the output equals the dense image and is labelled dense-equivalent."
@@ -284,7 +286,8 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(args.model, device=device, dtype=torch_dtype(args.dtype))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=not args.progress)
-    report = {"prompt": args.prompt, "model": args.model, "device": str(device), "config": config.to_dict()}
+    config, reason, plan = planned_config(pipe, args, device, config, reason)  # --speedup: the planner's choice
+    report = {"prompt": args.prompt, "model": args.model, "device": str(device), "config": config.to_dict(), **plan}
 
     def apply():
         try:
@@ -367,6 +370,13 @@ def _add_generate(sub):
         "--keep-ratio", type=ratio, default=0.3, help="fraction of image tokens recomputed per pruned step, in (0, 1]"
     )
     p.add_argument("--start-step", type=positive_int, default=8, help="dense warm-up steps before pruning starts")
+    p.add_argument(
+        "--speedup",
+        type=finite_float,
+        default=None,
+        help="let catprune.plan choose steps, keep ratio and start step for this speed-up over dense --steps; "
+        "prints its choice and why (not with --keep-ratio / --start-step / --dense / --compare)",
+    )
     p.add_argument("--seed", type=seed, default=0, help="generator seed (also the k-means seed), in [0, 2**63 - 1]")
     p.add_argument("--height", type=positive_int, default=None, help="image height in pixels (model default)")
     p.add_argument("--width", type=positive_int, default=None, help="image width in pixels (model default)")

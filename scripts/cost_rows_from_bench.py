@@ -1,0 +1,54 @@
+"""Turn ``catprune bench --json`` records into step-time rows of the planner's data file.
+
+    python scripts/cost_rows_from_bench.py docs/bench/*.json > rows.json
+
+prints a JSON list of rows (one per benchmarked case) to paste into ``src/catprune/data/cost_tables.json`` under
+``step_times``. A row's ``pruned_macs_ratio`` is the MACs of one pruned step over one dense step, recovered from the
+record's total MACs: ``(macs_cat / macs_dense * N - start) / (N - start)``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def rows_from_record(record: dict, source: str) -> list[dict]:
+    rows = []
+    for result in record["results"]:
+        case, dense, cat = result["case"], result["dense"], result["cat"]
+        if not cat.get("pruned_step_s"):
+            continue
+        n, start = case["steps"], case["start_step"]
+        total = cat["macs"] / cat["macs_dense"]
+        rows.append(
+            {
+                "model": case["preset"],
+                "device": "cpu" if result.get("device", "cpu") == "cpu" else "cuda",
+                "card": result.get("device", ""),
+                "backend": case["mode"],
+                "height": case["height"],
+                "width": case["width"],
+                "batch": case["batch_size"],
+                "dtype": case["dtype"],
+                "keep_ratio": case["keep_ratio"],
+                "dense_ms": round(dense["full_step_s"] * 1e3, 3),
+                "pruned_ms": round(cat["pruned_step_s"] * 1e3, 3),
+                "pruned_macs_ratio": round((total * n - start) / (n - start), 4),
+                "source": f"{source} (steps {n}, start {start})",
+            }
+        )
+    return rows
+
+
+def main(paths: list[str]) -> int:
+    rows = []
+    for path in paths:
+        rows += rows_from_record(json.loads(Path(path).read_text()), Path(path).as_posix())
+    print(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

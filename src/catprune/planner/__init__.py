@@ -1,0 +1,232 @@
+"""``catprune.plan``: state the speed-up you want, get the best configuration the project measured.
+
+The planner counts cost in measured step times (``catprune bench`` tables shipped with the package, per model
+preset, device kind, backend and resolution; a pruned step realises less than its MACs ratio), with the family's
+analytic MACs as the fallback; it picks, among the candidates predicted to reach the speed-up, the one with the best
+measured quality (PSNR to the dense image), else the CAT configuration that skips the least work; and it recommends
+plain fewer steps (``config=None``) when they win. Data: ``catprune/data/cost_tables.json`` (`tables`).
+
+Example:
+    >>> import catprune
+    >>> from catprune.models.testing import tiny_sd3_transformer
+    >>> plan = catprune.plan(tiny_sd3_transformer(), speedup=1.5, num_inference_steps=28)
+    >>> plan.predicted_speedup >= 1.5, plan.pipeline_kwargs()["num_inference_steps"] <= 28
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import api
+from ..config import Backend, CATConfig
+from .choose import Candidate, CostModel, candidates, choose
+from .costs import MacsModel, TimeModel, family_of, model_key, resolve, select_rows, text_tokens, token_grid
+from .tables import Quality, QualityRow, StepTimeRow, Tables
+
+_TABLES: Tables | None = None
+
+
+def shipped_tables() -> Tables:
+    """The tables shipped with the package (loaded once)."""
+    global _TABLES
+    if _TABLES is None:
+        _TABLES = Tables.load()
+    return _TABLES
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `plan` recommends. Frozen.
+
+    - ``num_inference_steps``: steps to run (the planner may cut steps); pass ``pipeline_kwargs()`` to the pipeline.
+    - ``config``: the `CATConfig` to apply, or None when plain fewer steps are best.
+    - ``macs_ratio``: transformer MACs over the dense run of ``reference_steps`` steps.
+    - ``predicted_speedup``: transformer-loop speed-up predicted by the time model (``time_source`` says which).
+    - ``expected_quality``: measured `Quality` (PSNR / SSIM to the dense image, with its source), or None.
+    - ``reason``: why this candidate, in words. ``alternatives``: the next candidates reaching the speed-up.
+    """
+
+    num_inference_steps: int
+    config: CATConfig | None
+    macs_ratio: float
+    predicted_speedup: float
+    expected_quality: Quality | None
+    reason: str
+    requested_speedup: float
+    reference_steps: int
+    family: str
+    model: str | None
+    time_source: str
+    step_cache: tuple[tuple[str, object], ...] | None = None
+    alternatives: tuple[Candidate, ...] = field(default=(), repr=False)
+
+    def pipeline_kwargs(self) -> dict:
+        """Keyword arguments for the pipeline call: ``pipe(prompt, **plan.pipeline_kwargs())``.
+
+        `catprune.apply` cannot change the step count a pipeline is called with; this does.
+        """
+        return {"num_inference_steps": self.num_inference_steps}
+
+    def apply_to(self, pipe_or_transformer, runner=None):
+        """Apply the plan (what ``catprune.apply(pipe, plan)`` calls): the config, and the step cache if any.
+
+        A plan without a config leaves the transformer dense (a previous `catprune.apply` is removed) and warns:
+        its speed-up comes only from ``pipeline_kwargs()``.
+        """
+        if self.config is None:
+            api.remove(pipe_or_transformer)
+            warnings.warn(
+                f"catprune.apply: the plan recommends plain fewer steps ({self.num_inference_steps} instead of "
+                f"{self.reference_steps}) and no CAT Pruning, so the transformer stays dense. Pass "
+                "plan.pipeline_kwargs() to the pipeline call: pipe(prompt, **plan.pipeline_kwargs()).",
+                stacklevel=3,
+            )
+        else:
+            api.apply(pipe_or_transformer, self.config, runner=runner)
+        if self.step_cache is not None:
+            from ..stacking import apply_step_cache
+
+            apply_step_cache(pipe_or_transformer, **dict(self.step_cache))
+        return pipe_or_transformer
+
+    def summary(self) -> str:
+        """Several lines for people: what was chosen, the cost, the quality, and why."""
+        chosen = (
+            self.config and f"CAT Pruning keep_ratio={self.config.keep_ratio:g} start_step={self.config.start_step}"
+        )
+        quality = (
+            f"{self.expected_quality.psnr_db:.2f} dB PSNR to dense ({self.expected_quality.source})"
+            if self.expected_quality is not None
+            else "not measured for this model"
+        )
+        return "\n".join(
+            [
+                f"plan for {self.requested_speedup:g}x on {self.model or self.family} at {self.reference_steps} "
+                f"steps: {chosen or 'no CAT Pruning'}, {self.num_inference_steps} steps",
+                f"  predicted speed-up {self.predicted_speedup:.2f}x (MACs ratio {self.macs_ratio:.3f}); cost from "
+                f"{self.time_source}",
+                f"  expected quality: {quality}",
+                f"  why: {self.reason}",
+            ]
+        )
+
+
+def _check_speedup(speedup) -> float:
+    if isinstance(speedup, bool) or not isinstance(speedup, numbers.Real):
+        raise TypeError(
+            f"catprune.plan: speedup: expected a number > 1 (e.g. 2.0 for twice as fast), got "
+            f"{type(speedup).__name__}. Pass e.g. speedup=2.0."
+        )
+    if not (math.isfinite(speedup) and speedup > 1.0):
+        raise ValueError(
+            f"catprune.plan: speedup: expected a finite number > 1 (the transformer-loop speed-up over dense), got "
+            f"{speedup!r}. Pass e.g. speedup=2.0; for the dense model, do not apply catprune."
+        )
+    return float(speedup)
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 2:
+        raise ValueError(
+            f"catprune.plan: num_inference_steps: expected an int >= 2 (the steps you would run dense), got "
+            f"{steps!r}. Pass e.g. num_inference_steps=28."
+        )
+    return int(steps)
+
+
+def _device_and_backend(model: torch.nn.Module, device, backend) -> tuple[str, Backend]:
+    if device is None:
+        types = {p.device.type for p in model.parameters()}
+        device = "cuda" if "cuda" in types else "cpu"
+    device = torch.device(device).type
+    if backend is None:
+        backend = Backend.CUDAGRAPH if device == "cuda" else Backend.EAGER
+    try:
+        return device, Backend(backend)
+    except ValueError:
+        choices = ", ".join(repr(b.value) for b in Backend)
+        raise ValueError(
+            f"catprune.plan: backend: expected a catprune.Backend or one of {choices}, got {backend!r}. "
+            "Leave it out for cudagraph on CUDA and eager elsewhere."
+        ) from None
+
+
+def plan(
+    pipe_or_transformer,
+    speedup: float,
+    num_inference_steps: int = 28,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    device: str | torch.device | None = None,
+    backend: Backend | str | None = None,
+    tables: Tables | None = None,
+) -> Plan:
+    """The configuration predicted to reach ``speedup`` (transformer loop, over the dense run of
+    ``num_inference_steps`` steps) with the best measured quality.
+
+    ``height`` / ``width``: image size in pixels (the model's default when left out); ``device``: where it will run
+    (default: where the model's parameters are); ``backend``: the `CATConfig.backend` to plan for (default
+    ``cudagraph`` on CUDA, ``eager`` elsewhere); ``tables``: the data (default: the shipped `shipped_tables`).
+    Raises ValueError for ``speedup <= 1``, NaN, or a speed-up no candidate reaches (the message says what is
+    reachable). Apply with ``catprune.apply(pipe, plan)`` and call ``pipe(prompt, **plan.pipeline_kwargs())``.
+
+    Example:
+        >>> import catprune
+        >>> from catprune.models.testing import tiny_flux_transformer
+        >>> p = catprune.plan(tiny_flux_transformer(), 2.0, num_inference_steps=20)
+        >>> p.predicted_speedup >= 2.0
+        True
+    """
+    speedup, n = _check_speedup(speedup), _check_steps(num_inference_steps)
+    model, pipe = resolve(pipe_or_transformer)
+    tables = tables if tables is not None else shipped_tables()
+    if not isinstance(tables, Tables):
+        raise TypeError(f"catprune.plan: tables: expected a catprune.planner.Tables, got {type(tables).__name__}.")
+    family, key = family_of(model), model_key(model, pipe)
+    device, backend = _device_and_backend(model, device, backend)
+    grid, size = token_grid(model, pipe, family, key, height, width)
+    time = TimeModel(select_rows(tables.step_times, key, device, backend.value, size))
+    costs = CostModel(n, MacsModel(model, grid, text_tokens(family, key)), time)
+    rows = [r for r in tables.quality if r.model == key and r.reference_steps == n]
+    pool = candidates(costs, rows, backend, lambda spec: _step_cache_ok(pipe_or_transformer, spec))
+    feasible = [c for c in pool if c.speedup >= speedup * (1 - 1e-9)]
+    if not feasible:
+        best = max(pool, key=lambda c: c.speedup)
+        raise ValueError(
+            f"catprune.plan: speedup: expected at most {best.speedup:.2f}x for {key or family} at {n} steps "
+            f"({best.describe()}; cost from {time.source}), got {speedup:g}. Ask for a smaller speed-up, or plan "
+            "for more num_inference_steps."
+        )
+    chosen, reason = choose(feasible, n, key)
+    others = tuple(sorted((c for c in feasible if c is not chosen), key=lambda c: -c.time_ratio)[:5])
+    return Plan(
+        num_inference_steps=chosen.steps,
+        config=chosen.config,
+        macs_ratio=chosen.macs_ratio,
+        predicted_speedup=chosen.speedup,
+        expected_quality=chosen.quality,
+        reason=reason,
+        requested_speedup=speedup,
+        reference_steps=n,
+        family=family,
+        model=key,
+        time_source=time.source,
+        step_cache=chosen.step_cache,
+        alternatives=others,
+    )
+
+
+def _step_cache_ok(pipe_or_transformer, spec: dict) -> bool:
+    from ..stacking import step_cache_support
+
+    return step_cache_support(pipe_or_transformer, spec.get("kind", "")) is None
+
+
+__all__ = ["Candidate", "Plan", "Quality", "QualityRow", "StepTimeRow", "Tables", "plan", "shipped_tables"]

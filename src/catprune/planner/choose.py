@@ -1,0 +1,132 @@
+"""Candidates and the choice among them: measured quality first, then a heuristic.
+
+The heuristic, for models without quality rows: the highest keep ratio that reaches the speed-up, then the most
+warm-up steps. On the measured shapes rows the keep ratio mattered more than the warm-up (keep 0.3 / start 4 beat
+keep 0.2 / start 8 at fewer MACs, keep 0.5 / start 8 beat keep 0.3 / start 12 by 4.6 dB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..config import CATConfig
+from .costs import MacsModel, TimeModel
+from .tables import Quality, QualityRow
+
+KEEP_RATIOS = tuple(round(0.05 * i, 2) for i in range(2, 20))  # 0.1, 0.15, ..., 0.95
+START_STEPS_AT_28 = (4, 8, 12)  # warm-up steps tried, scaled to the step count
+MIN_STEP_SHARE = 0.25  # plain fewer steps go down to a quarter of the requested steps (at most 4x)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run: ``steps`` steps, with ``config`` (None: dense) and an optional step cache."""
+
+    steps: int
+    config: CATConfig | None
+    macs_ratio: float  # total transformer MACs over the reference (dense, reference steps)
+    time_ratio: float  # predicted transformer time over the reference
+    quality: Quality | None = None
+    step_cache: tuple[tuple[str, object], ...] | None = None
+
+    @property
+    def speedup(self) -> float:
+        return 1.0 / self.time_ratio
+
+    def describe(self) -> str:
+        if self.config is None and self.step_cache is None:
+            what = f"dense, {self.steps} steps"
+        elif self.config is None:
+            what = f"step cache {dict(self.step_cache)}, {self.steps} steps"
+        else:
+            c = self.config
+            extra = "" if c.selection.value == "cat" else f", selection {c.selection.value}"
+            what = f"CAT keep {c.keep_ratio:g}, start {c.start_step}{extra}, {self.steps} steps"
+        psnr = f", {self.quality.psnr_db:.2f} dB" if self.quality is not None else ""
+        return f"{what} ({self.speedup:.2f}x predicted, MACs {self.macs_ratio:.3f}{psnr})"
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Costs of candidates against a dense run of ``reference`` steps."""
+
+    reference: int
+    macs: MacsModel
+    time: TimeModel
+
+    def cost(self, steps: int, config: CATConfig | None, macs_ratio: float | None = None) -> tuple[float, float]:
+        """(MACs ratio, time ratio) of ``steps`` steps with ``config``; ``macs_ratio`` (measured total) overrides
+        the analytic MACs of the pruned steps."""
+        n = self.reference
+        if config is None or not config.pruning_enabled:
+            return steps / n, steps / n
+        dense = min(config.start_step, steps)
+        pruned = steps - dense
+        if pruned == 0:
+            return steps / n, steps / n
+        m = self.macs.pruned_ratio(config.keep_ratio)
+        if macs_ratio is not None:  # e.g. a field the analytic model does not know changes the cost
+            m = min(1.0, max(1e-6, (macs_ratio * n - dense) / pruned))
+        return (dense + pruned * m) / n, (dense + pruned * self.time.step_ratio(m)) / n
+
+
+def _start_steps(n: int) -> list[int]:
+    return sorted({min(n - 1, max(2, round(s * n / 28))) for s in START_STEPS_AT_28 if n > 2})
+
+
+def candidates(costs: CostModel, rows: list[QualityRow], backend, cache_ok) -> list[Candidate]:
+    """Plain fewer steps, a grid of CAT configs at the reference steps, and every measured row's method."""
+    n = costs.reference
+    out: dict[tuple, Candidate] = {}
+
+    def add(steps, config, quality=None, cache=None, macs=None):
+        if config is not None:
+            config = dataclasses.replace(config, backend=backend)
+        macs_ratio, time_ratio = (macs, macs) if cache is not None else costs.cost(steps, config, macs)
+        key = (steps, config, cache)
+        if quality is not None or key not in out:
+            out[key] = Candidate(steps, config, macs_ratio, time_ratio, quality, cache)
+
+    for steps in range(max(1, math.ceil(n * MIN_STEP_SHARE)), n):
+        add(steps, None)
+    for start in _start_steps(n):
+        for keep in KEEP_RATIOS:
+            add(n, CATConfig(keep_ratio=keep, start_step=start))
+    for row in rows:
+        if row.step_cache is not None and (row.macs_ratio is None or not cache_ok(dict(row.step_cache))):
+            continue  # a step cache is a candidate only where it can be applied and its cost was measured
+        add(row.steps, row.config, row.quality, row.step_cache, row.macs_ratio)
+    return list(out.values())
+
+
+def choose(feasible: list[Candidate], n: int, key: str | None) -> tuple[Candidate, str]:
+    """The candidate to recommend among those reaching the speed-up, and why."""
+    measured = [c for c in feasible if c.quality is not None]
+    if measured:
+        ranked = sorted(measured, key=lambda c: (-c.quality.psnr_db, -c.speedup))
+        best = ranked[0]
+        why = (
+            f"best measured quality ({best.quality.psnr_db:.2f} dB PSNR to dense) among {len(measured)} measured "
+            "candidate(s) predicted to reach the speed-up"
+        )
+        if len(ranked) > 1:
+            why += f"; next: {ranked[1].describe()}"
+        return best, why
+    cat = [c for c in feasible if c.config is not None and c.steps == n]
+    fewer = max((c for c in feasible if c.config is None), key=lambda c: c.steps, default=None)
+    if not cat:
+        return fewer, "no CAT configuration reaches the speed-up; plain fewer steps do (quality not measured)"
+    best = max(cat, key=lambda c: (c.config.keep_ratio, c.config.start_step, c.time_ratio))
+    why = (
+        f"no measured quality for {key or 'this model'} at {n} steps; heuristic: the highest keep ratio predicted "
+        "to reach the speed-up, then the most warm-up steps (on the measured shapes rows the keep ratio mattered "
+        "more than the warm-up)"
+    )
+    if fewer is not None:
+        why += (
+            f". Plain fewer steps ({fewer.steps}) also reach it; which is better is not measured for this model (on "
+            "the shapes model fewer steps won at 2x). Measure with `catprune eval` and add quality rows"
+        )
+    return best, why
