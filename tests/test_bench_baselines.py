@@ -2,6 +2,7 @@
 ``scripts/profile_step.py``'s CPU path."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,46 @@ def test_split_arithmetic():
     assert sp["pruning_x"] == pytest.approx(1.8) and sp["pruning_macs_x"] == pytest.approx(2.5)
     assert sp["pruning_efficiency"] == pytest.approx(1.8 / 2.5)
     assert "pruning_efficiency" not in split(0.05, method(None, None), method(0.025, 400))
+
+
+# ---------------------------------------------------------------------------------------- scripts/profile_step.py
+@pytest.mark.parametrize(
+    "name, category",
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", "GEMM"),
+        ("triton_tem_fused_addmm_3", "GEMM"),
+        ("void flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, cutlass::bfloat16_t>>", "attention/SDPA"),
+        ("void at::native::sbtopk::gatherTopK<float, unsigned int, 2>", "selection/topk/sort"),
+        ("void cub::DeviceRadixSortOnesweepKernel<Policy900>", "selection/topk/sort"),
+        ("void at::native::indexSelectLargeIndex<c10::BFloat16, long, unsigned int, 2, 2, -2, true>", "gather/scatter/index"),
+        ("void at::native::_scatter_gather_elementwise_kernel<128, 4>", "gather/scatter/index"),
+        ("Memcpy DtoD (Device -> Device)", "copies"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::direct_copy_kernel_cuda>", "copies"),
+        ("triton_per_fused_native_layer_norm_1", "elementwise/norm"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise/norm"),
+        ("cudaLaunchKernelExC_v11060", "other"),
+    ],
+)  # fmt: skip
+def test_kernel_names_fall_into_their_category(name, category):
+    from catprune.bench.profiling import categorize
+
+    assert categorize(name) == category
+
+
+def test_profile_step_cpu_path_categories_sum_to_the_total(tmp_path):
+    path = tmp_path / "profile.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "profile_step.py"), "--device", "cpu", "--kinds", "stock,pruned",
+           "--replays", "2", "--json", str(path)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(path.read_text())
+    assert report["preset"] == "sd3-tiny" and list(report["kinds"]) == ["stock", "pruned"]
+    for row in report["kinds"].values():
+        assert row["kernel_ms"] > 0 and row["wall_ms"] > 0
+        assert sum(row["categories"].values()) == pytest.approx(row["kernel_ms"])
+        assert set(row["categories"]) >= {"GEMM", "attention/SDPA", "gather/scatter/index", "other"}
+    assert report["kinds"]["pruned"]["phases"] == ["pruned", "pruned"]
+    assert report["kinds"]["pruned"]["tokens_computed"] == round(0.3 * 16 * 16)
+    assert "GEMM" in out.stdout and "wall - kernels" in out.stdout
