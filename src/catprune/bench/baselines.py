@@ -90,7 +90,7 @@ def install(module: torch.nn.Module, name: str) -> Callable[[], None]:
         mode = name.partition(":")[2] or None
         per_mode = _compiled.setdefault(module, {})
         if mode not in per_mode:
-            per_mode[mode] = torch.compile(original, mode=mode)
+            per_mode[mode] = _compiled_forward(original, mode)
         module.forward = per_mode[mode]
     elif name != "eager":
         raise ValueError(f"bench: dense_baseline: expected one of {', '.join(DENSE_BASELINES)}, got {name!r}.")
@@ -102,6 +102,25 @@ def install(module: torch.nn.Module, name: str) -> Callable[[], None]:
             module.forward = saved
 
     return undo
+
+
+def _compiled_forward(forward: Callable, mode: str | None) -> Callable:
+    """``torch.compile(forward)`` in ``mode`` with static shapes (each size its own graph, as catprune's compile
+    backend does: no slower dynamic-shape kernels after a second size), and room for one graph per mode and size
+    (the compiled modes share the forward's code object)."""
+    config = torch._dynamo.config
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, limit):
+            setattr(config, limit, max(getattr(config, limit), 64))
+    compiled = torch.compile(forward, mode=mode, dynamic=False)
+    if mode != "reduce-overhead":
+        return compiled
+
+    def graphed(*args, **kwargs):  # each call is a new step of CUDA graph trees: the pipeline consumed the last one
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    return graphed
 
 
 def _generation_kwargs(embeds, case, steps: int) -> dict:
@@ -206,5 +225,5 @@ def compile_vae(vae: torch.nn.Module, mode: str) -> None:
     if getattr(vae, "_catprune_bench_vae_mode", None) == mode:
         return
     decode = type(vae).decode.__get__(vae)
-    vae.decode = torch.compile(decode, mode=None if mode == "default" else mode)
+    vae.decode = _compiled_forward(decode, None if mode == "default" else mode)
     vae._catprune_bench_vae_mode = mode
