@@ -98,6 +98,21 @@ def test_best_dense_baseline_reports_winner_and_all_candidates(tmp_path, capsys)
     assert out.splitlines()[-1].startswith("sd3-tiny") and out.splitlines()[-1].endswith("eager")
 
 
+def test_dense_candidates_limit_what_best_times(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    asked = []
+    args = build_parser().parse_args([*TINY, "--steps", "5", "--dense-baseline", "best", "--dense-candidates",
+                                      "eager,compile", "--json", str(path)])  # fmt: skip
+    assert cmd_bench(args, time_candidate=lambda name: asked.append(name) or {"eager": 2.0, "compile": 3.0}[name]) == 0
+    assert asked == ["eager", "compile"]
+    baseline = json.loads(path.read_text())["results"][0]["baseline"]
+    assert baseline["name"] == "eager" and baseline["skipped"]["compile:max-autotune-no-cudagraphs"]
+    assert main([*TINY, "--steps", "5", "--dense-baseline", "best", "--dense-candidates", "eager,jit"]) == 2
+    err = capsys.readouterr().err
+    assert "dense_candidates: expected names among eager, compile" in err and "got 'jit'" in err
+    assert "Pass e.g. --dense-candidates" in err
+
+
 def test_default_dense_side_is_catprunes_dense_path_in_the_same_mode(tmp_path):
     path = tmp_path / "bench.json"
     assert main([*TINY, "--steps", "5", "--json", str(path)]) == 0

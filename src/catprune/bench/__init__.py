@@ -99,6 +99,7 @@ class BenchCase:
     vae: bool = True
     # the dense side: "same" (catprune's dense path in `mode`) or a stock configuration / "best" (bench.baselines)
     dense_baseline: str = "same"
+    dense_candidates: tuple[str, ...] | None = None  # the configurations "best" times (None: every available one)
     split: bool = False  # also time catprune's full-selection step: the "implementation vs pruning" split
     compile_vae: str | None = None  # torch.compile mode of the VAE decode (the same decode on both sides)
 

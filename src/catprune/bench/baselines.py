@@ -49,10 +49,18 @@ def check_dense_baseline(name: str) -> str:
     return name
 
 
-def candidates(device) -> tuple[list[str], dict[str, str]]:
-    """The stock configurations ``best`` times on ``device``, and the skipped ones with the reason."""
+def candidates(device, only: tuple[str, ...] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The stock configurations ``best`` times on ``device`` (those of ``only`` when given), and the skipped ones
+    with the reason."""
+    unknown = [name for name in only or () if name not in DENSE_BASELINES]
+    if unknown:
+        raise ValueError(
+            f"bench: dense_candidates: expected names among {', '.join(DENSE_BASELINES)}, got {unknown[0]!r}. "
+            "Pass e.g. --dense-candidates eager,compile,cudagraph."
+        )
     cuda = torch.device(device).type == "cuda"
     skipped = {name: "needs a CUDA device" for name in DENSE_BASELINES if name in CUDA_ONLY and not cuda}
+    skipped.update({name: "not among --dense-candidates" for name in DENSE_BASELINES if only and name not in only})
     return [name for name in DENSE_BASELINES if name not in skipped], skipped
 
 
@@ -186,7 +194,7 @@ def measure_dense(pipe, embeds, case, device, time_candidate: Callable[[str], fl
         return None
     record = {"requested": requested, "name": requested, "candidates_ms": {}, "skipped": {}}
     if requested == BEST:
-        names, record["skipped"] = candidates(device)
+        names, record["skipped"] = candidates(device, case.dense_candidates)
         timer = time_candidate or (lambda name: probe_candidate(pipe, embeds, case, device, name))
         record["name"], times = pick_best(names, timer)
         record["candidates_ms"] = {name: 1e3 * s for name, s in times.items()}

@@ -38,11 +38,12 @@ def cmd_bench(args, time_candidate=None) -> int:
     import torch
 
     from catprune.bench import BenchCase, build_pipeline, format_details, format_table, run_case, save_json
-    from catprune.bench.baselines import SAME, check_dense_baseline
+    from catprune.bench.baselines import SAME, candidates, check_dense_baseline
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype))
     check_dense_baseline(args.dense_baseline)  # before building the models: a CUDA-only baseline on a CPU fails fast
+    candidates(device, tuple(args.dense_candidates or ()))
     pipe, entry = build_pipeline(args.preset, device, dtype, weights=args.weights, text_encoders=args.text_encoders)
     results = []
     for width, height in args.sizes:
@@ -64,6 +65,7 @@ def cmd_bench(args, time_candidate=None) -> int:
                         repeats=args.repeats,
                         vae=not args.no_vae,
                         dense_baseline=args.dense_baseline,
+                        dense_candidates=tuple(args.dense_candidates) if args.dense_candidates else None,
                         split=args.split,
                         compile_vae=args.compile_vae,
                     )
@@ -125,6 +127,13 @@ def add_bench(sub):
         "stock transformer (catprune not applied) as eager, compile, compile:max-autotune-no-cudagraphs, "
         "compile:reduce-overhead or cudagraph; best times each available one briefly and keeps the fastest "
         "(all candidates' ms/step and the winner go into the table and JSON)",
+    )
+    p.add_argument(
+        "--dense-candidates",
+        type=_list(str),
+        default=None,
+        help="with --dense-baseline best: the configurations to time, e.g. eager,compile,cudagraph (default: all; "
+        "compile:max-autotune-no-cudagraphs costs minutes of autotuning on a full-size model)",
     )
     p.add_argument(
         "--split",
