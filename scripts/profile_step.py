@@ -106,6 +106,12 @@ def main(argv=None) -> int:
             )
     text = format_report(report)
     print(text)
+    hidden = [k for k, row in report["kinds"].items() if row["kernel_ms"] < 0.1 * row["wall_ms"]]
+    if hidden and torch.device(args.device).type == "cuda":
+        print(
+            f"note: kernel time under 10% of wall time for {', '.join(hidden)}: the profiler may not see kernels "
+            "inside CUDA graph replays here; profile again with --mode eager (same kernels, launched one by one)"
+        )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
