@@ -350,8 +350,8 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None, dense=None, ti
     """
     if case.mode not in MODES:
         raise ValueError(f"bench: mode: expected one of {MODES}, got {case.mode!r}.")
-    check_dense_baseline(case.dense_baseline)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_dense_baseline(case.dense_baseline, device)
     dtype = getattr(torch, case.dtype)
     if pipe is None:
         pipe, entry = build_pipeline(case.preset, device, dtype)

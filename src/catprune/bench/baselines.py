@@ -34,16 +34,18 @@ PROBE_WARMUP_STEPS, PROBE_STEPS = 3, 6  # the brief timing of one ``best`` candi
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {mode: compiled forward}
 
 
-def check_dense_baseline(name: str) -> str:
-    """``name`` if it is a dense baseline ``catprune bench`` knows; ValueError naming the choices otherwise."""
+def check_dense_baseline(name: str, device=None) -> str:
+    """``name`` if it is a dense baseline ``catprune bench`` knows and can run on ``device`` (default: CUDA when
+    available); ValueError naming the choices otherwise."""
     if name not in CHOICES:
         raise ValueError(
             f"bench: dense_baseline: expected one of {', '.join(CHOICES)}, got {name!r}. Use 'best' for the fastest "
             "stock configuration, or 'same' for catprune's dense path in the CAT mode."
         )
-    if name in CUDA_ONLY and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if name in CUDA_ONLY and not cuda:
         raise ValueError(
-            f"bench: dense_baseline: {name!r} captures CUDA graphs and needs a CUDA device, none is available here. "
+            f"bench: dense_baseline: {name!r} captures CUDA graphs and needs a CUDA device, got {device or 'none'}. "
             "Use 'eager', 'compile' or 'best' (which skips the CUDA-only candidates)."
         )
     return name
@@ -189,7 +191,7 @@ def measure_dense(pipe, embeds, case, device, time_candidate: Callable[[str], fl
     ``time_candidate``: ``name -> seconds per step`` for ``best`` (default: `probe_candidate` on this pipeline);
     the seam through which tests give fixed timings.
     """
-    requested = check_dense_baseline(case.dense_baseline)
+    requested = check_dense_baseline(case.dense_baseline, device)
     if requested == SAME:
         return None
     record = {"requested": requested, "name": requested, "candidates_ms": {}, "skipped": {}}

@@ -42,7 +42,9 @@ def cmd_bench(args, time_candidate=None) -> int:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype))
-    check_dense_baseline(args.dense_baseline)  # before building the models: a CUDA-only baseline on a CPU fails fast
+    check_dense_baseline(
+        args.dense_baseline, device
+    )  # before building the models: a CUDA-only baseline on a CPU fails fast
     candidates(device, tuple(args.dense_candidates or ()))
     pipe, entry = build_pipeline(args.preset, device, dtype, weights=args.weights, text_encoders=args.text_encoders)
     results = []
