@@ -167,7 +167,7 @@ def offload_check(pipe, entry) -> None:
         print(f"CHECK {key}: {value}", flush=True)
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--part", default="main", choices=["main", "scaling", "all", "none"])
@@ -185,7 +185,11 @@ def main():
     parser.add_argument(
         "--presets", default="", help="extra presets, one 1024x1024 28-step cudagraph row each (family defaults)"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
     os.makedirs(args.out, exist_ok=True)
     print(json.dumps(environment()), flush=True)
     start = time.time()
