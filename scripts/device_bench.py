@@ -195,6 +195,7 @@ def main():
     start = time.time()
     pipe, entry = build_pipeline("sd3-medium", "cuda", torch.bfloat16, text_encoders=args.text_encoders)
     results = []
+    dense_side = dict(dense_baseline=args.dense_baseline, split=not args.no_split)
     json_path = os.path.join(args.out, f"bench_{args.part}.json")
     if args.check_modes:
         check_modes(pipe, entry)
@@ -208,9 +209,7 @@ def main():
 
         for mode in args.modes.split(","):
             for steps in [int(x) for x in args.steps.split(",") if x]:
-                case = BenchCase(
-                    steps=steps, mode=mode, repeats=3, dense_baseline=args.dense_baseline, split=not args.no_split
-                )
+                case = BenchCase(steps=steps, mode=mode, repeats=3, **dense_side)
                 results.append(run_case(case, pipe=pipe, entry=entry, device="cuda"))
                 print(format_table(results[-1:]).splitlines()[-1], f"t={time.time() - start:.0f}s", flush=True)
                 save_json(results, json_path)
@@ -228,7 +227,7 @@ def main():
     if args.part in ("scaling", "all"):
         mode = "cudagraph"
         for (w, h), batch in (((512, 512), 1), ((2048, 2048), 1), ((1344, 768), 1), ((1024, 1024), 4)):
-            case = BenchCase(width=w, height=h, batch_size=batch, steps=28, mode=mode, repeats=1)
+            case = BenchCase(width=w, height=h, batch_size=batch, steps=28, mode=mode, repeats=1, **dense_side)
             results.append(run_case(case, pipe=pipe, entry=entry, device="cuda"))
             print(format_table(results[-1:]).splitlines()[-1], f"t={time.time() - start:.0f}s", flush=True)
             save_json(results, json_path)
@@ -238,7 +237,9 @@ def main():
             torch.cuda.empty_cache()
             pipe, entry = build_pipeline(preset, "cuda", torch.bfloat16)
             size = 128 if preset == "shapes" else 1024
-            case = BenchCase(preset=preset, width=size, height=size, steps=28, mode="cudagraph", repeats=3)
+            case = BenchCase(
+                preset=preset, width=size, height=size, steps=28, mode="cudagraph", repeats=3, **dense_side
+            )
             results.append(run_case(case, pipe=pipe, entry=entry, device="cuda"))
             print(format_table(results[-1:]).splitlines()[-1], f"t={time.time() - start:.0f}s", flush=True)
             save_json(results, json_path)
