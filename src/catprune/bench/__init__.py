@@ -13,7 +13,7 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -24,7 +24,11 @@ from catprune.models import model_configs
 from catprune.models.testing import TINY_FLUX_CONFIG, TINY_PIXART_CONFIG
 from catprune.runtime.backends import GraphedCall
 
+from .baselines import FULL_SELECTION_KEEP, SAME, check_dense_baseline, compile_vae, measure_dense
+from .baselines import split as split_speedup
 from .families import FAMILIES, build_text_encoders, family_of
+from .report import format_details as format_details
+from .report import summarize
 
 MODES = tuple(b.value for b in catprune.Backend)  # a case's "mode" is its CATConfig.backend
 DENSE_START = 10**6
@@ -95,6 +99,11 @@ class BenchCase:
     start_step: int = 8
     repeats: int = 3
     vae: bool = True
+    # the dense side: "same" (catprune's dense path in `mode`) or a stock configuration / "best" (bench.baselines)
+    dense_baseline: str = "same"
+    dense_candidates: tuple[str, ...] | None = None  # the configurations "best" times (None: every available one)
+    split: bool = False  # also time catprune's full-selection step: the "implementation vs pruning" split
+    compile_vae: str | None = None  # torch.compile mode of the VAE decode (the same decode on both sides)
 
 
 @dataclass
@@ -106,6 +115,7 @@ class MethodResult:
     peak_mem_gb: float
     macs: int
     macs_dense: int
+    pruned_step_macs: int | None = None  # analytic MACs of one pruned step
 
 
 @dataclass
@@ -119,6 +129,8 @@ class BenchResult:
     select_s: float  # one selection (scores + ranking) on the device
     kmeans_s: float  # one clustering (once per generation)
     extra: dict = field(default_factory=dict)
+    baseline: dict = field(default_factory=dict)  # the dense side: requested, name (the winner), candidates_ms
+    split: dict | None = None  # implementation vs pruning (bench.baselines.split), when case.split
     latents: torch.Tensor | None = field(default=None, repr=False)  # final CAT latents (not serialised)
 
     @property
@@ -226,11 +238,10 @@ class _StepTimer:
             handle.remove()
 
 
-def _run_method(pipe, embeds, case: BenchCase, config, device, generator_seed=0):
-    catprune.apply(pipe, config)
+def _timed_generations(pipe, kwargs: dict, case: BenchCase, device, generator_seed=0):
+    """One warm-up generation, then ``case.repeats`` timed ones: ``(per-step times of the median repeat, final
+    latents, peak GiB since the warm-up)``."""
     timer = _StepTimer(pipe.transformer, device)
-    kwargs = dict(**embeds, height=case.height, width=case.width, num_inference_steps=case.steps)
-    kwargs["output_type"] = "latent"
     try:
         latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(generator_seed)).images  # warm-up
         if torch.device(device).type == "cuda":
@@ -244,12 +255,20 @@ def _run_method(pipe, embeds, case: BenchCase, config, device, generator_seed=0)
     finally:
         timer.close()
     runs.sort(key=sum)
-    steps = runs[len(runs) // 2]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else 0.0
+    return runs[len(runs) // 2], latents, peak
+
+
+def _run_method(pipe, embeds, case: BenchCase, config, device, generator_seed=0):
+    catprune.apply(pipe, config)
+    kwargs = dict(**embeds, height=case.height, width=case.width, num_inference_steps=case.steps)
+    kwargs["output_type"] = "latent"
+    steps, latents, peak = _timed_generations(pipe, kwargs, case, device, generator_seed)
     stats = catprune.stats(pipe)
     phases = [r.phase for r in stats.steps]
     dense_steps = [s for s, p in zip(steps, phases, strict=False) if p == "dense"][1:] or steps
     pruned = [s for s, p in zip(steps, phases, strict=False) if p == "pruned"]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else 0.0
+    pruned_macs = [r.macs for r in stats.steps if r.phase == "pruned"]
     result = MethodResult(
         loop_s=sum(steps),
         step_s=steps,
@@ -258,6 +277,7 @@ def _run_method(pipe, embeds, case: BenchCase, config, device, generator_seed=0)
         peak_mem_gb=peak,
         macs=stats.macs,
         macs_dense=stats.macs_dense,
+        pruned_step_macs=int(statistics.median(pruned_macs)) if pruned_macs else None,
     )
     return result, latents
 
@@ -293,11 +313,17 @@ def graph_replay_ms(fn, inputs: dict, repeats: int = 20, warmup: int = 3) -> tup
     return statistics.median(times), graphed
 
 
-def run_case(case: BenchCase, pipe=None, entry=None, device=None) -> BenchResult:
-    """Dense and CAT for one case in this process; returns both timings and the ratios."""
+def run_case(case: BenchCase, pipe=None, entry=None, device=None, dense=None, time_candidate=None) -> BenchResult:
+    """Dense and CAT for one case in this process; returns both timings and the ratios.
+
+    ``dense``: a ``(MethodResult, baseline record)`` measured before for the same size, batch and steps (a stock
+    baseline does not depend on the CAT mode), reused instead of measuring again. ``time_candidate``: ``name ->
+    seconds per step`` used by ``--dense-baseline best`` to rank the candidates (default: a short timed run each).
+    """
     if case.mode not in MODES:
         raise ValueError(f"bench: mode: expected one of {MODES}, got {case.mode!r}.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_dense_baseline(case.dense_baseline, device)
     dtype = getattr(torch, case.dtype)
     if pipe is None:
         pipe, entry = build_pipeline(case.preset, device, dtype)
@@ -305,20 +331,16 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None) -> BenchResult
     embeds = _embeddings(pipe, entry, case.batch_size, device, dtype, cfg=case.cfg)
     base = dict(keep_ratio=case.keep_ratio, backend=case.mode)
     with torch.no_grad():
-        dense, _ = _run_method(pipe, embeds, case, catprune.CATConfig(start_step=DENSE_START, **base), device)
+        if dense is None and case.dense_baseline != SAME:
+            dense = measure_dense(pipe, embeds, case, device, time_candidate)
+        if dense is None:
+            same, _ = _run_method(pipe, embeds, case, catprune.CATConfig(start_step=DENSE_START, **base), device)
+            dense = same, {"requested": SAME, "name": f"{SAME} ({case.mode})", "candidates_ms": {}, "skipped": {}}
         cat, latents = _run_method(pipe, embeds, case, catprune.CATConfig(start_step=case.start_step, **base), device)
-        cache_bytes = catprune.inspect(pipe).cache_bytes
-        kernels = catprune.step_kernels(pipe)
-        select, clusterer = kernels.select, kernels.cluster
-        if kernels.fused:  # time them as they run in the fused step: inside a CUDA graph
-            select = GraphedCall(lambda: kernels.select(), {}, state=list(kernels.state))
-            clusterer = GraphedCall(lambda: kernels.cluster(), {})
-        select_s = _time(select, device, repeats=20)
-        kmeans_s = _time(clusterer, device, 5)
-        vae_s = 0.0
-        if case.vae and family.decode is not None:
-            vae_s = _time(lambda: family.decode(pipe, latents, case.height, case.width), device, repeats=3)
+        dense_result = dense[0] if dense[0].macs else replace(dense[0], macs=cat.macs_dense, macs_dense=cat.macs_dense)
+        timings = _kernel_and_vae_times(pipe, family, case, latents, device)
         catprune.remove(pipe)
+        split_record = _split(pipe, embeds, case, device, dense_result, cat) if case.split else None
     resident = getattr(pipe, "_catprune_bench_resident", None)
     extra = dict(
         family=family.name,
@@ -328,15 +350,42 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None) -> BenchResult
     return BenchResult(
         case=case,
         device=torch.cuda.get_device_name() if torch.device(device).type == "cuda" else platform.processor() or "cpu",
-        dense=dense,
+        dense=dense_result,
         cat=cat,
-        vae_decode_s=vae_s,
-        cache_mem_gb=cache_bytes / 2**30,
-        select_s=select_s,
-        kmeans_s=kmeans_s,
+        **timings,
         extra=extra,
+        baseline=dict(dense[1]),
+        split=split_record,
         latents=latents.detach().cpu(),
     )
+
+
+def _kernel_and_vae_times(pipe, family, case: BenchCase, latents, device) -> dict:
+    """The CAT cache size, one selection, one clustering and the VAE decode (after a CAT generation)."""
+    cache_bytes = catprune.inspect(pipe).cache_bytes
+    kernels = catprune.step_kernels(pipe)
+    select, clusterer = kernels.select, kernels.cluster
+    if kernels.fused:  # time them as they run in the fused step: inside a CUDA graph
+        select = GraphedCall(lambda: kernels.select(), {}, state=list(kernels.state))
+        clusterer = GraphedCall(lambda: kernels.cluster(), {})
+    select_s = _time(select, device, repeats=20)
+    kmeans_s = _time(clusterer, device, 5)
+    vae_s = 0.0
+    if case.vae and family.decode is not None:
+        if case.compile_vae:
+            compile_vae(pipe.vae, case.compile_vae)
+            family.decode(pipe, latents, case.height, case.width)  # compiles (and records graphs) before timing
+        vae_s = _time(lambda: family.decode(pipe, latents, case.height, case.width), device, repeats=3)
+    return dict(vae_decode_s=vae_s, cache_mem_gb=cache_bytes / 2**30, select_s=select_s, kmeans_s=kmeans_s)
+
+
+def _split(pipe, embeds, case: BenchCase, device, dense: MethodResult, cat: MethodResult) -> dict:
+    """Time catprune's full-selection step (every token selected, same mode) and split the speed-up into
+    implementation (stock step vs full-selection step) and pruning (full-selection step vs pruned step)."""
+    config = catprune.CATConfig(keep_ratio=FULL_SELECTION_KEEP, start_step=case.start_step, backend=case.mode)
+    full, _ = _run_method(pipe, embeds, replace(case, repeats=1), config, device)
+    catprune.remove(pipe)
+    return split_speedup(dense.full_step_s, full, cat)
 
 
 def format_table(results: list[BenchResult]) -> str:
@@ -344,7 +393,7 @@ def format_table(results: list[BenchResult]) -> str:
     head = (
         f"{'preset':<18}{'size':>10}{'B':>3}{'N':>4}{'mode':>19}{'dense ms/step':>14}{'pruned ms/step':>15}"
         f"{'loop dense s':>13}{'loop CAT s':>11}{'MACs x':>8}{'loop x':>8}{'eff':>6}{'e2e x':>7}{'sel %':>7}"
-        f"{'kmeans ms':>10}{'cache GiB':>10}{'peak GiB dense/CAT':>19}"
+        f"{'kmeans ms':>10}{'cache GiB':>10}{'peak GiB dense/CAT':>19}  dense as"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -356,11 +405,12 @@ def format_table(results: list[BenchResult]) -> str:
             f"{r.cat.loop_s:>11.3f}{r.macs_speedup:>8.2f}{r.loop_speedup:>8.2f}"
             f"{r.loop_speedup / r.macs_speedup:>6.2f}{r.end_to_end_speedup:>7.2f}"
             f"{(100 * r.select_s / pruned if pruned else 0):>7.2f}{r.kmeans_s * 1e3:>10.2f}{r.cache_mem_gb:>10.2f}"
-            f"{f'{r.dense.peak_mem_gb:.2f}/{r.cat.peak_mem_gb:.2f}':>19}"
+            f"{f'{r.dense.peak_mem_gb:.2f}/{r.cat.peak_mem_gb:.2f}':>19}  {r.baseline.get('name', SAME)}"
         )
     return "\n".join(lines)
 
 
 def save_json(results: list[BenchResult], path: str) -> None:
     with open(path, "w") as f:
-        json.dump({"environment": environment(), "results": [r.to_dict() for r in results]}, f, indent=2)
+        results_json = [r.to_dict() for r in results]
+        json.dump({"environment": environment(), "results": results_json, "summary": summarize(results)}, f, indent=2)

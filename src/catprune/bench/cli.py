@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from catprune.cli.options import DTYPE_HELP, dtype_name
@@ -19,19 +20,39 @@ def _size(text):
     return int(w), int(h)
 
 
-def cmd_bench(args) -> int:
+def dense_baseline(text: str) -> str:
+    """``--dense-baseline``: one of `catprune.bench.baselines.CHOICES` (argparse names the flag)."""
+    from catprune.bench.baselines import CHOICES
+
+    if text not in CHOICES:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(CHOICES)}, got {text!r}. Use best for the fastest stock configuration, or "
+            "same (the default) for catprune's dense path in the CAT mode"
+        )
+    return text
+
+
+def cmd_bench(args, time_candidate=None) -> int:
+    """Run the cases of ``args``; ``time_candidate`` (``name -> seconds per step``) ranks ``--dense-baseline best``'s
+    candidates instead of timing them (tests)."""
     import torch
 
-    from catprune.bench import BenchCase, build_pipeline, format_table, run_case, save_json
+    from catprune.bench import BenchCase, build_pipeline, format_details, format_table, run_case, save_json
+    from catprune.bench.baselines import SAME, candidates, check_dense_baseline
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype))
+    check_dense_baseline(
+        args.dense_baseline, device
+    )  # before building the models: a CUDA-only baseline on a CPU fails fast
+    candidates(device, tuple(args.dense_candidates or ()))
     pipe, entry = build_pipeline(args.preset, device, dtype, weights=args.weights, text_encoders=args.text_encoders)
     results = []
-    for mode in args.modes:
-        for width, height in args.sizes:
-            for batch in args.batch_sizes:
-                for steps in args.steps:
+    for width, height in args.sizes:
+        for batch in args.batch_sizes:
+            for steps in args.steps:
+                dense = None  # a stock baseline is measured once per size / batch / steps, for every CAT mode
+                for mode in args.modes:
                     case = BenchCase(
                         preset=args.preset,
                         height=height,
@@ -45,12 +66,19 @@ def cmd_bench(args) -> int:
                         start_step=args.start_step,
                         repeats=args.repeats,
                         vae=not args.no_vae,
+                        dense_baseline=args.dense_baseline,
+                        dense_candidates=tuple(args.dense_candidates) if args.dense_candidates else None,
+                        split=args.split,
+                        compile_vae=args.compile_vae,
                     )
-                    result = run_case(case, pipe=pipe, entry=entry, device=device)
+                    result = run_case(case, pipe, entry, device, dense=dense, time_candidate=time_candidate)
+                    if args.dense_baseline != SAME:
+                        dense = result.dense, result.baseline
                     results.append(result)
                     print(format_table([result]).splitlines()[-1], file=sys.stderr, flush=True)
                     if args.json:
                         save_json(results, args.json)
+    print(format_details(results))  # the table stays last: tools read its rows from the end of the output
     print(f"device: {results[0].device}")
     print(format_table(results))
     return 0
@@ -93,6 +121,37 @@ def add_bench(sub):
         help="keep the family's text encoders (random weights) resident, so peak memory is a whole pipeline's",
     )
     p.add_argument("--no-vae", action="store_true", help="skip timing the VAE decode")
+    p.add_argument(
+        "--dense-baseline",
+        type=dense_baseline,
+        default="same",
+        help="the dense side: same (default: catprune's dense path in each CAT mode, as in stored runs), or the "
+        "stock transformer (catprune not applied) as eager, compile, compile:max-autotune-no-cudagraphs, "
+        "compile:reduce-overhead or cudagraph; best times each available one briefly and keeps the fastest "
+        "(all candidates' ms/step and the winner go into the table and JSON)",
+    )
+    p.add_argument(
+        "--dense-candidates",
+        type=_list(str),
+        default=None,
+        help="with --dense-baseline best: the configurations to time, e.g. eager,compile,cudagraph (default: all; "
+        "compile:max-autotune-no-cudagraphs costs minutes of autotuning on a full-size model)",
+    )
+    p.add_argument(
+        "--split",
+        action="store_true",
+        help="also time catprune's full-selection step (every token selected): splits the speed-up into "
+        "implementation (stock step vs full-selection step) and pruning (full-selection step vs pruned step)",
+    )
+    p.add_argument(
+        "--compile-vae",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"],
+        help="torch.compile the VAE decode (the same compiled decode in the dense and the CAT end-to-end time); "
+        "optional mode, default torch.compile's default",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write results with an environment block to this JSON file")
     p.set_defaults(func=cmd_bench)

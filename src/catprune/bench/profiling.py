@@ -1,0 +1,195 @@
+"""Where a step's time goes: torch.profiler over a few consecutive transformer calls of one kind inside a real
+generation, kernel time grouped into categories by kernel-name patterns (``scripts/profile_step.py``).
+
+Kinds: ``stock`` (the diffusers transformer, catprune not applied, in a `baselines` configuration), ``dense``
+(catprune's dense path in the mode), ``full`` (catprune's pruned step with every token selected) and ``pruned``
+(the real pruned step). On a GPU the profiled time is device kernel time (CUDA graph replays included, where the
+profiler sees their kernels); on a CPU it is the self time of the profiled operators. The window of one call runs
+from its start to the next call's start, so the scheduler step between them (a few small elementwise kernels) is
+counted with it, alike for every kind.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+
+import catprune
+
+from .baselines import FULL_SELECTION_KEEP, install
+
+KINDS = ("stock", "dense", "full", "pruned")
+DENSE_START = 10**6
+
+#: (category, lower-case name fragments), first match wins: attention before GEMM (flash kernels are CUTLASS
+#: templates), gathers and selection before copies and elementwise (their kernels are often "vectorized ...")
+CATEGORIES = (
+    ("attention/SDPA", ("flash", "fmha", "attention", "sdpa", "scaled_dot_product", "_attn")),
+    (
+        "selection/topk/sort",
+        (
+            "topk",
+            "sort",
+            "radix",
+            "kthvalue",
+            "scan",
+            "cumsum",
+            "bitonic",
+            "unique",
+            "histc",
+            "bincount",
+            "argmax",
+            "argmin",
+            "multinomial",
+        ),
+    ),  # fmt: skip
+    ("gather/scatter/index", ("gather", "scatter", "index", "take", "masked", "nonzero", "embedding")),
+    (
+        "GEMM",
+        (
+            "gemm",
+            "cutlass",
+            "cublas",
+            "nvjet",
+            "xmma",
+            "triton_tem",
+            "addmm",
+            "bmm",
+            "aten::mm",
+            "matmul",
+            "gemv",
+            "aten::linear",
+            "conv",
+        ),
+    ),  # fmt: skip
+    ("copies", ("memcpy", "memset", "copy", "clone", "contiguous", "aten::cat", "catarray", "fill", "zero_")),
+    (
+        "elementwise/norm",
+        (
+            "elementwise",
+            "vectorized",
+            "norm",
+            "silu",
+            "gelu",
+            "mul",
+            "add",
+            "sub",
+            "div",
+            "triton",
+            "reduce",
+            "softmax",
+            "pow",
+            "rsqrt",
+            "mean",
+            "sum",
+            "exp",
+            "tanh",
+            "sigmoid",
+            "where",
+            "clamp",
+            "neg",
+            "sin",
+            "cos",
+            "rotary",
+            "rope",
+            "chunk",
+            "split",
+        ),
+    ),  # fmt: skip
+)
+OTHER = "other"
+CATEGORY_NAMES = (*(name for name, _ in CATEGORIES), OTHER)
+
+
+def categorize(name: str) -> str:
+    """The category of a kernel or operator name (`CATEGORY_NAMES`)."""
+    low = name.lower()
+    for category, fragments in CATEGORIES:
+        if any(f in low for f in fragments):
+            return category
+    return OTHER
+
+
+def timed_events(events, cuda: bool) -> list[tuple[str, float]]:
+    """``(name, microseconds)`` of the profiled work, with no double counting: device kernels (and memcpy /
+    memset) on a GPU; operators' self CPU time on a CPU (the profiler's step markers left out)."""
+    out = []
+    for e in events:
+        on_device = e.device_type != torch.autograd.DeviceType.CPU
+        if cuda and on_device:
+            out.append((e.name, e.time_range.elapsed_us()))
+        elif not cuda and not on_device and not e.name.startswith("ProfilerStep"):
+            out.append((e.name, e.self_cpu_time_total))
+    return out
+
+
+def summarize_kernels(pairs: list[tuple[str, float]], calls: int, top: int = 12) -> dict:
+    """ms per call: the total, per category (they sum to the total) and the ``top`` kernels."""
+    categories = dict.fromkeys(CATEGORY_NAMES, 0.0)
+    per_name: dict[str, float] = {}
+    for name, us in pairs:
+        categories[categorize(name)] += us / 1e3 / calls
+        per_name[name] = per_name.get(name, 0.0) + us / 1e3 / calls
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "kernel_ms": sum(categories.values()),
+        "categories": categories,
+        "top": [[name, ms, categorize(name)] for name, ms in ranked],
+    }
+
+
+def _setup(pipe, kind: str, mode: str, stock: str, keep_ratio: float, start_step: int) -> tuple[int, Callable]:
+    """Prepare ``pipe`` for ``kind``: the first call index of that kind in a generation, and the undo function."""
+    if kind == "stock":
+        return 2, install(pipe.transformer, stock)
+    keep, start = {"dense": (keep_ratio, DENSE_START), "full": (FULL_SELECTION_KEEP, start_step)}.get(
+        kind, (keep_ratio, start_step)
+    )
+    catprune.apply(pipe, catprune.CATConfig(keep_ratio=keep, start_step=start, backend=mode))
+    return (2 if kind == "dense" else start_step), lambda: catprune.remove(pipe)
+
+
+def profile_kind(pipe, kwargs: dict, kind: str, device, replays: int, mode="eager", stock="eager", keep_ratio=0.3,
+                 start_step=8) -> dict:  # fmt: skip
+    """Profile ``replays`` consecutive calls of ``kind`` in one generation (after a warm-up generation), and time
+    the same calls' wall clock in another; returns the kernel summary with ``wall_ms``, ``phases`` and ``macs``."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from . import _StepTimer
+
+    if kind not in KINDS:
+        raise ValueError(f"profile: kind: expected one of {', '.join(KINDS)}, got {kind!r}.")
+    cuda = torch.device(device).type == "cuda"
+    first, undo = _setup(pipe, kind, mode, stock, keep_ratio, start_step)
+    calls = dict(kwargs, num_inference_steps=first + replays + 1)
+    seed = torch.Generator("cpu")
+    collected = {}
+    try:
+        pipe(**calls, generator=seed.manual_seed(0))  # warm-up: compiles, captures graphs
+        timer = _StepTimer(pipe.transformer, device)
+        timer.start()
+        pipe(**calls, generator=seed.manual_seed(0))
+        timer.close()
+        wall = timer.steps()[first : first + replays]
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        when = schedule(skip_first=first, wait=0, warmup=1, active=replays, repeat=1)
+        ready = lambda prof: collected.update(pairs=timed_events(prof.events(), cuda))  # noqa: E731
+        with profile(activities=activities, schedule=when, on_trace_ready=ready) as prof:
+            hook = pipe.transformer.register_forward_pre_hook(lambda *_: prof.step())
+            try:
+                pipe(**calls, generator=seed.manual_seed(0))
+            finally:
+                hook.remove()
+        records = catprune.stats(pipe).steps[first : first + replays] if kind != "stock" else []
+    finally:
+        undo()
+    out = summarize_kernels(collected.get("pairs", []), replays)
+    out.update(
+        wall_ms=1e3 * statistics.median(wall),
+        phases=[r.phase for r in records] or ["stock"] * replays,
+        tokens_computed=records[0].computed if records else None,
+        macs=records[0].macs if records else None,
+    )
+    return out
