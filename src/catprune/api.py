@@ -18,25 +18,12 @@ from collections.abc import Callable
 
 import torch
 
+from ._target import resolve_model
 from .adapters import adapter_for
 from .config import Backend, CATConfig
 from .runtime import InspectView, PruneStats, Runtime, StepKernels, StepRecord, StepRunner
 
 _MARK = "__catprune_runtime__"  # private: reach the runtime through the functions of this module
-
-
-def _resolve(obj, fn: str):
-    """(transformer, pipeline or None) from a pipeline or a transformer; TypeError otherwise."""
-    if isinstance(obj, torch.nn.Module):
-        model, pipe = obj, None
-    elif isinstance(getattr(obj, "transformer", None), torch.nn.Module):
-        model, pipe = obj.transformer, obj
-    else:
-        raise TypeError(
-            f"catprune.{fn}: pipe_or_transformer: expected a diffusers pipeline with a .transformer or a "
-            f"transformer nn.Module, got {type(obj).__name__}. Pass e.g. a StableDiffusion3Pipeline."
-        )
-    return getattr(model, "_orig_mod", model), pipe  # see through torch.compile's OptimizedModule
 
 
 def _patched_wrapper(model: torch.nn.Module):
@@ -131,7 +118,7 @@ class _Forward:
 
 
 def _runtime(obj, fn: str) -> Runtime:
-    model, _ = _resolve(obj, fn)
+    model, _ = resolve_model(obj, fn)
     wrapper, _ = _patched_wrapper(model)
     if wrapper is None:
         raise ValueError(
@@ -171,7 +158,7 @@ def apply(pipe_or_transformer, config: CATConfig | None = None, *, runner: StepR
             f"catprune.apply: config: expected a catprune.CATConfig or a catprune.Plan, got {type(config).__name__}. "
             "Pass e.g. catprune.CATConfig(keep_ratio=0.3, start_step=8)."
         )
-    model, pipe = _resolve(pipe_or_transformer, "apply")
+    model, pipe = resolve_model(pipe_or_transformer, "apply")
     target = pipe.transformer if pipe is not None else pipe_or_transformer
     if model is not target and config.backend is Backend.EAGER:
         warnings.warn(
@@ -218,7 +205,7 @@ def remove(pipe_or_transformer):
         >>> catprune.is_applied(catprune.remove(model))
         False
     """
-    model, _ = _resolve(pipe_or_transformer, "remove")
+    model, _ = resolve_model(pipe_or_transformer, "remove")
     wrapper, attr = _patched_wrapper(model)
     if wrapper is None:
         return pipe_or_transformer
@@ -234,7 +221,7 @@ def remove(pipe_or_transformer):
 
 def is_applied(pipe_or_transformer) -> bool:
     """Whether CAT Pruning is applied to this pipeline or transformer."""
-    model, _ = _resolve(pipe_or_transformer, "is_applied")
+    model, _ = resolve_model(pipe_or_transformer, "is_applied")
     return _patched_wrapper(model)[0] is not None
 
 
@@ -251,7 +238,7 @@ def applied(pipe_or_transformer, config: CATConfig | None = None):
         >>> inside, catprune.is_applied(model)
         (True, False)
     """
-    model, _ = _resolve(pipe_or_transformer, "applied")
+    model, _ = resolve_model(pipe_or_transformer, "applied")
     wrapper, _ = _patched_wrapper(model)
     previous = getattr(wrapper, _MARK).config if wrapper is not None else None
     apply(pipe_or_transformer, config)

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import api
+from .._target import resolve_model
 from ..config import Backend, CATConfig
 from .choose import Candidate, CostModel, candidates, choose
-from .costs import MacsModel, TimeModel, family_of, model_key, resolve, select_rows, text_tokens, token_grid
+from .costs import MacsModel, TimeModel, family_of, model_key, select_rows, text_tokens, token_grid
 from .tables import Quality, QualityRow, StepTimeRow, Tables
 
 _TABLES: Tables | None = None
@@ -185,7 +186,7 @@ def plan(
         True
     """
     speedup, n = _check_speedup(speedup), _check_steps(num_inference_steps)
-    model, pipe = resolve(pipe_or_transformer)
+    model, pipe = resolve_model(pipe_or_transformer, "plan")
     tables = tables if tables is not None else shipped_tables()
     if not isinstance(tables, Tables):
         raise TypeError(f"catprune.plan: tables: expected a catprune.planner.Tables, got {type(tables).__name__}.")

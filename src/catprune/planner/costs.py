@@ -38,20 +38,6 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def resolve(obj) -> tuple[torch.nn.Module, object]:
-    """(transformer, pipeline or None) from a pipeline or a transformer; TypeError otherwise."""
-    if isinstance(obj, torch.nn.Module):
-        model, pipe = obj, None
-    elif isinstance(getattr(obj, "transformer", None), torch.nn.Module):
-        model, pipe = obj.transformer, obj
-    else:
-        raise TypeError(
-            f"catprune.plan: pipe_or_transformer: expected a diffusers pipeline with a .transformer or a "
-            f"transformer nn.Module, got {type(obj).__name__}. Pass e.g. a StableDiffusion3Pipeline."
-        )
-    return getattr(model, "_orig_mod", model), pipe  # see through torch.compile's OptimizedModule
-
-
 def family_of(model: torch.nn.Module) -> str:
     """The `catprune.families` name of ``model`` (TypeError from the adapter registry when unsupported)."""
     adapter = adapter_for(model)
