@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -52,17 +51,7 @@ def random_config(**transformer_overrides) -> dict[str, Any]:
         >>> config["transformer"]["caption_projection_dim"]
         16
     """
-    config = copy.deepcopy(default_config())
-    t_cfg = config["transformer"]
-    unknown = sorted(set(transformer_overrides) - set(t_cfg))
-    if unknown:
-        raise TypeError(
-            f"unknown transformer override(s) {unknown}; SD3Transformer2DModel arguments are {sorted(t_cfg)}."
-        )
-    t_cfg.update(transformer_overrides)
-    if "caption_projection_dim" not in transformer_overrides:
-        t_cfg["caption_projection_dim"] = t_cfg["num_attention_heads"] * t_cfg["attention_head_dim"]
-    return config
+    return _shapes._with_transformer_overrides(default_config(), transformer_overrides)
 
 
 def build_random_scenes_pipeline(seed: int = 0, **transformer_overrides) -> ScenesPipeline:
@@ -73,12 +62,7 @@ def build_random_scenes_pipeline(seed: int = 0, **transformer_overrides) -> Scen
         >>> pipe.transformer.config.caption_projection_dim, pipe.tokenizer.config.max_length
         (16, 32)
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        pipe = build_scenes_pipeline(random_config(**transformer_overrides))
-    pipe.transformer.eval()
-    pipe.text_encoder.eval()
-    return pipe
+    return _shapes._build_seeded(build_scenes_pipeline, random_config(**transformer_overrides), seed)
 
 
 def save_scenes_weights(
@@ -115,18 +99,14 @@ def load_scenes_pipeline(
         >>> pipe.transformer.config.patch_size, pipe.device.type
         (4, 'cpu')
     """
-    directory = WEIGHTS_DIR if path is None else Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"scenes model folder {directory} does not exist; pass path=None for the shipped weights or a folder "
-            f"written by ScenesPipeline.save_pretrained or {TRAIN_SCRIPT}."
-        )
-    if (directory / "model_index.json").is_file():
-        return ScenesPipeline.from_pretrained(str(directory), dtype=dtype).to(device)
-    return _shapes._load_flat(
-        directory,
+    return _shapes._load_pipeline(
+        path,
         device,
         dtype,
+        world="scenes",
+        weights_dir=WEIGHTS_DIR,
+        pipeline_class=ScenesPipeline,
+        written_by=f"ScenesPipeline.save_pretrained or {TRAIN_SCRIPT}",
         config_name=CONFIG_NAME,
         packaged_config=CONFIG_PATH,
         build=build_scenes_pipeline,

@@ -85,17 +85,4 @@ class ScenesTokenizer(ShapesTokenizer):
         joined = torch.zeros(b, k, dtype=torch.bool, device=device)
         joined[:, :-1] = scenes.present[:, 1:]  # "and" after an object that another one follows
         valid[:, :, -1] &= joined
-        ids = torch.cat([torch.full((b, 1), self.bos_token_id, device=device), words.view(b, -1)], dim=1)
-        valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=device), valid.view(b, -1)], dim=1)
-        if drop is not None:
-            valid[:, 1:] &= ~drop.view(b, 1)
-        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # valid tokens first, in order
-        ids, valid = ids.gather(1, order), valid.gather(1, order)
-        count = valid.sum(dim=1, keepdim=True)  # (B, 1), <bos> + words
-        length = self.config.max_length
-        keep = min(ids.shape[1], length)
-        out = torch.full((b, length), self.pad_token_id, dtype=torch.long, device=device)  # (B, L)
-        out[:, :keep] = torch.where(valid, ids, torch.full_like(ids, self.pad_token_id))[:, :keep]
-        out.scatter_(1, count.clamp(max=length - 1), self.eos_token_id)
-        positions = torch.arange(length, device=device).view(1, length)
-        return {"input_ids": out, "attention_mask": (positions <= count).long()}
+        return self._pack(words, valid, drop, truncate=True)

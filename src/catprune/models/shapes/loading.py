@@ -83,6 +83,33 @@ def build_shapes_pipeline(
     )
 
 
+def _with_transformer_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``config`` with the transformer ``overrides`` applied (TypeError naming unknown ones);
+    ``caption_projection_dim`` follows heads x head dim unless overridden. Shared with the scenes model."""
+    config = copy.deepcopy(config)
+    t_cfg = config["transformer"]
+    unknown = sorted(set(overrides) - set(t_cfg))
+    if unknown:
+        raise TypeError(
+            f"unknown transformer override(s) {unknown}; SD3Transformer2DModel arguments are {sorted(t_cfg)}."
+        )
+    t_cfg.update(overrides)
+    if "caption_projection_dim" not in overrides:
+        t_cfg["caption_projection_dim"] = t_cfg["num_attention_heads"] * t_cfg["attention_head_dim"]
+    return config
+
+
+def _build_seeded(build, config: dict[str, Any], seed: int):
+    """``build(config)`` with the initialisation seeded by ``seed`` (the global RNG state left untouched), in eval
+    mode. Shared with the scenes model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = build(config)
+    pipe.transformer.eval()
+    pipe.text_encoder.eval()
+    return pipe
+
+
 def random_config(text_encoder_overrides: dict[str, Any] | None = None, **transformer_overrides) -> dict[str, Any]:
     """The shipped config with transformer overrides applied; dependent sizes follow unless overridden.
 
@@ -90,16 +117,8 @@ def random_config(text_encoder_overrides: dict[str, Any] | None = None, **transf
     ``sample_size // patch_size``, and the text encoder's output dims follow ``joint_attention_dim`` /
     ``pooled_projection_dim`` (its width follows ``joint_attention_dim`` when that is overridden).
     """
-    config = copy.deepcopy(default_config())
+    config = _with_transformer_overrides(default_config(), transformer_overrides)
     t_cfg = config["transformer"]
-    unknown = sorted(set(transformer_overrides) - set(t_cfg))
-    if unknown:
-        raise TypeError(
-            f"unknown transformer override(s) {unknown}; SD3Transformer2DModel arguments are {sorted(t_cfg)}."
-        )
-    t_cfg.update(transformer_overrides)
-    if "caption_projection_dim" not in transformer_overrides:
-        t_cfg["caption_projection_dim"] = t_cfg["num_attention_heads"] * t_cfg["attention_head_dim"]
     if "pos_embed_max_size" not in transformer_overrides:
         t_cfg["pos_embed_max_size"] = max(1, t_cfg["sample_size"] // t_cfg["patch_size"])
     e_cfg = config["text_encoder"]
@@ -129,13 +148,7 @@ def build_random_shapes_pipeline(
         >>> pipe.transformer.config.caption_projection_dim, len(pipe.transformer.transformer_blocks)
         (16, 2)
     """
-    config = random_config(text_encoder_overrides, **transformer_overrides)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        pipe = build_shapes_pipeline(config)
-    pipe.transformer.eval()
-    pipe.text_encoder.eval()
-    return pipe
+    return _build_seeded(build_shapes_pipeline, random_config(text_encoder_overrides, **transformer_overrides), seed)
 
 
 def _component_files(directory: Path, component: str) -> list[Path]:
@@ -290,13 +303,28 @@ def load_shapes_pipeline(
         >>> pipe.transformer.config.patch_size, pipe.device.type
         (4, 'cpu')
     """
-    directory = WEIGHTS_DIR if path is None else Path(path)
+    return _load_pipeline(path, device, dtype)
+
+
+def _load_pipeline(
+    path: str | os.PathLike | None,
+    device,
+    dtype,
+    world: str = "shapes",
+    weights_dir: Path = WEIGHTS_DIR,
+    pipeline_class: type = ShapesPipeline,
+    written_by: str = "ShapesPipeline.save_pretrained",
+    **flat,
+):
+    """The shipped weights (``path=None``), a ``save_pretrained`` folder or one in the shipped layout
+    (``_load_flat(directory, device, dtype, **flat)``). Shared with the scenes model."""
+    directory = weights_dir if path is None else Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(
-            f"shapes model folder {directory} does not exist; pass path=None for the shipped weights or a folder "
-            "written by ShapesPipeline.save_pretrained."
+            f"{world} model folder {directory} does not exist; pass path=None for the shipped weights or a folder "
+            f"written by {written_by}."
         )
     if (directory / "model_index.json").is_file():
-        pipe = ShapesPipeline.from_pretrained(str(directory), dtype=dtype)
+        pipe = pipeline_class.from_pretrained(str(directory), dtype=dtype)
         return pipe.to(device)
-    return _load_flat(directory, device, dtype)
+    return _load_flat(directory, device, dtype, **flat)

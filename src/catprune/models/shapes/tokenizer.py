@@ -161,7 +161,16 @@ class ShapesTokenizer(SchedulerMixin, ConfigMixin):
         joined = torch.zeros(b, MAX_OBJECTS, dtype=torch.bool, device=device)
         joined[:, :-1] = scenes.present[:, 1:]  # "and" after an object that another one follows
         valid[:, :, 8] &= joined
-        ids = torch.cat([torch.full((b, 1), self.bos_token_id, device=device), words.view(b, -1)], dim=1)  # (B, 1+9K)
+        return self._pack(words, valid, drop)  # (B, 1+9K) before packing
+
+    def _pack(
+        self, words: torch.Tensor, valid: torch.Tensor, drop: torch.Tensor | None, truncate: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """``encode_scenes``'s result from per-object word ids and their validity, each (B, K, W): the valid words
+        moved to the front after ``<bos>``, then ``<eos>`` and padding. Rows where ``drop`` (B,) is True keep only
+        ``<bos>``. ``truncate`` cuts captions longer than ``max_length`` (else they fail)."""
+        b, device = words.shape[0], words.device
+        ids = torch.cat([torch.full((b, 1), self.bos_token_id, device=device), words.view(b, -1)], dim=1)
         valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=device), valid.view(b, -1)], dim=1)
         if drop is not None:
             valid[:, 1:] &= ~drop.view(b, 1)
@@ -169,9 +178,10 @@ class ShapesTokenizer(SchedulerMixin, ConfigMixin):
         ids, valid = ids.gather(1, order), valid.gather(1, order)
         count = valid.sum(dim=1, keepdim=True)  # (B, 1), <bos> + words
         length = self.config.max_length
+        keep = min(ids.shape[1], length) if truncate else ids.shape[1]
         out = torch.full((b, length), self.pad_token_id, dtype=torch.long, device=device)  # (B, L)
-        out[:, : ids.shape[1]] = torch.where(valid, ids, torch.full_like(ids, self.pad_token_id))
-        out.scatter_(1, count, self.eos_token_id)
+        out[:, :keep] = torch.where(valid, ids, torch.full_like(ids, self.pad_token_id))[:, :keep]
+        out.scatter_(1, count.clamp(max=length - 1) if truncate else count, self.eos_token_id)
         positions = torch.arange(length, device=device).view(1, length)
         return {"input_ids": out, "attention_mask": (positions <= count).long()}
 
