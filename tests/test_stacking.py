@@ -7,30 +7,16 @@ import catprune
 from catprune import CATConfig
 from catprune.models.testing import tiny_flux_transformer, tiny_pixart_transformer, tiny_sd3_transformer
 from catprune.stacking import apply_step_cache, remove_step_cache, step_cache_support
+from helpers import tiny_vae
 
 THRESHOLD = 0.5  # high enough that the tiny random Flux model skips steps
 
 
 def _tiny_flux_pipeline():
     pytest.importorskip("transformers", reason="diffusers' FluxPipeline imports transformers")
-    from diffusers import AutoencoderKL
-
     from catprune.models.testing import flux_pipeline_from_components
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=16,
-        shift_factor=0.0,
-        scaling_factor=1.0,
-    ).eval()
+    vae = tiny_vae(shift_factor=0.0)  # seeds the global RNG with 0 before building
     return flux_pipeline_from_components(tiny_flux_transformer(), vae)
 
 
