@@ -38,11 +38,10 @@ def rows() -> dict[str, tuple[int, CATConfig | None]]:
     for keep in (0.2, 0.3, 0.4, 0.5):
         table[f"cat-r-{keep}"] = (STEPS, CATConfig(keep_ratio=keep, start_step=8, context="reuse"))
         table[f"cat-x-{keep}"] = (STEPS, CATConfig(keep_ratio=keep, start_step=8, context="extrapolate"))
-    table["cat-x-0.5to0.15"] = (STEPS, CATConfig(keep_ratio=0.5, keep_ratio_end=0.15, context="extrapolate"))
-    table["cat-x-0.45to0.2"] = (STEPS, CATConfig(keep_ratio=0.45, keep_ratio_end=0.2, context="extrapolate"))
-    table["cat-x-0.2-refresh5"] = (STEPS, CATConfig(keep_ratio=0.2, refresh_every=5, context="extrapolate"))
-    table["cat-x-0.25-refresh10"] = (STEPS, CATConfig(keep_ratio=0.25, refresh_every=10, context="extrapolate"))
-    table["cat-r-0.2-refresh5"] = (STEPS, CATConfig(keep_ratio=0.2, refresh_every=5, context="reuse"))
+    table["cat-x-0.33"] = (STEPS, CATConfig(keep_ratio=0.33, start_step=8, context="extrapolate"))
+    for context, tag in (("extrapolate", "x"), ("reuse", "r")):  # schedules and refreshes at MACs ~0.5
+        table[f"cat-{tag}-0.5to0.15"] = (STEPS, CATConfig(keep_ratio=0.5, keep_ratio_end=0.15, context=context))
+        table[f"cat-{tag}-0.2-refresh7"] = (STEPS, CATConfig(keep_ratio=0.2, refresh_every=7, context=context))
     table["cat-x-0.3-start6"] = (STEPS, CATConfig(keep_ratio=0.3, start_step=6, context="extrapolate"))
     return table
 
@@ -71,6 +70,7 @@ def main(argv=None) -> None:
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--only", default=None, help="comma-separated row names (default: all); see rows()")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--cache", default=None, help="a folder to keep the dense 28-step reference in between runs")
     args = p.parse_args(argv)
     table = rows()
     names = args.only.split(",") if args.only else list(table)
@@ -81,7 +81,14 @@ def main(argv=None) -> None:
     prompts = world.random_captions(args.num_prompts, seed=CAPTION_SEED)
     pipe = catprune.load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    reference, macs_ref = generate(pipe, prompts, STEPS, None, args.device)
+    cache = Path(args.cache) / f"{args.model}-{args.device}-{len(prompts)}.pt" if args.cache else None
+    if cache is not None and cache.exists():  # the dense 28-step reference of an earlier run
+        reference, macs_ref = torch.load(cache).values()
+    else:
+        reference, macs_ref = generate(pipe, prompts, STEPS, None, args.device)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"images": reference, "macs": macs_ref}, cache)
     results = []
     print(f"{'row':24s} {'MACs':>6s} {'PSNR dB':>8s}  (to dense-{STEPS}, {args.model}, {len(prompts)} prompts)")
     for name in names:
