@@ -148,6 +148,8 @@ def test_schedule_progress_from_the_pipeline_and_keep_values():
         (dict(keep_ratio_end="0.2"), TypeError, ["CATConfig.keep_ratio_end", "float", "'0.2'", "Pass"]),
         (dict(refresh_every=0), ValueError, ["CATConfig.refresh_every", "int >= 1", "0", "None"]),
         (dict(refresh_every=2.5), TypeError, ["CATConfig.refresh_every", "int >= 1", "2.5", "Pass"]),
+        (dict(forecast_max_ratio=0.0), ValueError, ["CATConfig.forecast_max_ratio", "float > 0", "0.0", "None"]),
+        (dict(forecast_max_ratio="1"), TypeError, ["CATConfig.forecast_max_ratio", "float > 0", "'1'", "Pass"]),
     ],
 )
 def test_config_errors_name_field_expected_received_fix(kwargs, error, words):

@@ -131,6 +131,9 @@ class CATConfig:
       timestep instead (``1 - t / t_capture``). E.g. 0.5 -> 0.2 spends more tokens early, when the image changes most.
     - ``refresh_every`` (int >= 1 or None, default None): every n-th pruned step runs dense instead and refreshes
       all caches (and the forecast slopes). Smaller is slower and closer to dense; None never refreshes.
+    - ``forecast_max_ratio`` (float > 0 or None, default None): with ``context="extrapolate"``, the cap of the
+      extrapolation ratio ``(t - t1) / (t1 - t0)``: a token left out for many steps is forecast at most this many of
+      its last step lengths ahead (None: no cap). No effect on speed.
 
     Example:
         >>> from catprune import CATConfig
@@ -154,6 +157,7 @@ class CATConfig:
     context: Context = Context.REUSE
     keep_ratio_end: float | None = None
     refresh_every: int | None = None
+    forecast_max_ratio: float | None = None
 
     def _fail(self, name, expected, fix, error=ValueError):
         got = getattr(self, name)
@@ -257,6 +261,13 @@ class CATConfig:
                 self._fail("refresh_every", "an int >= 1 or None", "Pass e.g. refresh_every=5.", TypeError)
             if every < 1:
                 self._fail("refresh_every", "an int >= 1 or None", "Use None to never refresh, or e.g. 5.")
+        cap = self.forecast_max_ratio
+        if cap is not None:
+            if not _is_real(cap):
+                self._fail("forecast_max_ratio", "a float > 0 or None", "Pass e.g. 1.0.", TypeError)
+            if not (cap > 0 and math.isfinite(cap)):
+                self._fail("forecast_max_ratio", "a finite float > 0 or None", "Use None for no cap, or e.g. 1.0.")
+            object.__setattr__(self, "forecast_max_ratio", float(cap))
 
     @property
     def pruning_enabled(self) -> bool:

@@ -13,10 +13,16 @@ from .tokens import gather_tokens, scatter_tokens_
 
 
 def forecast_ratio_(
-    out: torch.Tensor, t: torch.Tensor, t1: torch.Tensor, t0: torch.Tensor, idx: torch.Tensor | None = None
+    out: torch.Tensor,
+    t: torch.Tensor,
+    t1: torch.Tensor,
+    t0: torch.Tensor,
+    idx: torch.Tensor | None = None,
+    max_ratio: float | None = None,
 ) -> torch.Tensor:
     """In place into ``out`` (B, M): ``r = (t - t1) / (t1 - t0)`` per token, 0 where ``t1 == t0`` (no slope yet)
     and at the (B, k) tokens ``idx`` (computed this step: their forecast is their fresh value). ``t``: (B,).
+    ``max_ratio``: r is capped there (a token left out for many steps is extrapolated at most that far).
 
     Example:
         >>> t1, t0 = torch.tensor([[800.0, 800.0]]), torch.tensor([[900.0, 800.0]])
@@ -26,7 +32,7 @@ def forecast_ratio_(
     step = t1 - t0  # (B, M)
     safe = torch.where(step == 0, torch.ones_like(step), step)
     ratio = torch.where(step == 0, torch.zeros_like(step), (t[:, None].to(step.dtype) - t1) / safe)  # (B, M)
-    out.copy_(ratio)
+    out.copy_(ratio if max_ratio is None else ratio.clamp(max=max_ratio))
     if idx is not None:
         out.scatter_(1, idx, 0.0)
     return out

@@ -139,7 +139,7 @@ class Runtime:
                 self.runner.clear()
             forecast = None
             if config.context is Context.EXTRAPOLATE:
-                forecast = ContextForecast(info.batch, m, info.device)
+                forecast = ContextForecast(info.batch, m, info.device, config.forecast_max_ratio)
             buffers = self._buffers[info.signature] = SignatureBuffers(self.adapter.num_caches(), forecast)
         gen = Generation(info.signature, memo, num_clusters=clusters, shared=shared, buffers=buffers)
         gen.num_steps = self.probe.num_steps()

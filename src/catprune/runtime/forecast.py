@@ -26,13 +26,14 @@ class ContextForecast:
         [[0.0, 1.0]]
     """
 
-    def __init__(self, batch: int, num_tokens: int, device):
+    def __init__(self, batch: int, num_tokens: int, device, max_ratio: float | None = None):
         self.store = BufferStore()
         shape = (batch, num_tokens)
         self.t1 = self.store.buffer("t1", shape, torch.float32, device).zero_()  # (B, M) timestep of K1
         self.t0 = self.store.buffer("t0", shape, torch.float32, device).zero_()  # (B, M) timestep of K0
         self.ratio = self.store.buffer("ratio", shape, torch.float32, device).zero_()  # (B, M) this step's r
         self.num_tokens = num_tokens
+        self.max_ratio = max_ratio  # cap of the extrapolation ratio (CATConfig.forecast_max_ratio)
 
     def stamp(self, t: torch.Tensor) -> None:
         """After a full step at ``t`` (B,) that refilled every K1: ``t0 <- t1``, ``t1 <- t`` for all tokens."""
@@ -48,7 +49,7 @@ class ContextForecast:
 
     def begin(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Before a pruned step at ``t`` (B,) computing the (B, k) tokens ``idx``: this step's ratios (B, M)."""
-        return forecast_ratio_(self.ratio, t, self.t1, self.t0, idx)
+        return forecast_ratio_(self.ratio, t, self.t1, self.t0, idx, self.max_ratio)
 
     def commit(self, t: torch.Tensor, idx: torch.Tensor) -> None:
         """After that step: the computed tokens' times advance (their K0 / K1 advanced in `contract.KVSlot.attend_kv`)."""
