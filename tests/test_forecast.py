@@ -42,7 +42,7 @@ def test_pruning_off_is_bit_identical_with_every_option(case):
 def test_extrapolate_differs_from_reuse_is_finite_close_and_repeatable(case):
     tiny, model, inputs = case
     dense = tiny.denoise(model, inputs, STEPS)
-    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=3))
+    catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=3, context="reuse"))
     reuse = tiny.denoise(model, inputs, STEPS)
     reuse_bytes = catprune.inspect(model).cache_bytes
     catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=3, **X))
@@ -136,7 +136,7 @@ def test_schedule_progress_from_the_pipeline_and_keep_values():
     config = CATConfig(keep_ratio=0.5, keep_ratio_end=0.2)
     assert [config.tokens_kept(100, p) for p in (0.0, 0.5, 1.0, 2.0)] == [50, 35, 20, 20]
     assert CATConfig(keep_ratio=1.0, keep_ratio_end=0.5).pruning_enabled
-    assert CATConfig(context="extrapolate").context is Context.EXTRAPOLATE
+    assert CATConfig().context is Context.EXTRAPOLATE and CATConfig().forecast_max_ratio == 1.0  # the defaults
     assert CATConfig(context=Context.REUSE).to_dict()["context"] == "reuse"
 
 
