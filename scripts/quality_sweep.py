@@ -43,7 +43,7 @@ def rows() -> dict[str, tuple[int, CATConfig | None]]:
         table[f"cat-{tag}-0.5to0.15"] = (STEPS, CATConfig(keep_ratio=0.5, keep_ratio_end=0.15, context=context))
         table[f"cat-{tag}-0.2-refresh7"] = (STEPS, CATConfig(keep_ratio=0.2, refresh_every=7, context=context))
     table["cat-x-0.15to0.5"] = (STEPS, CATConfig(keep_ratio=0.15, keep_ratio_end=0.5, context="extrapolate"))
-    for keep, start in ((0.3, 6), (0.38, 6), (0.25, 10), (0.2, 11), (0.4, 5), (0.42, 4), (0.45, 4)):  # start vs keep
+    for keep, start in ((0.3, 6), (0.38, 6), (0.25, 10), (0.2, 11), (0.4, 5), (0.42, 4), (0.35, 7)):  # start vs keep
         for context, tag in (("extrapolate", "x"), ("reuse", "r")):
             config = CATConfig(keep_ratio=keep, start_step=start, context=context)
             table[f"cat-{tag}-{keep}-start{start}"] = (STEPS, config)
