@@ -108,6 +108,7 @@ def main(argv=None) -> None:
     p.add_argument("--keep-ratio", type=float, default=0.3)
     p.add_argument("--start-step", type=int, default=8)
     p.add_argument("--contexts", default="reuse,extrapolate")
+    p.add_argument("--forecast-max-ratio", type=float, default=1.0, help="the cap docs/quality_per_cost.md used")
     p.add_argument("--oracle", action="store_true", help="also run the exact-selected-tokens bound (reuse context)")
     args = p.parse_args(argv)
     world = importlib.import_module(f"catprune.models.{args.model}.world")
@@ -118,7 +119,12 @@ def main(argv=None) -> None:
     reference, dense_inputs, _ = run(pipe, prompts, args.steps)
     runs = [(c, False) for c in args.contexts.split(",")] + ([("reuse", True)] if args.oracle else [])
     for context, oracle in runs:
-        config = CATConfig(keep_ratio=args.keep_ratio, start_step=args.start_step, context=context)
+        config = CATConfig(
+            keep_ratio=args.keep_ratio,
+            start_step=args.start_step,
+            context=context,
+            forecast_max_ratio=args.forecast_max_ratio,
+        )
         images, inputs, rows = run(pipe, prompts, args.steps, config, dense_model, oracle)
         name = "oracle" if oracle else context
         print(f"\n{name}: keep {args.keep_ratio}, start {args.start_step}: image PSNR to dense "

@@ -33,20 +33,37 @@ CAPTION_SEED = 20_000
 
 
 def rows() -> dict[str, tuple[int, CATConfig | None]]:
-    """Named rows: (inference steps, CATConfig or None for dense)."""
+    """Named rows: (inference steps, CATConfig or None for dense). ``x`` rows pin ``forecast_max_ratio=1.0`` (the
+    best cap on shapes, as docs/quality_per_cost.md reports them); ``cat-x5-0.3`` is the library default."""
     table: dict[str, tuple[int, CATConfig | None]] = {f"dense-{n}": (n, None) for n in (8, 12, 15, 20)}
     for keep in (0.2, 0.3, 0.4, 0.5):
         table[f"cat-r-{keep}"] = (STEPS, CATConfig(keep_ratio=keep, start_step=8, context="reuse"))
-        table[f"cat-x-{keep}"] = (STEPS, CATConfig(keep_ratio=keep, start_step=8, context="extrapolate"))
-    table["cat-x-0.33"] = (STEPS, CATConfig(keep_ratio=0.33, start_step=8, context="extrapolate"))
+        table[f"cat-x-{keep}"] = (
+            STEPS,
+            CATConfig(keep_ratio=keep, start_step=8, context="extrapolate", forecast_max_ratio=1.0),
+        )
+    table["cat-x-0.33"] = (
+        STEPS,
+        CATConfig(keep_ratio=0.33, start_step=8, context="extrapolate", forecast_max_ratio=1.0),
+    )
     for context, tag in (("extrapolate", "x"), ("reuse", "r")):  # schedules and refreshes at MACs ~0.5
-        table[f"cat-{tag}-0.5to0.15"] = (STEPS, CATConfig(keep_ratio=0.5, keep_ratio_end=0.15, context=context))
-        table[f"cat-{tag}-0.2-refresh7"] = (STEPS, CATConfig(keep_ratio=0.2, refresh_every=7, context=context))
-    table["cat-x-0.15to0.5"] = (STEPS, CATConfig(keep_ratio=0.15, keep_ratio_end=0.5, context="extrapolate"))
+        table[f"cat-{tag}-0.5to0.15"] = (
+            STEPS,
+            CATConfig(keep_ratio=0.5, keep_ratio_end=0.15, context=context, forecast_max_ratio=1.0),
+        )
+        table[f"cat-{tag}-0.2-refresh7"] = (
+            STEPS,
+            CATConfig(keep_ratio=0.2, refresh_every=7, context=context, forecast_max_ratio=1.0),
+        )
+    table["cat-x-0.15to0.5"] = (
+        STEPS,
+        CATConfig(keep_ratio=0.15, keep_ratio_end=0.5, context="extrapolate", forecast_max_ratio=1.0),
+    )
     for keep, start in ((0.3, 6), (0.38, 6), (0.25, 10), (0.2, 11), (0.4, 5), (0.42, 4), (0.35, 7)):  # start vs keep
         for context, tag in (("extrapolate", "x"), ("reuse", "r")):
-            config = CATConfig(keep_ratio=keep, start_step=start, context=context)
+            config = CATConfig(keep_ratio=keep, start_step=start, context=context, forecast_max_ratio=1.0)
             table[f"cat-{tag}-{keep}-start{start}"] = (STEPS, config)
+    table["cat-x5-0.3"] = (STEPS, CATConfig(keep_ratio=0.3, start_step=8))  # the library default: cap 0.5
     return table
 
 

@@ -122,19 +122,20 @@ class CATConfig:
     - ``selection`` (Selection, default CAT): the token-choice rule; anything but CAT is an ablation / baseline.
     - ``ras_starvation`` (float >= 0, default 0.1): starvation weight of ``Selection.RAS`` only.
     - ``backend`` (Backend, default EAGER): execution of the steps (eager, compile, cudagraph, compile+cudagraph).
-    - ``context`` (Context, default REUSE): what computed tokens attend to for the tokens a pruned step does not
-      compute: their last keys/values (``REUSE``: the paper's behaviour exactly) or a per-token linear forecast of
-      them in time (``EXTRAPOLATE``: no extra MACs, one more K/V copy per block; +5.7 dB PSNR to dense on ``shapes``
-      at keep 0.3 but -1.2 dB on ``scenes``, docs/quality_per_cost.md; measure on your model).
+    - ``context`` (Context, default EXTRAPOLATE): what computed tokens attend to for the tokens a pruned step does
+      not compute: a per-token linear forecast of their keys/values in time (``EXTRAPOLATE``: no extra MACs, one more
+      K/V copy per block; with the default cap +4.8 dB PSNR to dense on ``shapes`` and +1.2 dB on ``scenes`` at keep
+      0.3, docs/quality_per_cost.md) or their last keys/values (``REUSE``: the paper's behaviour exactly).
     - ``keep_ratio_end`` (float in (0, 1] or None, default None): a keep-ratio schedule: pruned step j of n keeps
       ``keep_ratio + (keep_ratio_end - keep_ratio) * j / (n - 1)`` of the tokens (linear; None: constant
       ``keep_ratio``). n comes from the pipeline's scheduler; on a bare transformer the progress is read from the
       timestep instead (``1 - t / t_capture``). E.g. 0.5 -> 0.2 spends more tokens early, when the image changes most.
     - ``refresh_every`` (int >= 1 or None, default None): every n-th pruned step runs dense instead and refreshes
       all caches (and the forecast slopes). Smaller is slower and closer to dense; None never refreshes.
-    - ``forecast_max_ratio`` (float > 0 or None, default 1.0): with ``context="extrapolate"``, the cap of the
+    - ``forecast_max_ratio`` (float > 0 or None, default 0.5): with ``context="extrapolate"``, the cap of the
       extrapolation ratio ``(t - t1) / (t1 - t0)``: a token left out for many steps is forecast at most this many of
-      its last step lengths ahead (None: no cap; uncapped loses 5 dB at keep 0.2 on ``shapes``). No speed effect.
+      its last step lengths ahead (None: no cap; uncapped loses 5 dB at keep 0.2 on ``shapes``; 1.0 is best on
+      ``shapes``, 0.5 on ``scenes``). No speed effect.
 
     Example:
         >>> from catprune import CATConfig
@@ -155,10 +156,10 @@ class CATConfig:
     selection: Selection = Selection.CAT
     ras_starvation: float = 0.1
     backend: Backend = Backend.EAGER
-    context: Context = Context.REUSE
+    context: Context = Context.EXTRAPOLATE
     keep_ratio_end: float | None = None
     refresh_every: int | None = None
-    forecast_max_ratio: float | None = 1.0
+    forecast_max_ratio: float | None = 0.5
 
     def _fail(self, name, expected, fix, error=ValueError):
         got = getattr(self, name)
