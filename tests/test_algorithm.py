@@ -212,3 +212,24 @@ def test_topk_and_ras_priority():
     out = torch.tensor([[[0.0, 2.0], [0.0, 2.0]]])
     boosted = ras_priority(out, torch.tensor([[0, 10]]), 0.1)
     assert boosted[0, 1] == pytest.approx(boosted[0, 0] * math.exp(1.0))
+
+
+def test_forecast_ratio_extrapolation_and_time_bookkeeping_by_hand():
+    from catprune.algorithm import advance_kv_, advance_times_, extrapolate_, forecast_ratio_
+
+    t1 = torch.tensor([[800.0, 800.0, 600.0]])  # (B, M): token 2 computed more recently
+    t0 = torch.tensor([[900.0, 800.0, 700.0]])  # token 1 has no slope yet
+    ratio = forecast_ratio_(torch.empty(1, 3), torch.tensor([500.0]), t1, t0)
+    assert ratio.tolist() == [[3.0, 0.0, 1.0]]  # (500 - 800) / (800 - 900), none, (500 - 600) / (600 - 700)
+    capped = forecast_ratio_(torch.empty(1, 3), torch.tensor([500.0]), t1, t0, torch.tensor([[2]]), max_ratio=2.0)
+    assert capped.tolist() == [[2.0, 0.0, 0.0]]  # capped at 2; token 2 selected: its fresh value
+    k1 = torch.tensor([1.0, 2.0, 3.0]).view(1, 1, 3, 1, 1).expand(2, 1, 3, 1, 1).clone()  # (2, B, M, H, hd)
+    k0 = torch.zeros_like(k1)
+    out = extrapolate_(torch.empty_like(k1), k1, k0, capped)
+    assert out[0].flatten().tolist() == [3.0, 2.0, 3.0] and torch.equal(out[0], out[1])
+    fresh = (torch.full((1, 1, 1, 1), 9.0), torch.full((1, 1, 1, 1), 8.0))
+    advance_kv_(k1, k0, torch.tensor([[0]]), fresh)
+    assert k0[:, 0, :, 0, 0].tolist() == [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    assert k1[:, 0, :, 0, 0].tolist() == [[9.0, 2.0, 3.0], [8.0, 2.0, 3.0]]
+    advance_times_(t1, t0, torch.tensor([[0]]), torch.tensor([500.0]))
+    assert t1.tolist() == [[500.0, 800.0, 600.0]] and t0.tolist() == [[800.0, 800.0, 700.0]]

@@ -105,7 +105,9 @@ class _Forward:
         original = copy.deepcopy(self.__wrapped__, memo)  # a bound method: bound to the copy
         previous = copy.deepcopy(self.__catprune_previous__, memo)
         runner = StepRunner(runtime.runner.backend, runtime.runner.fuse)  # fresh graphs and buffers for the copy
-        return _Forward(new_model, original, Runtime(adapter_for(new_model), runtime.config, new_pipe, runner), previous)
+        return _Forward(
+            new_model, original, Runtime(adapter_for(new_model), runtime.config, new_pipe, runner), previous
+        )
 
     def __reduce_ex__(self, protocol):
         model = self._model()
@@ -304,7 +306,7 @@ def inspect(pipe_or_transformer) -> InspectView:
         batch=gen.batch if gen is not None else None,
         cfg_shared=gen.shared if pruning else None,
         next_selection=gen.idx_rows.clone() if ready else None,
-        kv_cache_shapes=tuple(tuple(t.shape) for c in gen.caches for t in c.tensors.values()) if pruning else (),
+        kv_cache_shapes=tuple(tuple(c[n].shape) for c in gen.caches for n in c.kv_names()) if pruning else (),
         cache_bytes=gen.cache_bytes() if pruning else 0,
     )
 

@@ -63,6 +63,19 @@ class Backend(str, enum.Enum):
     COMPILE_CUDAGRAPH = "compile+cudagraph"
 
 
+class Context(str, enum.Enum):
+    """What the computed tokens of a pruned step attend to for the tokens that step does not compute.
+
+    - ``REUSE``: their keys/values from the step that last computed them (the paper's behaviour, exactly).
+    - ``EXTRAPOLATE``: a per-token first-order forecast in time from their last two computations,
+      ``K1 + (K1 - K0) * (t - t1) / (t1 - t0)`` (docs/method.md, "Context forecast"). Costs one extra K/V copy per
+      block plus one shared working buffer, and three elementwise passes over the cache per block; no MACs.
+    """
+
+    REUSE = "reuse"
+    EXTRAPOLATE = "extrapolate"
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -109,6 +122,20 @@ class CATConfig:
     - ``selection`` (Selection, default CAT): the token-choice rule; anything but CAT is an ablation / baseline.
     - ``ras_starvation`` (float >= 0, default 0.1): starvation weight of ``Selection.RAS`` only.
     - ``backend`` (Backend, default EAGER): execution of the steps (eager, compile, cudagraph, compile+cudagraph).
+    - ``context`` (Context, default EXTRAPOLATE): what computed tokens attend to for the tokens a pruned step does
+      not compute: a per-token linear forecast of their keys/values in time (``EXTRAPOLATE``: no extra MACs, one more
+      K/V copy per block; with the default cap +4.8 dB PSNR to dense on ``shapes`` and +1.2 dB on ``scenes`` at keep
+      0.3, docs/quality_per_cost.md) or their last keys/values (``REUSE``: the paper's behaviour exactly).
+    - ``keep_ratio_end`` (float in (0, 1] or None, default None): a keep-ratio schedule: pruned step j of n keeps
+      ``keep_ratio + (keep_ratio_end - keep_ratio) * j / (n - 1)`` of the tokens (linear; None: constant
+      ``keep_ratio``). n comes from the pipeline's scheduler; on a bare transformer the progress is read from the
+      timestep instead (``1 - t / t_capture``). E.g. 0.5 -> 0.2 spends more tokens early, when the image changes most.
+    - ``refresh_every`` (int >= 1 or None, default None): every n-th pruned step runs dense instead and refreshes
+      all caches (and the forecast slopes). Smaller is slower and closer to dense; None never refreshes.
+    - ``forecast_max_ratio`` (float > 0 or None, default 0.5): with ``context="extrapolate"``, the cap of the
+      extrapolation ratio ``(t - t1) / (t1 - t0)``: a token left out for many steps is forecast at most this many of
+      its last step lengths ahead (None: no cap; uncapped loses 5 dB at keep 0.2 on ``shapes``; 1.0 is best on
+      ``shapes``, 0.5 on ``scenes``). No speed effect.
 
     Example:
         >>> from catprune import CATConfig
@@ -129,6 +156,10 @@ class CATConfig:
     selection: Selection = Selection.CAT
     ras_starvation: float = 0.1
     backend: Backend = Backend.EAGER
+    context: Context = Context.EXTRAPOLATE
+    keep_ratio_end: float | None = None
+    refresh_every: int | None = None
+    forecast_max_ratio: float | None = 0.5
 
     def _fail(self, name, expected, fix, error=ValueError):
         got = getattr(self, name)
@@ -143,7 +174,7 @@ class CATConfig:
                 continue
             if _is_int(value) and type(value) is not int and f.type in ("int", "int | None"):
                 object.__setattr__(self, f.name, int(value))
-            elif _is_real(value) and type(value) is not float and f.type == "float":
+            elif _is_real(value) and type(value) is not float and f.type in ("float", "float | None"):
                 object.__setattr__(self, f.name, float(value))
 
     def _parse_enum(self, name, enum_cls, fix) -> None:
@@ -213,15 +244,51 @@ class CATConfig:
         if not 0 <= self.seed <= MAX_SEED:
             fail("seed", "an int in [0, 2**63 - 1]", "Pass e.g. seed=0.")
         object.__setattr__(self, "keep_ratio", float(self.keep_ratio))
+        self._validate_schedule()
+
+    def _validate_schedule(self) -> None:
+        self._parse_enum("context", Context, "Pass e.g. context='extrapolate' (or 'reuse' for the paper's rule).")
+        end = self.keep_ratio_end
+        if end is not None:
+            if not _is_real(end):
+                self._fail("keep_ratio_end", "a float in (0, 1] or None", "Pass e.g. keep_ratio_end=0.2.", TypeError)
+            if not (0.0 < float(end) <= 1.0):
+                self._fail(
+                    "keep_ratio_end", "a float in (0, 1] or None", "Use None for a constant keep_ratio, or e.g. 0.2."
+                )
+            object.__setattr__(self, "keep_ratio_end", float(end))
+        every = self.refresh_every
+        if every is not None:
+            if not _is_int(every):
+                self._fail("refresh_every", "an int >= 1 or None", "Pass e.g. refresh_every=5.", TypeError)
+            if every < 1:
+                self._fail("refresh_every", "an int >= 1 or None", "Use None to never refresh, or e.g. 5.")
+        cap = self.forecast_max_ratio
+        if cap is not None:
+            if not _is_real(cap):
+                self._fail("forecast_max_ratio", "a float > 0 or None", "Pass e.g. 1.0.", TypeError)
+            if not (cap > 0 and math.isfinite(cap)):
+                self._fail("forecast_max_ratio", "a finite float > 0 or None", "Use None for no cap, or e.g. 1.0.")
+            object.__setattr__(self, "forecast_max_ratio", float(cap))
 
     @property
     def pruning_enabled(self) -> bool:
-        """False when ``keep_ratio == 1``: every step is dense and outputs are bit-identical to the dense model."""
-        return self.keep_ratio < 1.0
+        """False when ``keep_ratio == 1`` (and ``keep_ratio_end`` is None or 1): every step is dense and outputs are
+        bit-identical to the dense model."""
+        return self.keep_ratio < 1.0 or (self.keep_ratio_end is not None and self.keep_ratio_end < 1.0)
 
-    def tokens_kept(self, num_tokens: int) -> int:
-        """k: image tokens recomputed per pruned step for a grid of ``num_tokens`` tokens (at least 1)."""
-        return max(1, min(num_tokens, round(self.keep_ratio * num_tokens)))
+    def tokens_kept(self, num_tokens: int, progress: float = 0.0) -> int:
+        """k: image tokens recomputed per pruned step for a grid of ``num_tokens`` tokens (at least 1), at
+        ``progress`` in [0, 1] through the pruned steps (only matters with ``keep_ratio_end``).
+
+        Example:
+            >>> CATConfig(keep_ratio=0.5, keep_ratio_end=0.25).tokens_kept(16, 1.0)
+            4
+        """
+        ratio = self.keep_ratio
+        if self.keep_ratio_end is not None:
+            ratio += (self.keep_ratio_end - ratio) * min(1.0, max(0.0, progress))
+        return max(1, min(num_tokens, round(ratio * num_tokens)))
 
     def clusters_for(self, num_tokens: int) -> int:
         """C: clusters for a grid of ``num_tokens`` tokens. Raises ValueError if ``num_clusters`` exceeds it."""
@@ -240,5 +307,6 @@ class CATConfig:
         out["cfg"] = self.cfg.value
         out["selection"] = self.selection.value
         out["backend"] = self.backend.value
+        out["context"] = self.context.value
         out["cluster_share_weights"] = list(self.cluster_share_weights)
         return out

@@ -12,8 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..algorithm import scatter_tokens_
-from ..runtime.contract import Adapter, BufferStore, CallInfo
+from ..runtime.contract import Adapter, BufferStore, CallInfo, KVSlot
 from .ops import lora_scale
 
 
@@ -33,7 +32,7 @@ def sdpa(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Te
 
 @torch.compiler.disable
 def cached_attention(
-    kv: torch.Tensor,
+    kv: KVSlot | torch.Tensor,
     idx: torch.Tensor,
     q: torch.Tensor,
     image: tuple[torch.Tensor, torch.Tensor],
@@ -41,25 +40,24 @@ def cached_attention(
     attend: Callable[..., torch.Tensor] = sdpa,
     **attend_kwargs,
 ) -> torch.Tensor:
-    """Write fresh K/V into a block's cache in place, then attend over all of it.
+    """Write fresh K/V into a block's cache in place, then attend over all image tokens (and the text).
 
-    ``kv``: the (2, B, M [+ T], H, hd) cache, image tokens first; ``image``: the (B, k, H, hd) keys and values of the
-    selected tokens, scattered to ``idx`` (B, k); ``text``: this step's (B, T, H, hd) text keys and values, copied
-    into the tail (None when the cache has no tail). Queries ``q`` (B, S, H, hd) then attend over all M [+ T] keys
-    with ``attend(q, key, value, **attend_kwargs)``; returns (B, S, H, hd).
+    ``kv``: the block's `KVSlot` (``cache.slot(name)``) or its bare (2, B, M [+ T], H, hd) cache tensor, image
+    tokens first; ``image``: the (B, k, H, hd) keys and values of the selected tokens, scattered to ``idx`` (B, k);
+    ``text``: this step's (B, T, H, hd) text keys and values, copied into the tail (None when the cache has no
+    tail). Queries ``q`` (B, S, H, hd) then attend over all M [+ T] keys with ``attend(q, key, value,
+    **attend_kwargs)``; returns (B, S, H, hd). The unselected tokens enter with their cached K/V
+    (``Context.REUSE``) or their per-token forecast (``Context.EXTRAPOLATE``, `KVSlot.attend_kv`): one
+    implementation for every family.
 
     Why outside torch.compile: inductor functionalises in-place writes into a persistent buffer and then copies the
     whole buffer back (measured on an H200: two ~55 us kernels per block, 2.7 ms of an 18 ms SD3-medium pruned step;
     docs/design.md decision 14). Eager, the writes are two small scatters; the compiled regions before and after
     still fuse the elementwise work, and under a CUDA graph of the whole step the graph break costs nothing.
     """
-    m = kv.shape[2] - (text[0].shape[1] if text is not None else 0)
-    scatter_tokens_(kv[0, :, :m], idx, image[0])  # (B, M, H, hd) fresh keys of the selected tokens
-    scatter_tokens_(kv[1, :, :m], idx, image[1])
-    if text is not None:
-        kv[0, :, m:].copy_(text[0])  # (B, T, H, hd)
-        kv[1, :, m:].copy_(text[1])
-    return attend(q, kv[0], kv[1], **attend_kwargs)  # (B, S, H, hd)
+    slot = kv if isinstance(kv, KVSlot) else KVSlot(kv)
+    keys_values = slot.attend_kv(idx, image, text)  # (2, B, M [+ T], H, hd)
+    return attend(q, keys_values[0], keys_values[1], **attend_kwargs)  # (B, S, H, hd)
 
 
 def capture_kv(

@@ -337,7 +337,7 @@ class FluxAdapter(DiffusersAdapter):
 
         double = len(model.transformer_blocks)
         for i, (block, cache) in enumerate(zip(model.transformer_blocks, caches[:double], strict=True)):
-            ctx, x = self._double_block(block, cache["attn"], x, ctx, temb, rope_txt, rope_sel, idx)
+            ctx, x = self._double_block(block, cache.slot("attn"), x, ctx, temb, rope_txt, rope_sel, idx)
             if controlnet is not None:
                 if controlnet_repeat:
                     residual = controlnet[i % len(controlnet)]
@@ -352,7 +352,7 @@ class FluxAdapter(DiffusersAdapter):
         stream = torch.cat([ctx, x], dim=1)  # (B, T + k, D) = [text; selected image tokens]
         singles = model.single_transformer_blocks
         for i, (block, cache) in enumerate(zip(singles, caches[double:], strict=True)):
-            stream = self._single_block(block, cache["attn"], stream, temb, rope_joint, idx, t)
+            stream = self._single_block(block, cache.slot("attn"), stream, temb, rope_joint, idx, t)
             if controlnet_single is not None:
                 residual = controlnet_single[i // -(-len(singles) // len(controlnet_single))]
                 stream[:, t:] += gather_tokens(residual, idx)  # (B, k, D)  # CAT: gather

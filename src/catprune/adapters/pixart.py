@@ -270,7 +270,7 @@ class PixArtAdapter(PatchGridAdapter):
         self_bias = attention_mask.unsqueeze(1) if attention_mask is not None else None  # (B, 1, 1, M)
         cross_bias = encoder_attention_mask.unsqueeze(1) if encoder_attention_mask is not None else None  # (B,1,1,T)
         for block, cache in zip(model.transformer_blocks, caches, strict=True):
-            x = self._block(block, cache["attn"], x, ctx, temb, idx, self_bias, cross_bias)
+            x = self._block(block, cache.slot("attn"), x, ctx, temb, idx, self_bias, cross_bias)
         shift, scale = (model.scale_shift_table[None] + embedded[:, None]).chunk(2, dim=1)  # (B, 1, D) each
         x = modulate(model.norm_out(x), shift, scale)  # (B, k, D)  # CAT: fused modulation
         return model.proj_out(x)  # (B, k, P)
@@ -289,9 +289,9 @@ class PixArtAdapter(PatchGridAdapter):
         return gated_add(x, gate_mlp, ff_out)  # (B, k, D)  # CAT: fused residual
 
     @staticmethod
-    def _self_attention(attn, kv: torch.Tensor, x, idx, bias):
+    def _self_attention(attn, kv, x, idx, bias):
         """Selected queries over all M image keys/values: fresh at ``idx`` (written into ``kv`` in place), cached
-        elsewhere. ``kv``: (2, B, M, H, hd); ``bias``: None or a (B, 1, 1, M) additive key bias."""
+        elsewhere. ``kv``: the block's `KVSlot` over its (2, B, M, H, hd) cache; ``bias``: None or a (B, 1, 1, M) additive key bias."""
         b, k, _ = x.shape
         heads = attn.heads
         q = attn.to_q(x)  # (B, k, D)

@@ -133,7 +133,7 @@ class SD3Adapter(PatchGridAdapter):
         ctx = model.context_embedder(encoder_hidden_states)  # (B, T, D)
         blocks = model.transformer_blocks
         for index, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
-            ctx, x = self._block(block, cache["attn"], cache.get("attn2"), x, ctx, temb, idx)
+            ctx, x = self._block(block, cache.slot("attn"), cache.slot("attn2"), x, ctx, temb, idx)
             if controlnet is not None and block.context_pre_only is False:
                 interval = len(blocks) / len(controlnet)
                 x = x + gather_tokens(controlnet[int(index / interval)], idx)  # (B, k, D)  # CAT: gather
@@ -182,10 +182,10 @@ class SD3Adapter(PatchGridAdapter):
         return modulate(norm.norm(ctx), shift, scale), (gate, shift_mlp, scale_mlp, gate_mlp)  # CAT: fused
 
     @staticmethod
-    def _attention(attn, kv: torch.Tensor, x, ctx, idx):
+    def _attention(attn, kv, x, ctx, idx):
         """Selected queries (+ text queries) over all image keys (fresh at idx, cached elsewhere) + text keys.
 
-        ``kv``: (2, B, M + T, H, hd) cache; this writes the fresh K/V of the selected tokens and this step's text
+        ``kv``: the block's `KVSlot` over its (2, B, M + T, H, hd) cache; this writes the fresh K/V of the selected tokens and this step's text
         K/V into it in place, so attention reads one buffer without concatenation.
         """
         b, k, _ = x.shape

@@ -1,5 +1,6 @@
 """Pure-torch CAT Pruning algorithm: scoring, clustering, selection, gather/scatter. Never imports diffusers."""
 
+from .forecast import advance_kv_, advance_times_, extrapolate_, forecast_ratio_
 from .kmeans import cluster_features, grid_positions, kmeans, kmeans_init_uniforms
 from .selection import (
     cluster_quotas,
@@ -14,6 +15,10 @@ from .selection import (
 from .tokens import gather_tokens, scatter_tokens_, token_mask
 
 __all__ = [
+    "advance_kv_",
+    "advance_times_",
+    "extrapolate_",
+    "forecast_ratio_",
     "cluster_features",
     "cluster_quotas",
     "cluster_scores",

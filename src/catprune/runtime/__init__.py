@@ -4,8 +4,9 @@ Imports nothing from `catprune.adapters`: adapters implement the contract define
 """
 
 from .backends import StepRunner
-from .contract import Adapter, BufferStore, CallInfo
+from .contract import Adapter, BufferStore, CallInfo, KVSlot
 from .engine import Runtime, StepKernels
+from .forecast import ContextForecast
 from .generation import Generation
 from .probe import PipelineProbe
 from .stats import InspectView, PruneStats, StepRecord
@@ -14,8 +15,10 @@ __all__ = [
     "Adapter",
     "BufferStore",
     "CallInfo",
+    "ContextForecast",
     "Generation",
     "InspectView",
+    "KVSlot",
     "PipelineProbe",
     "PruneStats",
     "Runtime",

@@ -8,9 +8,16 @@ from __future__ import annotations
 import abc
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from ..algorithm import advance_kv_, extrapolate_, scatter_tokens_
+
+if TYPE_CHECKING:
+    from .forecast import ContextForecast
+
+PREV = ".prev"  # suffix of a K/V cache's K0 copy (Context.EXTRAPOLATE) in its block's store
 
 
 @dataclass
@@ -51,8 +58,9 @@ class BufferStore:
         ([0, 1, 2, 3], 56)
     """
 
-    def __init__(self):
+    def __init__(self, forecast=None):
         self.tensors: dict[str, torch.Tensor] = {}
+        self.forecast = forecast  # the signature's shared `ContextForecast` when a block cache forecasts, else None
 
     def buffer(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
         """The buffer ``name``, allocated (uninitialised) when missing or of another shape, dtype or device."""
@@ -75,6 +83,47 @@ class BufferStore:
     def nbytes(self) -> int:
         """Bytes held by all buffers."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def kv_names(self) -> list[str]:
+        """Names of the K/V caches of a block store (not their K0 copies)."""
+        return [name for name in self.tensors if not name.endswith(PREV)]
+
+    def slot(self, name: str) -> KVSlot | None:
+        """What `cached_attention` reads and writes for a block's attention ``name``; None when it has none."""
+        kv = self.tensors.get(name)
+        if kv is None:
+            return None
+        prev = self.tensors.get(name + PREV) if self.forecast is not None else None
+        return KVSlot(kv, prev, self.forecast if prev is not None else None)
+
+
+@dataclass
+class KVSlot:
+    """One attention's cache in one block: ``kv`` (K1, image tokens first, text tail), ``prev`` (K0 of the image
+    tokens, (2, B, M, H, hd)) and the shared forecast; ``prev`` / ``forecast`` None: plain reuse."""
+
+    kv: torch.Tensor
+    prev: torch.Tensor | None = None
+    forecast: ContextForecast | None = None
+
+    def attend_kv(self, idx: torch.Tensor, image, text=None) -> torch.Tensor:
+        """Write this step's fresh (B, k, H, hd) image K/V at ``idx`` (B, k) and (B, T, H, hd) text K/V; return the
+        (2, B, M [+ T], H, hd) keys/values the step attends to: the cache itself (reuse) or the working buffer
+        holding the forecast of the unselected tokens and the fresh values of the others (extrapolate)."""
+        kv = self.kv
+        m = kv.shape[2] - (text[0].shape[1] if text is not None else 0)
+        if self.forecast is None:
+            scatter_tokens_(kv[0, :, :m], idx, image[0])  # (B, M, H, hd) fresh keys of the selected tokens
+            scatter_tokens_(kv[1, :, :m], idx, image[1])
+            out = kv
+        else:
+            advance_kv_(kv[:, :, :m], self.prev, idx, image)  # K0 <- K1, K1 <- fresh at idx
+            out = self.forecast.working(kv)  # (2, B, M [+ T], H, hd)
+            extrapolate_(out[:, :, :m], kv[:, :, :m], self.prev, self.forecast.ratio)  # ratio 0 at idx: fresh
+        if text is not None:
+            out[0, :, m:].copy_(text[0])  # (B, T, H, hd)
+            out[1, :, m:].copy_(text[1])
+        return out
 
 
 class Adapter(abc.ABC):

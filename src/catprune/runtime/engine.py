@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -23,9 +24,10 @@ from ..algorithm import (
     update_age,
     update_staleness,
 )
-from ..config import Backend, CATConfig, Selection
+from ..config import Backend, CATConfig, Context, Selection
 from .backends import StepRunner
 from .contract import Adapter, CallInfo
+from .forecast import ContextForecast
 from .generation import Generation, SignatureBuffers
 from .probe import PipelineProbe
 from .stats import PruneStats, StepRecord
@@ -46,6 +48,15 @@ class StepKernels:
     cluster: Callable[[], torch.Tensor]
     state: tuple[torch.Tensor, ...]
     fused: bool
+
+
+class Picks(NamedTuple):
+    """The persistent buffers of one selection size k: quotas (C,) by cluster rank, idx (S, k), idx_rows (B, k)."""
+
+    k: int
+    quotas: torch.Tensor
+    idx: torch.Tensor
+    idx_rows: torch.Tensor
 
 
 class Runtime:
@@ -118,7 +129,7 @@ class Runtime:
         if not config.pruning_enabled:
             return Generation(info.signature, memo)  # counts and records dense steps only
         m = info.num_tokens
-        k, clusters = config.tokens_kept(m), config.clusters_for(m)
+        clusters = config.clusters_for(m)
         shared = self.probe.shared_rows(config.cfg, info)
         self.runner.check_device(info.device)
         buffers = self._buffers.get(info.signature)
@@ -126,21 +137,60 @@ class Runtime:
             if len(self._buffers) >= _MAX_SIGNATURES:
                 self._buffers.clear()
                 self.runner.clear()
-            buffers = self._buffers[info.signature] = SignatureBuffers(self.adapter.num_caches())
-        gen = Generation(info.signature, memo, k=k, num_clusters=clusters, shared=shared, buffers=buffers)
+            forecast = None
+            if config.context is Context.EXTRAPOLATE:
+                forecast = ContextForecast(info.batch, m, info.device, config.forecast_max_ratio)
+            buffers = self._buffers[info.signature] = SignatureBuffers(self.adapter.num_caches(), forecast)
+        gen = Generation(info.signature, memo, num_clusters=clusters, shared=shared, buffers=buffers)
+        gen.num_steps = self.probe.num_steps()
         store, b, device = buffers.store, info.batch, info.device
-        groups = b // 2 if shared else b
         rows = torch.arange(b, device=device)
         if shared:
-            gen.score_rows = store.put("score_rows", rows[groups:])  # (S,) the conditional rows score
-            gen.row_group = store.put("row_group", rows % groups)  # (B,)
-        policy_clusters = clusters if config.selection is Selection.CAT else 1
-        quotas = cluster_quotas(round(config.magnitude_share * k), policy_clusters, config.cluster_share_weights)
-        gen.quotas = store.put("quotas", torch.tensor(quotas, device=device))  # (C,) by cluster rank
+            gen.score_rows = store.put("score_rows", rows[b // 2 :])  # (S,) the conditional rows score
+            gen.row_group = store.put("row_group", rows % (b // 2))  # (B,)
         gen.uniforms = store.put("uniforms", kmeans_init_uniforms(clusters, config.seed).to(device))  # (C,)
-        gen.idx = store.buffer("idx", (groups, k), torch.long, device)  # (S, k)
-        gen.idx_rows = gen.idx if gen.row_group is None else store.buffer("idx_rows", (b, k), torch.long, device)
+        self._use(gen, self._picks(gen, config.tokens_kept(m)))  # the first pruned step: progress 0
         return gen
+
+    def _picks(self, gen: Generation, k: int) -> Picks:
+        """The selection buffers of size ``k`` (one set per k, so graphs keyed by k keep their addresses)."""
+        config, store, device = self.config, gen.buffers.store, gen.buffers.store["uniforms"].device
+        quotas = store.get(f"quotas{k}")
+        if quotas is None:
+            clusters = gen.num_clusters if config.selection is Selection.CAT else 1
+            share = round(config.magnitude_share * k)
+            values = torch.tensor(cluster_quotas(share, clusters, config.cluster_share_weights), device=device)
+            quotas = store.put(f"quotas{k}", values)  # (C,) magnitude picks by cluster rank
+        groups = gen.batch // 2 if gen.shared else gen.batch
+        idx = store.buffer(f"idx{k}", (groups, k), torch.long, device)  # (S, k)
+        rows = idx if gen.row_group is None else store.buffer(f"idx_rows{k}", (gen.batch, k), torch.long, device)
+        return Picks(k, quotas, idx, rows)
+
+    @staticmethod
+    def _use(gen: Generation, picks: Picks) -> None:
+        gen.k, gen.quotas, gen.idx, gen.idx_rows = picks
+
+    def _k_at(self, gen: Generation, step: int, info: CallInfo) -> int:
+        """k of pruned step ``step`` under the keep-ratio schedule (constant without ``keep_ratio_end``)."""
+        config, m = self.config, info.num_tokens
+        if config.keep_ratio_end is None:
+            return config.tokens_kept(m)
+        if gen.num_steps is not None:  # pruned step j of n, known from the pipeline's scheduler
+            j, n = step - config.start_step, gen.num_steps - config.start_step
+            return config.tokens_kept(m, j / (n - 1) if n > 1 else 0.0)
+        # bare transformer: progress from the current timestep (one host sync per step, only on this path)
+        t, tc = self._timestep_value(info.timestep), gen.capture_time
+        return config.tokens_kept(m, 1.0 - t / tc if tc else 0.0)
+
+    def _is_refresh(self, step: int) -> bool:
+        every = self.config.refresh_every
+        return every is not None and (step - self.config.start_step + 1) % every == 0
+
+    @staticmethod
+    def _times(info: CallInfo) -> torch.Tensor:
+        """(B,) float32 timestep of the call, as a device tensor (no host sync)."""
+        t = info.timestep if isinstance(info.timestep, torch.Tensor) else torch.tensor(float(info.timestep))
+        return t.to(device=info.device, dtype=torch.float32).reshape(-1).expand(info.batch)  # (B,)
 
     # ------------------------------------------------------------------ one call
     def __call__(self, original, args, kwargs):
@@ -188,7 +238,10 @@ class Runtime:
     def _step(self, gen: Generation, original, args, kwargs, info: CallInfo):
         t0, i, m = self.config.start_step, gen.step, info.num_tokens
         if i < t0 - 1:
-            out = self._dense(original, args, kwargs, info)
+            if i == t0 - 2 and gen.forecast is not None:  # the reference step also gives the forecast its K0
+                out = self._full_step(gen, original, args, kwargs, info, roll=False)
+            else:
+                out = self._dense(original, args, kwargs, info)
             if i == t0 - 2:
                 tokens = gen.score_view(self.adapter.output_tokens(out, info)).float()  # (S, M, P)
                 gen.reference = gen.buffers.store.put("reference", tokens)
@@ -198,15 +251,32 @@ class Runtime:
             out = self._capture(gen, original, args, kwargs, info)
             self._record(gen, info, "capture", m)
             return out
-        selected = gen.idx_rows.clone()  # (B, k) the tokens this step computes (the step overwrites idx_rows)
-        out = self._pruned(gen, info)
-        self._record(gen, info, "pruned", gen.k, selected)
+        if self._is_refresh(i):
+            out = self._refresh(gen, original, args, kwargs, info)
+            self._record(gen, info, "refresh", m)
+            return out
+        selected, k = gen.idx_rows.clone(), gen.k  # (B, k) the tokens this step computes (the step overwrites them)
+        out = self._pruned(gen, info, self._picks(gen, self._k_at(gen, i + 1, info)))
+        self._record(gen, info, "pruned", k, selected)
+        return out
+
+    def _full_step(self, gen: Generation, original, args, kwargs, info: CallInfo, roll: bool = True):
+        """A dense step (eager) that fills every block's K/V cache; when forecasting, K0 <- K1 first (``roll``)
+        and the times advance after."""
+        forecast = gen.forecast
+        if forecast is not None and roll:
+            forecast.roll(gen.caches)
+        with self.adapter.capture(gen.caches, info):
+            out = original(*args, **kwargs)
+        if forecast is not None:
+            forecast.stamp(self._times(info))
         return out
 
     def _capture(self, gen: Generation, original, args, kwargs, info: CallInfo):
         """The last dense step: fill the K/V caches, cluster the tokens and choose the first selection."""
-        with self.adapter.capture(gen.caches, info):
-            out = original(*args, **kwargs)
+        out = self._full_step(gen, original, args, kwargs, info)
+        if self.config.keep_ratio_end is not None and gen.num_steps is None:
+            gen.capture_time = self._timestep_value(info.timestep)  # the schedule's progress on a bare transformer
         store = gen.buffers.store
         gen.outputs = store.put("outputs", self.adapter.output_tokens(out, info))  # (B, M, P)
         shape, device = (gen.idx.shape[0], info.num_tokens), gen.outputs.device
@@ -216,9 +286,20 @@ class Runtime:
         gen.rng = torch.Generator(device="cpu").manual_seed(self.config.seed)
         if self.fuse:  # k-means (~250 small kernels) and the first selection as one graph replay
             mutable = [gen.labels, gen.staleness, gen.age, gen.idx, gen.idx_rows]
-            self.runner.run(("cluster", info.signature), lambda **_: self._cluster_and_select(gen, info), {}, mutable)
+            key = ("cluster", info.signature, gen.k)
+            self.runner.run(key, lambda **_: self._cluster_and_select(gen, info), {}, mutable)
         else:
             self._cluster_and_select(gen, info)
+        return out
+
+    def _refresh(self, gen: Generation, original, args, kwargs, info: CallInfo):
+        """A refresh step (``refresh_every``): dense, every cache refilled, every token counted as computed."""
+        out = self._full_step(gen, original, args, kwargs, info)
+        gen.outputs.copy_(self.adapter.output_tokens(out, info))  # (B, M, P)
+        gen.staleness.mul_(self.config.staleness_decay).add_(1.0)  # f <- gamma * f + 1 for every token
+        gen.age.zero_()
+        self._use(gen, self._picks(gen, self._k_at(gen, gen.step + 1, info)))
+        self._select_next(gen)
         return out
 
     def _cluster(self, gen: Generation, grid: tuple[int, int]) -> torch.Tensor:
@@ -245,33 +326,59 @@ class Runtime:
         sample = self.runner.run(("dense", info.signature), dense, inputs)
         return self.adapter.wrap_sample(sample, info)
 
-    def _pruned(self, gen: Generation, info: CallInfo):
+    def _pruned(self, gen: Generation, info: CallInfo, nxt: Picks):
+        """One pruned step over ``gen``'s selection; chooses the next step's ``nxt.k`` tokens into ``nxt``."""
         static = self.runner.backend is not Backend.EAGER or self.fuse  # fused on eager: the fused logic, no graphs
         inputs = self.adapter.fast_inputs(info) if static else None
+        now, forecast = Picks(gen.k, gen.quotas, gen.idx, gen.idx_rows), gen.forecast
+        times = {"step_time": self._times(info)} if forecast is not None else {}
+
+        def forward(core, step_time=None, **tensors):  # the block math, between the forecast's begin and commit
+            if forecast is not None:
+                forecast.begin(step_time, now.idx_rows)
+            selected = core(idx=now.idx_rows, **tensors)  # (B, k, P)
+            if forecast is not None:
+                forecast.commit(step_time, now.idx_rows)
+            return selected
+
+        state = self._forecast_state(gen)
         if inputs is None:  # eager (or a call the static path does not cover)
-            selected = self.adapter.pruned_forward(gen.caches, gen.idx_rows, info)  # (B, k, P)
-            self._advance(gen, selected)
+
+            def core(idx):
+                return self.adapter.pruned_forward(gen.caches, idx, info)  # (B, k, P)
+
+            self._advance(gen, forward(core, **times), now, nxt)
             return self.adapter.build_output(gen.outputs, info)
-        caches, key = gen.caches, ("pruned", info.signature, gen.k)
+        caches, key = gen.caches, ("pruned", info.signature, now.k)
         core = self.runner.compiled(key, lambda: self.adapter.pruned_fn(caches, info))
         if not self.fuse:
-            selected = self.runner.run(key, core, dict(idx=gen.idx_rows, **inputs))  # (B, k, P)
-            self._advance(gen, selected)
+            selected = self.runner.run(key, lambda **t: forward(core, **t), dict(inputs, **times), state=state)
+            self._advance(gen, selected, now, nxt)
             return self.adapter.build_output(gen.outputs, info)
 
         def step(**tensors):
-            self._advance(gen, core(idx=gen.idx_rows, **tensors))
+            self._advance(gen, forward(core, **tensors), now, nxt)
             return self.adapter.unpatchify(gen.outputs, info)  # (B, C, H, W)
 
-        mutable = [gen.outputs, gen.staleness, gen.age, gen.idx, gen.idx_rows]
-        sample = self.runner.run(("step",) + key, step, inputs, state=mutable)
+        mutable = [gen.outputs, gen.staleness, gen.age, nxt.idx, nxt.idx_rows, *state]
+        sample = self.runner.run(("step", *key, nxt.k), step, dict(inputs, **times), state=mutable)
+        self._use(gen, nxt)  # a graph replay runs no Python: the next step's buffers are chosen here too
         return self.adapter.wrap_sample(sample, info)
 
-    def _advance(self, gen: Generation, selected: torch.Tensor) -> None:
+    @staticmethod
+    def _forecast_state(gen: Generation) -> list[torch.Tensor]:
+        """Tensors a forecasting step advances (not idempotently): restored after a graph's warm-up."""
+        forecast = gen.forecast
+        if forecast is None:
+            return []
+        return [forecast.t1, forecast.t0, *(t for c in gen.caches for t in c.tensors.values())]
+
+    def _advance(self, gen: Generation, selected: torch.Tensor, now: Picks, nxt: Picks) -> None:
         """After a pruned step: store the fresh outputs, age the staleness, choose the next step's tokens."""
-        scatter_tokens_(gen.outputs, gen.idx_rows, selected)  # (B, M, P)
-        gen.staleness.copy_(update_staleness(gen.staleness, gen.idx, self.config.staleness_decay))
-        gen.age.copy_(update_age(gen.age, gen.idx))
+        scatter_tokens_(gen.outputs, now.idx_rows, selected)  # (B, M, P)
+        gen.staleness.copy_(update_staleness(gen.staleness, now.idx, self.config.staleness_decay))
+        gen.age.copy_(update_age(gen.age, now.idx))
+        self._use(gen, nxt)
         self._select_next(gen)
 
     def _select_next(self, gen: Generation) -> torch.Tensor:

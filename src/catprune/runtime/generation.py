@@ -7,20 +7,24 @@ from dataclasses import dataclass, field
 import torch
 
 from .contract import BufferStore
+from .forecast import ContextForecast
 from .stats import PruneStats, StepRecord
 
 
 class SignatureBuffers:
     """Buffers of one shape signature, allocated once and then written in place: CUDA graphs captured over them keep
     pointing at them across generations. ``caches``: one K/V store per block; ``store``: the runtime's own tensors
-    (reference, outputs, labels, staleness, age, selection, CFG row maps, quotas, k-means uniforms)."""
+    (reference, outputs, labels, staleness, age, selection, CFG row maps, quotas, k-means uniforms); ``forecast``:
+    the shared state of ``Context.EXTRAPOLATE`` (None with ``Context.REUSE``)."""
 
-    def __init__(self, num_blocks: int):
-        self.caches = [BufferStore() for _ in range(num_blocks)]
+    def __init__(self, num_blocks: int, forecast: ContextForecast | None = None):
+        self.forecast = forecast
+        self.caches = [BufferStore(forecast) for _ in range(num_blocks)]
         self.store = BufferStore()
 
     def nbytes(self) -> int:
-        return sum(c.nbytes() for c in self.caches) + self.store.nbytes()
+        extra = self.forecast.nbytes() if self.forecast is not None else 0
+        return sum(c.nbytes() for c in self.caches) + self.store.nbytes() + extra
 
 
 @dataclass(eq=False)
@@ -39,7 +43,9 @@ class Generation:
     last_step_index: int | None = None  # the scheduler's step_index at the previous call
     broken: bool = False  # an exception inside a step: the next call starts a new generation
     # sizes and selection parameters, fixed for the generation
-    k: int = 0  # tokens recomputed per pruned step
+    k: int = 0  # tokens the next pruned step recomputes (the size of ``idx``)
+    num_steps: int | None = None  # inference steps of the generation, when the pipeline's scheduler tells
+    capture_time: float | None = None  # timestep of the capture step (keep-ratio schedule on a bare transformer)
     num_clusters: int = 0  # C
     shared: bool = False  # CFG rows of one sample share a selection
     buffers: SignatureBuffers | None = None
@@ -80,7 +86,14 @@ class Generation:
         """The rows that score: all, or only the conditional rows when CFG rows share a selection."""
         return tokens if self.score_rows is None else tokens[self.score_rows]  # (S, M, P)
 
+    @property
+    def forecast(self) -> ContextForecast | None:
+        """The context forecast state (``Context.EXTRAPOLATE``), or None."""
+        return self.buffers.forecast if self.buffers is not None else None
+
     def cache_bytes(self) -> int:
-        """Bytes of the caches a pruned step reads: per-block K/V, the output cache and the reference."""
+        """Bytes of the caches a pruned step reads: per-block K/V (and K0 when forecasting), the forecast's working
+        buffer and times, the output cache and the reference."""
         total = sum(c.nbytes() for c in self.caches)
+        total += self.forecast.nbytes() if self.forecast is not None else 0
         return total + sum(t.numel() * t.element_size() for t in (self.outputs, self.reference) if t is not None)

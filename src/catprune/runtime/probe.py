@@ -41,6 +41,11 @@ class PipelineProbe:
             return False, None
         return True, scheduler.step_index
 
+    def num_steps(self) -> int | None:
+        """Inference steps of the current generation (``len(scheduler.timesteps)``), None without a pipeline."""
+        timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+        return len(timesteps) if timesteps is not None else None
+
     def cfg_batch(self, info: CallInfo) -> bool:
         """Whether this call's batch is a CFG batch (CFGMode.AUTO); False without a pipeline or with an odd batch.
 

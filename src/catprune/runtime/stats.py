@@ -19,7 +19,8 @@ class StepRecord:
     """
 
     step: int  # denoising step index (0-based)
-    phase: str  # "dense" (full step), "capture" (full step that fills the caches) or "pruned"
+    phase: str  # "dense" (full step), "capture" (full step that fills the caches), "pruned" or "refresh" (a full
+    # step within the pruned ones that refills every cache, CATConfig.refresh_every)
     rows: int  # batch rows (CFG rows included)
     tokens: int  # M, image tokens per row
     computed: int  # image tokens per row recomputed in this step (M for full steps, k for pruned ones)
@@ -31,7 +32,7 @@ class StepRecord:
 
     @property
     def kind(self) -> str:
-        """The same as ``phase``: "dense", "capture" or "pruned"."""
+        """The same as ``phase``: "dense", "capture", "pruned" or "refresh"."""
         return self.phase
 
     def to_dict(self) -> dict:
