@@ -62,6 +62,23 @@ class Backend(str, enum.Enum):
     CUDAGRAPH = "cudagraph"
     COMPILE_CUDAGRAPH = "compile+cudagraph"
 
+    @classmethod
+    def parse(cls, value, who: str, fix: str) -> Backend:
+        """``Backend(value)``, or a ValueError that names ``who`` (e.g. ``"StepRunner: backend"``), the choices, what
+        was received and ``fix``.
+
+        Example:
+            >>> Backend.parse("cudagraph", "f: backend", "")
+            <Backend.CUDAGRAPH: 'cudagraph'>
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(repr(b.value) for b in cls)
+            raise ValueError(
+                f"{who}: expected a catprune.Backend or one of {choices}, got {value!r}. {fix}"
+            ) from None
+
 
 class Context(str, enum.Enum):
     """What the computed tokens of a pruned step attend to for the tokens that step does not compute.

@@ -60,6 +60,25 @@ def cached_attention(
     return attend(q, keys_values[0], keys_values[1], **attend_kwargs)  # (B, S, H, hd)
 
 
+def require_processors(model: torch.nn.Module, processor: type, reset: str) -> None:
+    """ValueError unless every attention processor of ``model`` is exactly ``processor`` (diffusers' default, the
+    one the adapter's pruned block reimplements); ``reset`` is the call that restores it.
+
+    Example:
+        >>> from diffusers.models.attention_processor import JointAttnProcessor2_0
+        >>> from catprune.models.testing import tiny_sd3_transformer
+        >>> require_processors(tiny_sd3_transformer(), JointAttnProcessor2_0, "transformer.set_default_attn_processor()")
+    """
+    for name, proc in model.attn_processors.items():
+        if type(proc) is not processor:
+            raise ValueError(
+                f"catprune.apply: attention processor {name!r} is {type(proc).__name__}; CAT Pruning on "
+                f"{type(model).__name__} supports only diffusers' default {processor.__name__}. Undo fused QKV "
+                f"projections (transformer.unfuse_qkv_projections()) or custom processors ({reset}) before "
+                "catprune.apply()."
+            )
+
+
 def capture_kv(
     buf: torch.Tensor,
     key_module: torch.nn.Module,

@@ -18,7 +18,7 @@ from diffusers.models.transformers.pixart_transformer_2d import PixArtTransforme
 
 from ..algorithm import gather_tokens
 from ..runtime.contract import BufferStore, CallInfo
-from .common import PatchGridAdapter, cached_attention, capture_kv, removing, sdpa
+from .common import PatchGridAdapter, cached_attention, capture_kv, removing, require_processors, sdpa
 from .ops import describe, gated_add, linear_macs, modulate
 
 _NAME = "PixArtTransformer2DModel.forward"
@@ -114,14 +114,7 @@ class PixArtAdapter(PatchGridAdapter):
                         f"catprune.apply: transformer_blocks[{index}].{attn_name} uses {', '.join(odd)}, which the "
                         "PixArt adapter does not implement; use a stock PixArt-Sigma transformer."
                     )
-        for name, proc in model.attn_processors.items():
-            if type(proc) is not AttnProcessor2_0:
-                raise ValueError(
-                    f"catprune.apply: attention processor {name!r} is {type(proc).__name__}; CAT Pruning on "
-                    "PixArtTransformer2DModel supports only diffusers' default AttnProcessor2_0. Undo fused QKV "
-                    "projections (transformer.unfuse_qkv_projections()) or custom processors "
-                    "(transformer.set_attn_processor(AttnProcessor2_0())) before catprune.apply()."
-                )
+        require_processors(model, AttnProcessor2_0, "transformer.set_attn_processor(AttnProcessor2_0())")
 
     def inspect_call(self, args, kwargs, memo: dict | None = None) -> PixArtCallInfo:
         a = self.bind(args, kwargs)

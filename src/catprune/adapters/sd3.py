@@ -10,8 +10,21 @@ from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
 from ..algorithm import gather_tokens
 from ..runtime.contract import BufferStore, CallInfo
-from .common import PatchGridAdapter, cached_attention, capture_kv, removing
+from .common import PatchGridAdapter, cached_attention, capture_kv, removing, require_processors
 from .ops import gated_add, linear_macs, modulate
+
+
+def _qkv(x, heads: int, head_dim: int, to_q, to_k, to_v, norm_q, norm_k):
+    """Queries, keys and values of tokens ``x`` (B, N, D) as (B, N, H, hd), with the optional QK norms."""
+    b, n, _ = x.shape
+    q = to_q(x).view(b, n, heads, head_dim)  # (B, N, H, hd)
+    key = to_k(x).view(b, n, heads, head_dim)
+    value = to_v(x).view(b, n, heads, head_dim)
+    if norm_q is not None:
+        q = norm_q(q)
+    if norm_k is not None:
+        key = norm_k(key)
+    return q, key, value
 
 
 class SD3Adapter(PatchGridAdapter):
@@ -29,14 +42,7 @@ class SD3Adapter(PatchGridAdapter):
 
     # ---------------------------------------------------------------- checks
     def validate_model(self) -> None:
-        for name, proc in self.model.attn_processors.items():
-            if type(proc) is not JointAttnProcessor2_0:
-                raise ValueError(
-                    f"catprune.apply: attention processor {name!r} is {type(proc).__name__}; CAT Pruning on "
-                    "SD3Transformer2DModel supports only diffusers' default JointAttnProcessor2_0. Undo fused QKV "
-                    "projections (transformer.unfuse_qkv_projections()) or custom processors "
-                    "(transformer.set_default_attn_processor()) before catprune.apply()."
-                )
+        require_processors(self.model, JointAttnProcessor2_0, "transformer.set_default_attn_processor()")
 
     def inspect_call(self, args, kwargs, memo: dict | None = None) -> CallInfo:
         a = self.bind(args, kwargs)
@@ -185,30 +191,19 @@ class SD3Adapter(PatchGridAdapter):
     def _attention(attn, kv, x, ctx, idx):
         """Selected queries (+ text queries) over all image keys (fresh at idx, cached elsewhere) + text keys.
 
-        ``kv``: the block's `KVSlot` over its (2, B, M + T, H, hd) cache; this writes the fresh K/V of the selected tokens and this step's text
-        K/V into it in place, so attention reads one buffer without concatenation.
+        ``kv``: the block's `KVSlot` over its (2, B, M + T, H, hd) cache; this writes the fresh K/V of the selected
+        tokens and this step's text K/V into it in place, so attention reads one buffer without concatenation.
         """
         b, k, _ = x.shape
         heads = attn.heads
-        q = attn.to_q(x)  # (B, k, D)
-        head_dim = q.shape[-1] // heads
-        q = q.view(b, k, heads, head_dim)  # (B, k, H, hd)
-        key = attn.to_k(x).view(b, k, heads, head_dim)
-        value = attn.to_v(x).view(b, k, heads, head_dim)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        head_dim = attn.to_q.out_features // heads
+        q, key, value = _qkv(x, heads, head_dim, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
         text = None
-        if ctx is not None:
-            t = ctx.shape[1]
-            qc = attn.add_q_proj(ctx).view(b, t, heads, head_dim)  # (B, T, H, hd)
-            kc = attn.add_k_proj(ctx).view(b, t, heads, head_dim)
-            vc = attn.add_v_proj(ctx).view(b, t, heads, head_dim)
-            if attn.norm_added_q is not None:
-                qc = attn.norm_added_q(qc)
-            if attn.norm_added_k is not None:
-                kc = attn.norm_added_k(kc)
+        if ctx is not None:  # the text stream's own projections (B, T, H, hd)
+            qc, kc, vc = _qkv(
+                ctx, heads, head_dim, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q,
+                attn.norm_added_k,
+            )
             text = (kc, vc)
             q = torch.cat([q, qc], dim=1)  # (B, k + T, H, hd)
         out = cached_attention(kv, idx, q, (key, value), text)  # (B, k + T, H, hd)  # CAT: cached attention

@@ -148,14 +148,9 @@ def _device_and_backend(model: torch.nn.Module, device, backend) -> tuple[str, B
     device = torch.device(device).type
     if backend is None:
         backend = Backend.CUDAGRAPH if device == "cuda" else Backend.EAGER
-    try:
-        return device, Backend(backend)
-    except ValueError:
-        choices = ", ".join(repr(b.value) for b in Backend)
-        raise ValueError(
-            f"catprune.plan: backend: expected a catprune.Backend or one of {choices}, got {backend!r}. "
-            "Leave it out for cudagraph on CUDA and eager elsewhere."
-        ) from None
+    return device, Backend.parse(
+        backend, "catprune.plan: backend", "Leave it out for cudagraph on CUDA and eager elsewhere."
+    )
 
 
 def plan(

@@ -58,14 +58,7 @@ class StepRunner:
     """
 
     def __init__(self, backend: Backend | str = Backend.EAGER, fuse: bool | None = None):
-        try:
-            self.backend = Backend(backend)
-        except ValueError:
-            choices = ", ".join(repr(b.value) for b in Backend)
-            raise ValueError(
-                f"StepRunner: backend: expected a catprune.Backend or one of {choices}, got {backend!r}. "
-                "Pass e.g. Backend.EAGER."
-            ) from None
+        self.backend = Backend.parse(backend, "StepRunner: backend", "Pass e.g. Backend.EAGER.")
         if fuse is not None and not isinstance(fuse, bool):
             raise TypeError(f"StepRunner: fuse: expected True, False or None, got {type(fuse).__name__}.")
         self.fuse = self.uses_graphs if fuse is None else fuse
