@@ -16,16 +16,7 @@ from catprune.adapters import BufferStore, adapter_for
 from catprune.families import FAMILIES, load
 from catprune.runtime import StepRunner
 
-CASES = [(r, variant) for r in FAMILIES for variant in load(r.tiny).variants]
 STEPS = 6
-
-
-@pytest.fixture(params=CASES, ids=[f"{r.name}-{v}" for r, v in CASES])
-def case(request):
-    record, variant = request.param
-    tiny = load(record.tiny)()
-    model = tiny.transformer(variant)
-    return tiny, model, tiny.inputs(model, batch=2, height=8, width=12)  # a non-square 4 x 6 token grid
 
 
 def test_every_record_resolves():
