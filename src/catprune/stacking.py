@@ -37,6 +37,7 @@ import numbers
 import torch
 
 from . import api
+from .config import Context
 
 KINDS = ("fbcache",)
 _LEADER_HOOK = "fbc_leader_block_hook"  # the name diffusers 0.42 registers FBCache's first-block hook under
@@ -104,14 +105,18 @@ def _head_hook(model: torch.nn.Module):
 
 
 def _install_guard(model: torch.nn.Module, pipe, hook) -> None:
-    """While CAT Pruning is applied, FBCache computes every block from the capture step (start_step - 1) on."""
+    """While CAT Pruning is applied, FBCache computes every block from the first step whose dense forward fills CAT's
+    caches on: the capture step (start_step - 1), or the reference step (start_step - 2) with the context forecast,
+    which also captures the previous K/V there."""
     saved = {}
 
     def before(module, args, kwargs):
         if not api.is_applied(module):
             return None
         step = getattr(getattr(pipe, "scheduler", None), "step_index", None) or 0
-        if step >= api.get_config(module).start_step - 1:
+        config = api.get_config(module)
+        first_capture = config.start_step - (2 if config.context is Context.EXTRAPOLATE else 1)
+        if step >= first_capture:
             saved["threshold"] = hook.threshold
             hook.threshold = -math.inf  # every relative change exceeds it: the remaining blocks run
         return None

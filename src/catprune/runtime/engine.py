@@ -326,6 +326,7 @@ class Runtime:
         sample = self.runner.run(("dense", info.signature), dense, inputs)
         return self.adapter.wrap_sample(sample, info)
 
+    @torch.no_grad()  # cached state written in place: a pruned step is inference only (the forecast uses out= ops)
     def _pruned(self, gen: Generation, info: CallInfo, nxt: Picks):
         """One pruned step over ``gen``'s selection; chooses the next step's ``nxt.k`` tokens into ``nxt``."""
         static = self.runner.backend is not Backend.EAGER or self.fuse  # fused on eager: the fused logic, no graphs
