@@ -47,6 +47,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shapes training script's shared pieces
+
+from train_shapes import START, init_for_training, log, lr_at, sample_sigmas  # noqa: E402  # shared with shapes
 
 import catprune  # noqa: E402
 from catprune.evaluation.identity import (  # noqa: E402
@@ -70,12 +73,6 @@ from catprune.models.scenes.world import (  # noqa: E402
     sample_scenes,
     scenes_from_captions,
 )
-
-START = time.time()
-
-
-def log(message: str) -> None:
-    print(f"[{time.time() - START:7.1f}s] {message}", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,26 +107,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def init_for_training(transformer: torch.nn.Module) -> None:
-    """adaLN-Zero: zero the modulation layers and the output projection, so every block starts as the identity."""
-    for block in transformer.transformer_blocks:
-        for norm in (block.norm1, block.norm1_context):
-            torch.nn.init.zeros_(norm.linear.weight)
-            torch.nn.init.zeros_(norm.linear.bias)
-    for layer in (transformer.norm_out.linear, transformer.proj_out):
-        torch.nn.init.zeros_(layer.weight)
-        torch.nn.init.zeros_(layer.bias)
-
-
-def sample_sigmas(n: int, generator: torch.Generator, shift: float, uniform_fraction: float) -> torch.Tensor:
-    device = generator.device
-    u = torch.sigmoid(torch.randn(n, generator=generator, device=device))  # (B,) logit-normal(0, 1)
-    shifted = shift * u / (1 + (shift - 1) * u)  # SD3 / FlowMatchEulerDiscreteScheduler shift
-    uniform = torch.rand(n, generator=generator, device=device)  # (B,)
-    pick = torch.rand(n, generator=generator, device=device) < uniform_fraction  # (B,)
-    return torch.where(pick, uniform, shifted)
-
-
 def make_batch(args, tokenizer, generator, excluded_keys):
     """One training batch on the generator's device: images x0 in [-1, 1], tokens, loss weights."""
     b = args.batch_size
@@ -140,13 +117,6 @@ def make_batch(args, tokenizer, generator, excluded_keys):
     x0 = render_scenes(scenes) * 2 - 1  # (B, 3, 128, 128)
     drop = torch.rand(b, generator=generator, device=generator.device) < args.caption_dropout  # (B,)
     return x0, tokenizer.encode_scenes(scenes, drop=drop), weight
-
-
-def lr_at(step: int, total: int, args) -> float:
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = min(1.0, (step - args.warmup) / max(1, total - args.warmup))
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def generate(pipe, captions, steps: int, guidance: float, batch_size: int) -> torch.Tensor:
