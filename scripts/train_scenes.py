@@ -44,12 +44,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shapes training script's shared pieces
 
-from train_shapes import START, init_for_training, log, lr_at, sample_sigmas  # noqa: E402  # shared with shapes
+from train_shapes import START, flow_loss, init_for_training, log, lr_at  # noqa: E402  # shared with shapes
 
 import catprune  # noqa: E402
 from catprune.evaluation.identity import (  # noqa: E402
@@ -303,21 +302,7 @@ def main(argv=None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, args)
         x0, tokens, weight = make_batch(args, tokenizer, generator, excluded_keys)
-        noise = torch.randn(x0.shape, generator=generator, device=device)  # (B, 3, H, W)
-        sigma = sample_sigmas(x0.shape[0], generator, shift, args.uniform_fraction)  # (B,)
-        s = sigma.view(-1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * noise  # (B, 3, H, W)
-        with autocast:
-            states, pooled = text_encoder(tokens["input_ids"], tokens["attention_mask"])
-            pred = transformer(
-                hidden_states=xt,
-                timestep=sigma * 1000,
-                encoder_hidden_states=states,
-                pooled_projections=pooled,
-                return_dict=False,
-            )[0]  # (B, 3, H, W)
-        per_sample = F.mse_loss(pred.float(), noise - x0, reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        loss = (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
+        loss = flow_loss(transformer, text_encoder, x0, tokens, weight, generator, shift, args, autocast)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
