@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from catprune import CacheDtype, CATConfig
+from catprune.algorithm import dequantize_rows_, quantize_rows
 
 
 # ---------------------------------------------------------------------------------------------------- the field
@@ -45,3 +46,22 @@ def test_fp8_on_a_torch_without_float8_is_a_clear_error(monkeypatch):
         CATConfig(cache_dtype="fp8")
     assert "CATConfig.cache_dtype" in str(info.value) and "float8_e4m3fn" in str(info.value)
     assert CATConfig(cache_dtype="bf16").cache_dtype is CacheDtype.BF16
+
+
+# ---------------------------------------------------------------------------------------------------- the quantiser
+def test_quantiser_rows_are_independent_and_within_fp8_rounding():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 4) * torch.logspace(-3, 3, 5)[None, :, None, None]  # rows of very different ranges
+    x[1, 2] = 0.0
+    q, scale = quantize_rows(x, torch.float8_e4m3fn)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (2, 5, 1, 1) and scale.dtype == torch.float32
+    back = dequantize_rows_(torch.empty_like(x), q, scale)
+    absmax = x.abs().amax(dim=(-2, -1), keepdim=True)
+    assert ((back - x).abs() <= absmax / 16).all()  # 3 mantissa bits: at most half a step, relative to the row
+    assert torch.equal(back[1, 2], torch.zeros(3, 4))
+    alone_q, alone_scale = quantize_rows(x[1:, 3:], torch.float8_e4m3fn)  # a row's code never sees other rows
+    assert torch.equal(alone_q.view(torch.uint8), q[1:, 3:].view(torch.uint8))
+    assert torch.equal(alone_scale, scale[1:, 3:])
+    big = torch.full((1, 1, 1, 2), 1e6)
+    assert torch.isfinite(quantize_rows(big, torch.float16)[0].float()).all()  # float16 saturates
+    assert quantize_rows(x, torch.bfloat16)[1] is None
