@@ -1,6 +1,8 @@
 """Low-precision cache storage (``CATConfig.cache_dtype``): the field, the contract over every model family (tiny
 random models, CPU, fp32), the bytes it saves, batch invariance of the per-token fp8 scales, and the quantiser."""
 
+import json
+
 import pytest
 import torch
 
@@ -194,3 +196,25 @@ def test_static_step_over_preallocated_storage_and_fresh_values_unrounded(case):
         tokens = adapter.pruned_forward(caches, every, info)  # (B, M, P) in idx order
     full = torch.empty_like(tokens).scatter_(1, every[..., None].expand_as(tokens), tokens)
     assert torch.allclose(adapter.build_output(full, info)[0], dense, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- the bench
+def test_bench_cache_dtype_cases_report_cache_bytes(tmp_path, capsys):
+    from catprune.cli.main import main
+
+    path = tmp_path / "bench.json"
+    args = ["bench", "--preset", "sd3-tiny", "--sizes", "64x64", "--steps", "5", "--start-step", "3", "--repeats", "1"]
+    rc = main([*args, "--dtype", "fp32", "--cache-dtype", "none,fp8", "--context", "reuse", "--json", str(path)])
+    assert rc == 0
+    results = json.loads(path.read_text())["results"]
+    assert [(r["case"]["cache_dtype"], r["case"]["context"]) for r in results] == [(None, "reuse"), ("fp8", "reuse")]
+    none, fp8 = results
+    assert 0 < fp8["kv_cache_mem_gb"] < 0.3 * none["kv_cache_mem_gb"]  # float32 -> 1 byte + a scale per row
+    assert none["kv_cache_mem_gb"] <= none["cache_mem_gb"] and fp8["kv_cache_mem_gb"] < fp8["cache_mem_gb"]
+    rows = capsys.readouterr().out.splitlines()[-2:]
+    assert rows[0].split()[5] == "-" and rows[1].split()[5] == "fp8"  # the table's cache column
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--cache-dtype", "int8"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--cache-dtype" in err and "none, bf16, fp16, fp8" in err and "'int8'" in err

@@ -104,6 +104,8 @@ class BenchCase:
     dense_candidates: tuple[str, ...] | None = None  # the configurations "best" times (None: every available one)
     split: bool = False  # also time catprune's full-selection step: the "implementation vs pruning" split
     compile_vae: str | None = None  # torch.compile mode of the VAE decode (the same decode on both sides)
+    cache_dtype: str | None = None  # CATConfig.cache_dtype of the CAT side (None: the model's dtype)
+    context: str | None = None  # CATConfig.context of the CAT side (None: the config's default)
 
 
 @dataclass
@@ -128,6 +130,7 @@ class BenchResult:
     cache_mem_gb: float
     select_s: float  # one selection (scores + ranking) on the device
     kmeans_s: float  # one clustering (once per generation)
+    kv_cache_mem_gb: float = 0.0  # the per-block K/V caches alone, as stored (part of cache_mem_gb)
     extra: dict = field(default_factory=dict)
     baseline: dict = field(default_factory=dict)  # the dense side: requested, name (the winner), candidates_ms
     split: dict | None = None  # implementation vs pruning (bench.baselines.split), when case.split
@@ -329,7 +332,7 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None, dense=None, ti
         pipe, entry = build_pipeline(case.preset, device, dtype)
     family = family_of(entry)
     embeds = _embeddings(pipe, entry, case.batch_size, device, dtype, cfg=case.cfg)
-    base = dict(keep_ratio=case.keep_ratio, backend=case.mode)
+    base = dict(keep_ratio=case.keep_ratio, backend=case.mode, **_cache_options(case))
     with torch.no_grad():
         if dense is None and case.dense_baseline != SAME:
             dense = measure_dense(pipe, embeds, case, device, time_candidate)
@@ -362,7 +365,7 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None, dense=None, ti
 
 def _kernel_and_vae_times(pipe, family, case: BenchCase, latents, device) -> dict:
     """The CAT cache size, one selection, one clustering and the VAE decode (after a CAT generation)."""
-    cache_bytes = catprune.inspect(pipe).cache_bytes
+    view = catprune.inspect(pipe)
     kernels = catprune.step_kernels(pipe)
     select, clusterer = kernels.select, kernels.cluster
     if kernels.fused:  # time them as they run in the fused step: inside a CUDA graph
@@ -376,13 +379,26 @@ def _kernel_and_vae_times(pipe, family, case: BenchCase, latents, device) -> dic
             compile_vae(pipe.vae, case.compile_vae)
             family.decode(pipe, latents, case.height, case.width)  # compiles (and records graphs) before timing
         vae_s = _time(lambda: family.decode(pipe, latents, case.height, case.width), device, repeats=3)
-    return dict(vae_decode_s=vae_s, cache_mem_gb=cache_bytes / 2**30, select_s=select_s, kmeans_s=kmeans_s)
+    return dict(
+        vae_decode_s=vae_s,
+        cache_mem_gb=view.cache_bytes / 2**30,
+        kv_cache_mem_gb=view.kv_cache_bytes / 2**30,
+        select_s=select_s,
+        kmeans_s=kmeans_s,
+    )
+
+
+def _cache_options(case: BenchCase) -> dict:
+    """The case's CATConfig cache fields (those it sets)."""
+    options = dict(cache_dtype=case.cache_dtype, context=case.context)
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def _split(pipe, embeds, case: BenchCase, device, dense: MethodResult, cat: MethodResult) -> dict:
     """Time catprune's full-selection step (every token selected, same mode) and split the speed-up into
     implementation (stock step vs full-selection step) and pruning (full-selection step vs pruned step)."""
-    config = catprune.CATConfig(keep_ratio=FULL_SELECTION_KEEP, start_step=case.start_step, backend=case.mode)
+    full_selection = dict(keep_ratio=FULL_SELECTION_KEEP, start_step=case.start_step, backend=case.mode)
+    config = catprune.CATConfig(**full_selection, **_cache_options(case))
     full, _ = _run_method(pipe, embeds, replace(case, repeats=1), config, device)
     catprune.remove(pipe)
     return split_speedup(dense.full_step_s, full, cat)
@@ -391,7 +407,7 @@ def _split(pipe, embeds, case: BenchCase, device, dense: MethodResult, cat: Meth
 def format_table(results: list[BenchResult]) -> str:
     """A plain-text table, one row per case."""
     head = (
-        f"{'preset':<18}{'size':>10}{'B':>3}{'N':>4}{'mode':>19}{'dense ms/step':>14}{'pruned ms/step':>15}"
+        f"{'preset':<18}{'size':>10}{'B':>3}{'N':>4}{'mode':>19}{'cache':>6}{'dense ms/step':>14}{'pruned ms/step':>15}"
         f"{'loop dense s':>13}{'loop CAT s':>11}{'MACs x':>8}{'loop x':>8}{'eff':>6}{'e2e x':>7}{'sel %':>7}"
         f"{'kmeans ms':>10}{'cache GiB':>10}{'peak GiB dense/CAT':>19}  dense as"
     )
@@ -400,7 +416,7 @@ def format_table(results: list[BenchResult]) -> str:
         c = r.case
         pruned = r.cat.pruned_step_s
         lines.append(
-            f"{c.preset:<18}{f'{c.width}x{c.height}':>10}{c.batch_size:>3}{c.steps:>4}{c.mode:>19}"
+            f"{c.preset:<18}{f'{c.width}x{c.height}':>10}{c.batch_size:>3}{c.steps:>4}{c.mode:>19}{c.cache_dtype or '-':>6}"
             f"{r.dense.full_step_s * 1e3:>14.2f}{(pruned or 0) * 1e3:>15.2f}{r.dense.loop_s:>13.3f}"
             f"{r.cat.loop_s:>11.3f}{r.macs_speedup:>8.2f}{r.loop_speedup:>8.2f}"
             f"{r.loop_speedup / r.macs_speedup:>6.2f}{r.end_to_end_speedup:>7.2f}"

@@ -20,6 +20,20 @@ def _size(text):
     return int(w), int(h)
 
 
+def cache_dtypes(text: str) -> list[str | None]:
+    """``--cache-dtype``: a comma list of ``none`` and `catprune.CacheDtype` values (one case each)."""
+    from catprune import CacheDtype
+
+    choices = ["none"] + [d.value for d in CacheDtype]
+    values = [x.strip().lower() for x in text.split(",") if x.strip()]
+    wrong = [x for x in values if x not in choices]
+    if wrong or not values:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of {', '.join(choices)}, got {text!r}. Use e.g. none,fp8 to measure both"
+        )
+    return [None if x == "none" else x for x in values]
+
+
 def dense_baseline(text: str) -> str:
     """``--dense-baseline``: one of `catprune.bench.baselines.CHOICES` (argparse names the flag)."""
     from catprune.bench.baselines import CHOICES
@@ -52,7 +66,7 @@ def cmd_bench(args, time_candidate=None) -> int:
         for batch in args.batch_sizes:
             for steps in args.steps:
                 dense = None  # a stock baseline is measured once per size / batch / steps, for every CAT mode
-                for mode in args.modes:
+                for mode, cache_dtype in [(m, d) for m in args.modes for d in args.cache_dtype]:
                     case = BenchCase(
                         preset=args.preset,
                         height=height,
@@ -70,6 +84,8 @@ def cmd_bench(args, time_candidate=None) -> int:
                         dense_candidates=tuple(args.dense_candidates) if args.dense_candidates else None,
                         split=args.split,
                         compile_vae=args.compile_vae,
+                        cache_dtype=cache_dtype,
+                        context=args.context,
                     )
                     result = run_case(case, pipe, entry, device, dense=dense, time_candidate=time_candidate)
                     if args.dense_baseline != SAME:
@@ -151,6 +167,20 @@ def add_bench(sub):
         choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"],
         help="torch.compile the VAE decode (the same compiled decode in the dense and the CAT end-to-end time); "
         "optional mode, default torch.compile's default",
+    )
+    p.add_argument(
+        "--cache-dtype",
+        type=cache_dtypes,
+        default=[None],
+        help="CATConfig.cache_dtype of the CAT side: none (the model's dtype, default), bf16, fp16 or fp8; a comma "
+        "list runs one case each (e.g. none,fp8: cache GiB and peak memory with and without it)",
+    )
+    p.add_argument(
+        "--context",
+        choices=["reuse", "extrapolate"],
+        default=None,
+        help="CATConfig.context of the CAT side (default: the config's default, extrapolate; the stored speed "
+        "tables used reuse)",
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write results with an environment block to this JSON file")
