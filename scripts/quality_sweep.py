@@ -64,6 +64,10 @@ def rows() -> dict[str, tuple[int, CATConfig | None]]:
             config = CATConfig(keep_ratio=keep, start_step=start, context=context, forecast_max_ratio=1.0)
             table[f"cat-{tag}-{keep}-start{start}"] = (STEPS, config)
     table["cat-x5-0.3"] = (STEPS, CATConfig(keep_ratio=0.3, start_step=8))  # the library default: cap 0.5
+    for cache_dtype in ("bf16", "fp8"):  # low-precision caches: the default and the paper's context
+        table[f"cat-x5-0.3-{cache_dtype}"] = (STEPS, CATConfig(keep_ratio=0.3, start_step=8, cache_dtype=cache_dtype))
+        config = CATConfig(keep_ratio=0.3, start_step=8, context="reuse", cache_dtype=cache_dtype)
+        table[f"cat-r-0.3-{cache_dtype}"] = (STEPS, config)
     return table
 
 
