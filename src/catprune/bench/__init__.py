@@ -407,7 +407,7 @@ def _split(pipe, embeds, case: BenchCase, device, dense: MethodResult, cat: Meth
 def format_table(results: list[BenchResult]) -> str:
     """A plain-text table, one row per case."""
     head = (
-        f"{'preset':<18}{'size':>10}{'B':>3}{'N':>4}{'mode':>19}{'cache':>6}{'dense ms/step':>14}{'pruned ms/step':>15}"
+        f"{'preset':<18}{'size':>10}{'B':>3}{'N':>4}{'mode':>19}{'dense ms/step':>14}{'pruned ms/step':>15}"
         f"{'loop dense s':>13}{'loop CAT s':>11}{'MACs x':>8}{'loop x':>8}{'eff':>6}{'e2e x':>7}{'sel %':>7}"
         f"{'kmeans ms':>10}{'cache GiB':>10}{'peak GiB dense/CAT':>19}  dense as"
     )
@@ -416,7 +416,7 @@ def format_table(results: list[BenchResult]) -> str:
         c = r.case
         pruned = r.cat.pruned_step_s
         lines.append(
-            f"{c.preset:<18}{f'{c.width}x{c.height}':>10}{c.batch_size:>3}{c.steps:>4}{c.mode:>19}{c.cache_dtype or '-':>6}"
+            f"{c.preset:<18}{f'{c.width}x{c.height}':>10}{c.batch_size:>3}{c.steps:>4}{c.mode:>19}"
             f"{r.dense.full_step_s * 1e3:>14.2f}{(pruned or 0) * 1e3:>15.2f}{r.dense.loop_s:>13.3f}"
             f"{r.cat.loop_s:>11.3f}{r.macs_speedup:>8.2f}{r.loop_speedup:>8.2f}"
             f"{r.loop_speedup / r.macs_speedup:>6.2f}{r.end_to_end_speedup:>7.2f}"
