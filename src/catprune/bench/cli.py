@@ -168,6 +168,14 @@ def add_bench(sub):
         help="torch.compile the VAE decode (the same compiled decode in the dense and the CAT end-to-end time); "
         "optional mode, default torch.compile's default",
     )
+    _add_cache_options(p)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="write results with an environment block to this JSON file")
+    p.set_defaults(func=cmd_bench)
+
+
+def _add_cache_options(p) -> None:
+    """``--cache-dtype`` and ``--context``: the CAT side's caches."""
     p.add_argument(
         "--cache-dtype",
         type=cache_dtypes,
@@ -182,6 +190,3 @@ def add_bench(sub):
         help="CATConfig.context of the CAT side (default: the config's default, extrapolate; the stored speed "
         "tables used reuse)",
     )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", default=None, help="write results with an environment block to this JSON file")
-    p.set_defaults(func=cmd_bench)
