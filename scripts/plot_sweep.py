@@ -61,7 +61,9 @@ def _panel(ax, rows: list[dict], x: str, title: str, hollow: str | None = None) 
         pts = [r for r in rows if r.get("method") == method and _ok(r, x)]
         if not pts:
             continue
-        ax.scatter([r[x] for r in pts], [r["psnr"] for r in pts], c=colour, marker=marker, s=36, label=method, zorder=3)
+        ax.scatter(
+            [r[x] for r in pts], [r["psnr"] for r in pts], c=colour, marker=marker, s=36, label=method, zorder=3
+        )
         if hollow:
             pred = [r for r in pts if _ok(r, hollow)]
             ax.scatter([r[hollow] for r in pred], [r["psnr"] for r in pred], facecolors="none", edgecolors=colour,
@@ -73,7 +75,9 @@ def _panel(ax, rows: list[dict], x: str, title: str, hollow: str | None = None) 
     front = pareto_front(rows, x)
     ax.plot([r[x] for r in front], [r["psnr"] for r in front], "--", color="black", lw=1, zorder=2, label="Pareto")
     for i, r in enumerate(sorted((r for r in rows if _ok(r, x)), key=lambda r: (r[x], r["psnr"]))):
-        ax.annotate(r["row"], (r[x], r["psnr"]), fontsize=6, xytext=(4, (3, -8, 10)[i % 3]), textcoords="offset points")
+        ax.annotate(
+            r["row"], (r[x], r["psnr"]), fontsize=6, xytext=(4, (3, -8, 10)[i % 3]), textcoords="offset points"
+        )
     ax.set_title(title, fontsize=10)
     ax.set_ylabel("PSNR to the dense reference (dB)")
     ax.grid(alpha=0.3)

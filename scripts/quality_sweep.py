@@ -98,7 +98,17 @@ class Sweep:
         self.generate(3, CATConfig(keep_ratio=0.3, start_step=2), count=self.batch)
 
     def run_reference(self) -> dict:
-        self.reference, self.ref_macs, self.ref_seconds = self.generate(self.args.steps, None)
+        a = self.args
+        name = f"{self.model}-{a.device}-p{len(self.prompts)}-c{self.caption_seed}-seed{a.seed}-s{a.steps}.pt"
+        cache = Path(a.cache) / name if a.cache else None
+        if cache is not None and cache.exists():  # the dense reference of an earlier run with the same settings
+            saved = torch.load(cache)
+            self.reference, self.ref_macs, self.ref_seconds = saved["images"].to(a.device), saved["macs"], saved["s"]
+        else:
+            self.reference, self.ref_macs, self.ref_seconds = self.generate(a.steps, None)
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"images": self.reference.cpu(), "macs": self.ref_macs, "s": self.ref_seconds}, cache)
         row = {"row": f"dense-{self.args.steps}", "method": "reference", "steps": self.args.steps, "config": None}
         return {**row, "macs_ratio": 1.0, "seconds": self.ref_seconds, **self.adherence(self.reference)}
 
@@ -227,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA (as scripts/train_scenes.py's eval)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds: rows not started by then are skipped")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up calls")
+    p.add_argument("--cache", default=None, help="a folder to keep the dense references in between runs")
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--plot", default=None, help="write the Pareto plot (PNG) to this file (needs matplotlib)")
     return p
@@ -238,7 +249,7 @@ def main(argv=None) -> dict:
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     rows = select_rows(args)
-    settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "cache")}
     result = {"format": FORMAT, "settings": settings, "environment": environment(args.device), "models": {}}
     for model in args.model.split(","):
         result["models"][model] = run_model(model, rows, args, started)

@@ -109,6 +109,25 @@ def cmd_bench(args, time_candidate=None) -> int:
     return 0
 
 
+def _add_cat_options(p) -> None:
+    """The CATConfig of the CAT side: keep ratio, start step, context and forecast cap."""
+    p.add_argument("--keep-ratio", type=float, default=0.3)
+    p.add_argument("--start-step", type=int, default=8)
+    p.add_argument(
+        "--context",
+        type=_list(context_name),
+        default=["extrapolate"],
+        help="CATConfig.context of the pruned steps, a list: extrapolate (the default: the K/V forecast), reuse (the "
+        "paper's; every stored speed table was measured with it), or reuse,extrapolate to time both",
+    )
+    p.add_argument(
+        "--forecast-max-ratio",
+        type=forecast_cap,
+        default=0.5,
+        help="CATConfig.forecast_max_ratio with --context extrapolate: a number > 0, or none (default 0.5)",
+    )
+
+
 def add_bench(sub):
     p = sub.add_parser("bench", help="time dense vs CAT on random-weight full-size models (GPU)")
     p.add_argument(
@@ -133,21 +152,7 @@ def add_bench(sub):
         default=None,
         help="real weights: a hub id or a local diffusers pipeline folder of the preset's family",
     )
-    p.add_argument("--keep-ratio", type=float, default=0.3)
-    p.add_argument("--start-step", type=int, default=8)
-    p.add_argument(
-        "--context",
-        type=_list(context_name),
-        default=["extrapolate"],
-        help="CATConfig.context of the pruned steps, a list: extrapolate (the default: the K/V forecast), reuse (the "
-        "paper's; every stored speed table was measured with it), or reuse,extrapolate to time both",
-    )
-    p.add_argument(
-        "--forecast-max-ratio",
-        type=forecast_cap,
-        default=0.5,
-        help="CATConfig.forecast_max_ratio with --context extrapolate: a number > 0, or none (default 0.5)",
-    )
+    _add_cat_options(p)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", type=dtype_name, default="bf16", help=f"model dtype: {DTYPE_HELP}")
     p.add_argument(
