@@ -249,6 +249,9 @@ def main(argv=None) -> dict:
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     rows = select_rows(args)
+    unknown = [m for m in args.model.split(",") if m not in ("shapes", "scenes")]
+    if unknown:
+        raise SystemExit(f"--model: expected shapes and/or scenes (comma-separated), got {unknown}")
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "cache")}
     result = {"format": FORMAT, "settings": settings, "environment": environment(args.device), "models": {}}
     for model in args.model.split(","):

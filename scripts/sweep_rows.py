@@ -41,13 +41,14 @@ CONTEXTS = {"r": "reuse", "x": "extrapolate"}
 #: The quality-per-cost grid, in priority order (a time budget drops rows from the end).
 PRESETS = {
     "pareto": (
-        "dense:8,dense:9,dense:10,dense:12,dense:15,dense:18,dense:20,dense:24",  # fewer dense steps
+        "dense:8,dense:9,dense:10,dense:12,dense:14,dense:15,dense:18,dense:20,dense:24",  # fewer dense steps
         "cat:k=0.3:t=8:ctx=r,cat:k=0.5:t=8:ctx=r",  # the paper (context reuse)
         "cat:k=0.3:t=8,cat:k=0.38:t=6,cat:k=0.4:t=5,cat:k=0.42:t=4,cat:k=0.5:t=8",  # forecast, MACs ~0.5 and 0.65
+        "cat:k=0.36:t=5,cat:k=0.3:t=7",  # forecast just under MACs 0.5 (what the planner can pick for 2x)
         "cat:k=0.3:t=8:cap=1,cat:k=0.38:t=6:cap=1",  # forecast cap 1.0 (the library default is 0.5)
         "cat:k=0.5:t=8:end=0.15,cat:k=0.2:t=8:rf=7",  # keep-ratio schedule, refresh steps (MACs ~0.5)
         "cat:s=20:k=0.5:t=8,cat:s=20:k=0.5:t=6",  # fewer steps and pruning (MACs ~0.5)
-        "cat:k=0.2:t=4,cat:k=0.15:t=6,cat:s=18:k=0.3:t=5,cat:s=16:k=0.4:t=4,cat:s=14:k=0.5:t=4",  # MACs ~0.33
+        "cat:k=0.2:t=4,cat:k=0.15:t=5,cat:s=18:k=0.3:t=5,cat:s=16:k=0.4:t=4,cat:s=14:k=0.5:t=4",  # MACs ~0.33
         "plan:2,plan:3",  # the planner's picks
         "oracle:k=0.3:t=8",  # the decomposition's bound at the paper's operating point
     ),
