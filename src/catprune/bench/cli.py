@@ -20,6 +20,29 @@ def _size(text):
     return int(w), int(h)
 
 
+def context_name(text: str) -> str:
+    """One ``--context`` item: a `catprune.Context` value."""
+    from catprune import Context
+
+    values = [c.value for c in Context]
+    if text not in values:
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(values)} (comma-separated), got {text!r}")
+    return text
+
+
+def forecast_cap(text: str) -> float | None:
+    """``--forecast-max-ratio``: a number > 0 or ``none`` (uncapped)."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or none, got {text!r}")
+    return value
+
+
 def dense_baseline(text: str) -> str:
     """``--dense-baseline``: one of `catprune.bench.baselines.CHOICES` (argparse names the flag)."""
     from catprune.bench.baselines import CHOICES
@@ -52,7 +75,7 @@ def cmd_bench(args, time_candidate=None) -> int:
         for batch in args.batch_sizes:
             for steps in args.steps:
                 dense = None  # a stock baseline is measured once per size / batch / steps, for every CAT mode
-                for mode in args.modes:
+                for mode, context in [(m, c) for m in args.modes for c in args.context]:
                     case = BenchCase(
                         preset=args.preset,
                         height=height,
@@ -64,6 +87,8 @@ def cmd_bench(args, time_candidate=None) -> int:
                         mode=mode,
                         keep_ratio=args.keep_ratio,
                         start_step=args.start_step,
+                        context=context,
+                        forecast_max_ratio=args.forecast_max_ratio,
                         repeats=args.repeats,
                         vae=not args.no_vae,
                         dense_baseline=args.dense_baseline,
@@ -82,6 +107,25 @@ def cmd_bench(args, time_candidate=None) -> int:
     print(f"device: {results[0].device}")
     print(format_table(results))
     return 0
+
+
+def _add_cat_options(p) -> None:
+    """The CATConfig of the CAT side: keep ratio, start step, context and forecast cap."""
+    p.add_argument("--keep-ratio", type=float, default=0.3)
+    p.add_argument("--start-step", type=int, default=8)
+    p.add_argument(
+        "--context",
+        type=_list(context_name),
+        default=["extrapolate"],
+        help="CATConfig.context of the pruned steps, a list: extrapolate (the default: the K/V forecast), reuse (the "
+        "paper's; every stored speed table was measured with it), or reuse,extrapolate to time both",
+    )
+    p.add_argument(
+        "--forecast-max-ratio",
+        type=forecast_cap,
+        default=0.5,
+        help="CATConfig.forecast_max_ratio with --context extrapolate: a number > 0, or none (default 0.5)",
+    )
 
 
 def add_bench(sub):
@@ -108,8 +152,7 @@ def add_bench(sub):
         default=None,
         help="real weights: a hub id or a local diffusers pipeline folder of the preset's family",
     )
-    p.add_argument("--keep-ratio", type=float, default=0.3)
-    p.add_argument("--start-step", type=int, default=8)
+    _add_cat_options(p)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", type=dtype_name, default="bf16", help=f"model dtype: {DTYPE_HELP}")
     p.add_argument(
