@@ -10,7 +10,7 @@ Row specs (``--rows``), comma-separated; ``KEY=VALUE`` items are separated by ``
 - ``cat:k=0.3:t=8``: CAT Pruning; keys ``s`` (steps, default the reference's), ``k`` (keep_ratio), ``t``
   (start_step), ``ctx`` (context: ``reuse``, ``r``, ``extrapolate``, ``x``), ``cap`` (forecast_max_ratio, ``none``
   for uncapped), ``end`` (keep_ratio_end), ``rf`` (refresh_every), ``sel`` (selection), or any `CATConfig` field
-  by its full name; unset fields keep the library defaults (today ``context="extrapolate"``, cap 0.5);
+  by its full name; unset fields keep the library defaults (today ``context="reuse"``, cap 0.5);
 - ``plan:2``: what ``catprune.plan(pipe, speedup=2, num_inference_steps=REFERENCE)`` picks;
 - ``oracle:k=0.3:t=8``: the decomposition's oracle bound at that keep ratio and start step (context reuse);
 - a preset name: ``pareto`` (the quality-per-cost grid of docs/quality_per_cost.md).

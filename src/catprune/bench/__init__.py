@@ -98,8 +98,8 @@ class BenchCase:
     mode: str = "eager"
     keep_ratio: float = 0.3
     start_step: int = 8
-    # CATConfig.context of the pruned steps ("extrapolate", the default, or the paper's "reuse") and the forecast cap
-    context: str = "extrapolate"
+    # CATConfig.context of the pruned steps ("reuse", the paper's and the default, or "extrapolate") and the forecast cap
+    context: str = "reuse"
     forecast_max_ratio: float | None = 0.5
     repeats: int = 3
     vae: bool = True

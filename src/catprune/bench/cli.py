@@ -116,9 +116,9 @@ def _add_cat_options(p) -> None:
     p.add_argument(
         "--context",
         type=_list(context_name),
-        default=["extrapolate"],
-        help="CATConfig.context of the pruned steps, a list: extrapolate (the default: the K/V forecast), reuse (the "
-        "paper's; every stored speed table was measured with it), or reuse,extrapolate to time both",
+        default=["reuse"],
+        help="CATConfig.context of the pruned steps, a list: reuse (the paper's and the library default), extrapolate "
+        "(the K/V forecast), or reuse,extrapolate to time both",
     )
     p.add_argument(
         "--forecast-max-ratio",
