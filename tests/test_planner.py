@@ -304,7 +304,8 @@ def test_step_times_are_taken_from_the_rows_of_the_configs_context(shapes_pipe):
     reuse_only = Tables.from_dict({"step_times": [_step_row(5.0)]})
     assert reuse_only.step_times[0].context == "reuse"
     both = Tables.from_dict({"step_times": [_step_row(5.0), _step_row(8.0, "extrapolate")]})
-    x, r = CATConfig(keep_ratio=0.3, start_step=2), CATConfig(keep_ratio=0.3, start_step=2, context="reuse")
+    x = CATConfig(keep_ratio=0.3, start_step=2, context="extrapolate")
+    r = CATConfig(keep_ratio=0.3, start_step=2, context="reuse")
     kwargs = dict(device="cpu", backend="eager")
     e_x = catprune.planner.estimate(shapes_pipe, x, 10, 10, tables=both, **kwargs)
     e_r = catprune.planner.estimate(shapes_pipe, r, 10, 10, tables=both, **kwargs)
@@ -313,8 +314,10 @@ def test_step_times_are_taken_from_the_rows_of_the_configs_context(shapes_pipe):
     fallback = catprune.planner.estimate(shapes_pipe, x, 10, 10, tables=reuse_only, **kwargs)
     assert fallback.time_ratio == pytest.approx(e_r.time_ratio)
     assert "pruned steps of context 'extrapolate' not timed" in fallback.time_source
-    plan = catprune.plan(shapes_pipe, 1.5, num_inference_steps=10, tables=reuse_only, **kwargs)
-    assert plan.config is not None and "not timed" in plan.time_source
+    forecast_only = Tables.from_dict({"step_times": [_step_row(8.0, "extrapolate")]})
+    plan = catprune.plan(shapes_pipe, 1.5, num_inference_steps=10, tables=forecast_only, **kwargs)
+    assert plan.config is not None and plan.config.context.value == "reuse"  # the default context
+    assert "pruned steps of context 'reuse' not timed" in plan.time_source
 
 
 def test_estimate_matches_the_plan_and_takes_a_measured_macs_ratio(shapes_pipe):
