@@ -3,7 +3,8 @@
     python scripts/cost_rows_from_bench.py docs/bench/*.json > rows.json
 
 prints a JSON list of rows (one per benchmarked case) to paste into ``src/catprune/data/cost_tables.json`` under
-``step_times``. A row's ``pruned_macs_ratio`` is the MACs of one pruned step over one dense step, recovered from the
+``step_times``. A row's ``context`` is the case's ``CATConfig.context`` (``catprune bench --context``; records
+written before the option existed were measured with ``reuse``). A row's ``pruned_macs_ratio`` is the MACs of one pruned step over one dense step, recovered from the
 record's total MACs: ``(macs_cat / macs_dense * N - start) / (N - start)``.
 """
 
@@ -33,6 +34,7 @@ def rows_from_record(record: dict, source: str) -> list[dict]:
                 "batch": case["batch_size"],
                 "dtype": case["dtype"],
                 "keep_ratio": case["keep_ratio"],
+                "context": case.get("context", "reuse"),  # records without it predate the context forecast
                 "dense_ms": round(dense["full_step_s"] * 1e3, 3),
                 "pruned_ms": round(cat["pruned_step_s"] * 1e3, 3),
                 "pruned_macs_ratio": round((total * n - start) / (n - start), 4),

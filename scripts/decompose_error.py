@@ -77,14 +77,16 @@ class Tracer:
         return (unpatchify(self.cache, grid, p, channels),)
 
 
-def run(pipe, prompts, steps, config=None, dense_model=None, oracle=False):
-    """(images, per-step input latents, per-pruned-step error rows)."""
+def run(pipe, prompts, steps, config=None, dense_model=None, oracle=False, seeds=None):
+    """(images, per-step input latents, per-pruned-step error rows). Image i uses a generator on the pipeline's
+    device seeded ``seeds[i]`` (default ``1000 + i``)."""
     tracer = Tracer(pipe, dense_model, oracle)
     if config is not None:
         catprune.apply(pipe, config)
     handle = pipe.transformer.register_forward_hook(tracer.hook, with_kwargs=True)
     observer = catprune.observe(pipe, tracer.observe) if config is not None else None
-    generators = [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]
+    seeds = seeds if seeds is not None else [1000 + i for i in range(len(prompts))]
+    generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
     try:
         images = pipe(list(prompts), num_inference_steps=steps, generator=generators, output_type="pt").images
     finally:
@@ -104,6 +106,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shapes", choices=("shapes", "scenes"))
     p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--keep-ratio", type=float, default=0.3)
     p.add_argument("--start-step", type=int, default=8)
@@ -113,7 +116,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     world = importlib.import_module(f"catprune.models.{args.model}.world")
     prompts = world.random_captions(args.num_prompts, seed=20_000)
-    pipe = catprune.load_pipeline(args.model)
+    pipe = catprune.load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     dense_model = copy.deepcopy(pipe.transformer)
     reference, dense_inputs, _ = run(pipe, prompts, args.steps)

@@ -95,6 +95,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="shift applied to the logit-normal training sigmas (1: none; inference keeps the scheduler's 3.0)",
     )
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer for training (falls back to eager if compiling fails)",
+    )
     p.add_argument("--tiny", action="store_true", help="a tiny model for a CPU smoke test")
     p.add_argument("--eval", action="store_true", help="choose weights/guidance and measure quality after training")
     p.add_argument("--eval-captions", type=int, default=HELD_OUT_NUM_CAPTIONS, help="held-out captions")
@@ -280,6 +285,7 @@ def main(argv=None) -> None:
     excluded_keys = scenes_from_captions(excluded).keys().to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    train_transformer = torch.compile(transformer) if args.compile else transformer
     total = args.steps if args.steps is not None else 10**9
     log_rows, running, running_n = [], 0.0, 0
     probe_start = None
@@ -302,9 +308,20 @@ def main(argv=None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, args)
         x0, tokens, weight = make_batch(args, tokenizer, generator, excluded_keys)
-        loss = flow_loss(transformer, text_encoder, x0, tokens, weight, generator, shift, args, autocast)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss = flow_loss(train_transformer, text_encoder, x0, tokens, weight, generator, shift, args, autocast)
+            loss.backward()
+        except Exception as err:  # a compiler failure must not cost the run: train eagerly instead
+            if train_transformer is transformer or step > 0:
+                raise
+            log(f"torch.compile failed ({err!r:.300}); training eagerly")
+            train_transformer = transformer
+            optimizer.zero_grad(set_to_none=True)
+            loss = flow_loss(transformer, text_encoder, x0, tokens, weight, generator, shift, args, autocast)
+            loss.backward()
+        if step == 0:
+            log(f"first step done at {time.time() - START:.1f}s (compile included)")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         current = [p.detach().float() for p in params]

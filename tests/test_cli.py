@@ -118,6 +118,32 @@ def test_bench_tiny_preset_writes_json(tmp_path, capsys):
     assert "MACs x" in capsys.readouterr().out
 
 
+def test_bench_times_both_contexts_and_the_rows_name_them(tmp_path, capsys):
+    """``--context reuse,extrapolate`` runs one case per context; scripts/cost_rows_from_bench.py carries the context
+    into the planner's step-time rows (a record without it is the paper's reuse)."""
+    path = tmp_path / "bench.json"
+    rc = main(["bench", "--preset", "sd3-tiny", "--sizes", "64x64", "--steps", "6", "--start-step", "3",
+               "--repeats", "1", "--dtype", "fp32", "--context", "reuse,extrapolate", "--forecast-max-ratio", "1",
+               "--json", str(path)])  # fmt: skip
+    assert rc == 0
+    record = json.loads(path.read_text())
+    cases = [r["case"] for r in record["results"]]
+    assert [(c["context"], c["forecast_max_ratio"]) for c in cases] == [("reuse", 1.0), ("extrapolate", 1.0)]
+    assert "extrapolate" in capsys.readouterr().out.splitlines()[-1]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        from cost_rows_from_bench import rows_from_record
+    finally:
+        sys.path.pop(0)
+    rows = rows_from_record(record, "test")
+    assert [r["context"] for r in rows] == ["reuse", "extrapolate"]
+    for result in record["results"]:
+        del result["case"]["context"]
+    assert {r["context"] for r in rows_from_record(record, "old")} == {"reuse"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--context", "forecast"])
+
+
 def test_psnr():
     assert psnr(torch.zeros(3), torch.zeros(3)) == float("inf")
     assert psnr(torch.zeros(4), torch.full((4,), 0.1)) == pytest.approx(20.0)

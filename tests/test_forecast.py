@@ -126,7 +126,7 @@ def test_schedule_progress_from_the_pipeline_and_keep_values():
     config = CATConfig(keep_ratio=0.5, keep_ratio_end=0.2)
     assert [config.tokens_kept(100, p) for p in (0.0, 0.5, 1.0, 2.0)] == [50, 35, 20, 20]
     assert CATConfig(keep_ratio=1.0, keep_ratio_end=0.5).pruning_enabled
-    assert CATConfig().context is Context.EXTRAPOLATE and CATConfig().forecast_max_ratio == 0.5  # the defaults
+    assert CATConfig().context is Context.REUSE and CATConfig().forecast_max_ratio == 0.5  # the defaults
     assert CATConfig(context=Context.REUSE).to_dict()["context"] == "reuse"
 
 

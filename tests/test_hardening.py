@@ -254,12 +254,13 @@ def _table_row(text, preset):
     return numbers
 
 
-def test_bench_embedded_shapes_preset_reports_dense_and_cat(tmp_path, capsys):
+@pytest.mark.parametrize("preset", ["shapes", "scenes"])
+def test_bench_embedded_presets_report_dense_and_cat(preset, tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert main(["bench", "--preset", "shapes", "--sizes", "64x64", "--steps", "5", "--start-step", "2",
+    assert main(["bench", "--preset", preset, "--sizes", "64x64", "--steps", "5", "--start-step", "2",
                  "--repeats", "1", "--dtype", "fp32", "--json", str(path)]) == 0  # fmt: skip
-    result = _check_bench(path, "shapes", "64x64")
-    numbers = _table_row(capsys.readouterr().out, "shapes")
+    result = _check_bench(path, preset, "64x64")
+    numbers = _table_row(capsys.readouterr().out, preset)
     assert math.isclose(numbers[4], result["macs_speedup"], abs_tol=0.01) and numbers[4] > 1
 
 

@@ -290,3 +290,41 @@ def test_step_cache_rows_are_candidates_only_where_they_apply_and_were_measured(
     best, why = choose([c for c in candidates(costs, rows, "eager", lambda spec: True) if c.speedup >= 2.0], 10, "x")
     assert best.step_cache == cached[0].step_cache and "45.00 dB" in why
     assert not [c for c in candidates(costs, rows, "eager", lambda spec: False) if c.step_cache is not None]
+
+
+def _step_row(pruned_ms, context=None):
+    row = {"model": "shapes", "device": "cpu", "backend": "eager", "height": 128, "width": 128, "keep_ratio": 0.3,
+           "dense_ms": 10.0, "pruned_ms": pruned_ms, "pruned_macs_ratio": 0.35, "source": f"test {context}"}  # fmt: skip
+    return row if context is None else {**row, "context": context}
+
+
+def test_step_times_are_taken_from_the_rows_of_the_configs_context(shapes_pipe):
+    """Rows without a context are the paper's reuse (they predate the forecast); a config is timed with the rows
+    of its own context when there are any, and the source says when another context's times stand in."""
+    reuse_only = Tables.from_dict({"step_times": [_step_row(5.0)]})
+    assert reuse_only.step_times[0].context == "reuse"
+    both = Tables.from_dict({"step_times": [_step_row(5.0), _step_row(8.0, "extrapolate")]})
+    x = CATConfig(keep_ratio=0.3, start_step=2, context="extrapolate")
+    r = CATConfig(keep_ratio=0.3, start_step=2, context="reuse")
+    kwargs = dict(device="cpu", backend="eager")
+    e_x = catprune.planner.estimate(shapes_pipe, x, 10, 10, tables=both, **kwargs)
+    e_r = catprune.planner.estimate(shapes_pipe, r, 10, 10, tables=both, **kwargs)
+    assert e_x.time_ratio - e_r.time_ratio == pytest.approx(8 * (0.8 - 0.5) / 10)  # each row's own overhead
+    assert e_x.macs_ratio == e_r.macs_ratio and "not timed" not in e_x.time_source
+    fallback = catprune.planner.estimate(shapes_pipe, x, 10, 10, tables=reuse_only, **kwargs)
+    assert fallback.time_ratio == pytest.approx(e_r.time_ratio)
+    assert "pruned steps of context 'extrapolate' not timed" in fallback.time_source
+    forecast_only = Tables.from_dict({"step_times": [_step_row(8.0, "extrapolate")]})
+    plan = catprune.plan(shapes_pipe, 1.5, num_inference_steps=10, tables=forecast_only, **kwargs)
+    assert plan.config is not None and plan.config.context.value == "reuse"  # the default context
+    assert "pruned steps of context 'reuse' not timed" in plan.time_source
+
+
+def test_estimate_matches_the_plan_and_takes_a_measured_macs_ratio(shapes_pipe):
+    plan = catprune.plan(shapes_pipe, 2.0, num_inference_steps=28)
+    e = catprune.planner.estimate(shapes_pipe, plan.config, plan.num_inference_steps, 28)
+    assert e.macs_ratio == pytest.approx(plan.macs_ratio) and e.speedup == pytest.approx(plan.predicted_speedup)
+    config = CATConfig(keep_ratio=0.3, start_step=8)
+    measured = catprune.planner.estimate(shapes_pipe, config, 20, 28, macs_ratio=0.4, device="cpu")
+    assert measured.macs_ratio == pytest.approx(0.4) and measured.config.backend.value == "eager"
+    assert catprune.planner.estimate(shapes_pipe, None, 14, 28).macs_ratio == pytest.approx(0.5)

@@ -166,10 +166,11 @@ class CATConfig:
     - ``selection`` (Selection, default CAT): the token-choice rule; anything but CAT is an ablation / baseline.
     - ``ras_starvation`` (float >= 0, default 0.1): starvation weight of ``Selection.RAS`` only.
     - ``backend`` (Backend, default EAGER): execution of the steps (eager, compile, cudagraph, compile+cudagraph).
-    - ``context`` (Context, default EXTRAPOLATE): what computed tokens attend to for the tokens a pruned step does
-      not compute: a per-token linear forecast of their keys/values in time (``EXTRAPOLATE``: no extra MACs, one more
-      K/V copy per block; with the default cap +4.8 dB PSNR to dense on ``shapes`` and +1.2 dB on ``scenes`` at keep
-      0.3, docs/quality_per_cost.md) or their last keys/values (``REUSE``: the paper's behaviour exactly).
+    - ``context`` (Context, default REUSE): what computed tokens attend to for the tokens a pruned step does not
+      compute: their last keys/values (``REUSE``: the paper's behaviour exactly) or a per-token linear forecast of
+      them in time (``EXTRAPOLATE``: no extra MACs; at keep 0.3 +4.8 dB PSNR to dense on ``shapes`` and +1.2 dB on
+      ``scenes``, docs/quality_per_cost.md; but on an H200 it made the SD3-medium pruned step 38% slower and the
+      cache twice as large, docs/measurements.md, so at equal time a higher keep ratio with reuse is better).
     - ``keep_ratio_end`` (float in (0, 1] or None, default None): a keep-ratio schedule: pruned step j of n keeps
       ``keep_ratio + (keep_ratio_end - keep_ratio) * j / (n - 1)`` of the tokens (linear; None: constant
       ``keep_ratio``). n comes from the pipeline's scheduler; on a bare transformer the progress is read from the
@@ -205,7 +206,7 @@ class CATConfig:
     selection: Selection = Selection.CAT
     ras_starvation: float = 0.1
     backend: Backend = Backend.EAGER
-    context: Context = Context.EXTRAPOLATE
+    context: Context = Context.REUSE
     keep_ratio_end: float | None = None
     refresh_every: int | None = None
     forecast_max_ratio: float | None = 0.5

@@ -40,16 +40,17 @@ def forecast_ratio_(
 
 def extrapolate_(out: torch.Tensor, k1: torch.Tensor, k0: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """In place: ``out = k1 + (k1 - k0) * ratio`` over (2, B, M, H, hd) tensors with a (B, M) ratio; exact ``k1``
-    where the ratio is 0. Three elementwise passes, no temporary of the cache's size.
+    where the ratio is 0. One pass: ``lerp(k0, k1, 1 + ratio)`` (reads K0 and K1 once, writes ``out`` once; lerp
+    computes ``k1 - (k1 - k0) * (1 - w)`` for ``w >= 0.5``, so ``w = 1`` gives ``k1`` bit for bit). The former three
+    elementwise passes moved 8 cache-sized tensors per block instead of 3.
 
     Example:
         >>> k1, k0 = torch.full((2, 1, 2, 1, 1), 2.0), torch.ones(2, 1, 2, 1, 1)
         >>> extrapolate_(torch.empty_like(k1), k1, k0, torch.tensor([[0.5, 0.0]]))[0].flatten().tolist()
         [2.5, 2.0]
     """
-    torch.sub(k1, k0, out=out)  # (2, B, M, H, hd)
-    out.mul_(ratio[None, :, :, None, None].to(out.dtype))
-    return out.add_(k1)
+    weight = (ratio + 1.0)[None, :, :, None, None].to(out.dtype)  # (1, B, M, 1, 1)
+    return torch.lerp(k0, k1, weight, out=out)  # (2, B, M, H, hd)
 
 
 def advance_kv_(k1: torch.Tensor, k0: torch.Tensor, idx: torch.Tensor, fresh: tuple[torch.Tensor, torch.Tensor]):

@@ -3,7 +3,7 @@
 Random weights by default (compute does not depend on weight values): full-size transformer and VAE built from the
 configs in ``catprune/models/model_configs.json``, inside the family's stock diffusers pipeline
 (``StableDiffusion3Pipeline``, ``PixArtSigmaPipeline``, ``FluxPipeline``) fed random prompt embeddings (text encoding
-is outside the timed region and identical for both), or the embedded ``shapes`` pipeline. The transformer loop is
+is outside the timed region and identical for both), or the embedded ``shapes`` / ``scenes`` pipelines. The transformer loop is
 timed from the first transformer call to the end of the last one (CUDA events, no host syncs).
 """
 
@@ -82,6 +82,7 @@ TEST_PRESETS = {
         "latent_channels": 4,
     },
     "shapes": {"class": "ShapesPipeline", "note": "the embedded pixel-space model (catprune.load_pipeline('shapes'))"},
+    "scenes": {"class": "ScenesPipeline", "note": "the embedded pixel-space model (catprune.load_pipeline('scenes'))"},
 }  # a start step no generation reaches: every step dense, through the same dispatch and backend
 
 
@@ -97,6 +98,9 @@ class BenchCase:
     mode: str = "eager"
     keep_ratio: float = 0.3
     start_step: int = 8
+    # CATConfig.context of the pruned steps ("reuse", the paper's and the default, or "extrapolate") and the forecast cap
+    context: str = "reuse"
+    forecast_max_ratio: float | None = 0.5
     repeats: int = 3
     vae: bool = True
     # the dense side: "same" (catprune's dense path in `mode`) or a stock configuration / "best" (bench.baselines)
@@ -105,7 +109,6 @@ class BenchCase:
     split: bool = False  # also time catprune's full-selection step: the "implementation vs pruning" split
     compile_vae: str | None = None  # torch.compile mode of the VAE decode (the same decode on both sides)
     cache_dtype: str | None = None  # CATConfig.cache_dtype of the CAT side (None: the model's dtype)
-    context: str | None = None  # CATConfig.context of the CAT side (None: the config's default)
 
 
 @dataclass
@@ -316,6 +319,11 @@ def graph_replay_ms(fn, inputs: dict, repeats: int = 20, warmup: int = 3) -> tup
     return statistics.median(times), graphed
 
 
+def context_fields(case: BenchCase) -> dict:
+    """The `CATConfig` fields of ``case``'s context (the forecast cap only matters with ``extrapolate``)."""
+    return dict(context=case.context, forecast_max_ratio=case.forecast_max_ratio)
+
+
 def run_case(case: BenchCase, pipe=None, entry=None, device=None, dense=None, time_candidate=None) -> BenchResult:
     """Dense and CAT for one case in this process; returns both timings and the ratios.
 
@@ -332,7 +340,7 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None, dense=None, ti
         pipe, entry = build_pipeline(case.preset, device, dtype)
     family = family_of(entry)
     embeds = _embeddings(pipe, entry, case.batch_size, device, dtype, cfg=case.cfg)
-    base = dict(keep_ratio=case.keep_ratio, backend=case.mode, **_cache_options(case))
+    base = dict(keep_ratio=case.keep_ratio, backend=case.mode, **context_fields(case), **_cache_options(case))
     with torch.no_grad():
         if dense is None and case.dense_baseline != SAME:
             dense = measure_dense(pipe, embeds, case, device, time_candidate)
@@ -389,16 +397,15 @@ def _kernel_and_vae_times(pipe, family, case: BenchCase, latents, device) -> dic
 
 
 def _cache_options(case: BenchCase) -> dict:
-    """The case's CATConfig cache fields (those it sets)."""
-    options = dict(cache_dtype=case.cache_dtype, context=case.context)
-    return {name: value for name, value in options.items() if value is not None}
+    """The case's CATConfig.cache_dtype, when it sets one."""
+    return {} if case.cache_dtype is None else dict(cache_dtype=case.cache_dtype)
 
 
 def _split(pipe, embeds, case: BenchCase, device, dense: MethodResult, cat: MethodResult) -> dict:
     """Time catprune's full-selection step (every token selected, same mode) and split the speed-up into
     implementation (stock step vs full-selection step) and pruning (full-selection step vs pruned step)."""
     full_selection = dict(keep_ratio=FULL_SELECTION_KEEP, start_step=case.start_step, backend=case.mode)
-    config = catprune.CATConfig(**full_selection, **_cache_options(case))
+    config = catprune.CATConfig(**full_selection, **context_fields(case), **_cache_options(case))
     full, _ = _run_method(pipe, embeds, replace(case, repeats=1), config, device)
     catprune.remove(pipe)
     return split_speedup(dense.full_step_s, full, cat)
@@ -409,7 +416,7 @@ def format_table(results: list[BenchResult]) -> str:
     head = (
         f"{'preset':<18}{'size':>10}{'B':>3}{'N':>4}{'mode':>19}{'dense ms/step':>14}{'pruned ms/step':>15}"
         f"{'loop dense s':>13}{'loop CAT s':>11}{'MACs x':>8}{'loop x':>8}{'eff':>6}{'e2e x':>7}{'sel %':>7}"
-        f"{'kmeans ms':>10}{'cache GiB':>10}{'peak GiB dense/CAT':>19}  dense as"
+        f"{'kmeans ms':>10}{'cache GiB':>10}{'peak GiB dense/CAT':>19}{'context':>12}  dense as"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -421,7 +428,7 @@ def format_table(results: list[BenchResult]) -> str:
             f"{r.cat.loop_s:>11.3f}{r.macs_speedup:>8.2f}{r.loop_speedup:>8.2f}"
             f"{r.loop_speedup / r.macs_speedup:>6.2f}{r.end_to_end_speedup:>7.2f}"
             f"{(100 * r.select_s / pruned if pruned else 0):>7.2f}{r.kmeans_s * 1e3:>10.2f}{r.cache_mem_gb:>10.2f}"
-            f"{f'{r.dense.peak_mem_gb:.2f}/{r.cat.peak_mem_gb:.2f}':>19}  {r.baseline.get('name', SAME)}"
+            f"{f'{r.dense.peak_mem_gb:.2f}/{r.cat.peak_mem_gb:.2f}':>19}{c.context:>12}  {r.baseline.get('name', SAME)}"
         )
     return "\n".join(lines)
 

@@ -34,6 +34,29 @@ def cache_dtypes(text: str) -> list[str | None]:
     return [None if x == "none" else x for x in values]
 
 
+def context_name(text: str) -> str:
+    """One ``--context`` item: a `catprune.Context` value."""
+    from catprune import Context
+
+    values = [c.value for c in Context]
+    if text not in values:
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(values)} (comma-separated), got {text!r}")
+    return text
+
+
+def forecast_cap(text: str) -> float | None:
+    """``--forecast-max-ratio``: a number > 0 or ``none`` (uncapped)."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or none, got {text!r}")
+    return value
+
+
 def dense_baseline(text: str) -> str:
     """``--dense-baseline``: one of `catprune.bench.baselines.CHOICES` (argparse names the flag)."""
     from catprune.bench.baselines import CHOICES
@@ -66,7 +89,9 @@ def cmd_bench(args, time_candidate=None) -> int:
         for batch in args.batch_sizes:
             for steps in args.steps:
                 dense = None  # a stock baseline is measured once per size / batch / steps, for every CAT mode
-                for mode, cache_dtype in [(m, d) for m in args.modes for d in args.cache_dtype]:
+                for mode, context, cache_dtype in [
+                    (m, c, d) for m in args.modes for c in args.context for d in args.cache_dtype
+                ]:
                     case = BenchCase(
                         preset=args.preset,
                         height=height,
@@ -78,6 +103,8 @@ def cmd_bench(args, time_candidate=None) -> int:
                         mode=mode,
                         keep_ratio=args.keep_ratio,
                         start_step=args.start_step,
+                        context=context,
+                        forecast_max_ratio=args.forecast_max_ratio,
                         repeats=args.repeats,
                         vae=not args.no_vae,
                         dense_baseline=args.dense_baseline,
@@ -85,7 +112,6 @@ def cmd_bench(args, time_candidate=None) -> int:
                         split=args.split,
                         compile_vae=args.compile_vae,
                         cache_dtype=cache_dtype,
-                        context=args.context,
                     )
                     result = run_case(case, pipe, entry, device, dense=dense, time_candidate=time_candidate)
                     if args.dense_baseline != SAME:
@@ -98,6 +124,32 @@ def cmd_bench(args, time_candidate=None) -> int:
     print(f"device: {results[0].device}")
     print(format_table(results))
     return 0
+
+
+def _add_cat_options(p) -> None:
+    """The CATConfig of the CAT side: keep ratio, start step, context and forecast cap."""
+    p.add_argument("--keep-ratio", type=float, default=0.3)
+    p.add_argument("--start-step", type=int, default=8)
+    p.add_argument(
+        "--context",
+        type=_list(context_name),
+        default=["reuse"],
+        help="CATConfig.context of the pruned steps, a list: reuse (the paper's and the library default), extrapolate "
+        "(the K/V forecast), or reuse,extrapolate to time both",
+    )
+    p.add_argument(
+        "--forecast-max-ratio",
+        type=forecast_cap,
+        default=0.5,
+        help="CATConfig.forecast_max_ratio with --context extrapolate: a number > 0, or none (default 0.5)",
+    )
+    p.add_argument(
+        "--cache-dtype",
+        type=cache_dtypes,
+        default=[None],
+        help="CATConfig.cache_dtype of the CAT side, a list: none (the model's dtype, default), bf16, fp16 or fp8; "
+        "e.g. none,fp8 times both and reports cache GiB and peak memory of each",
+    )
 
 
 def add_bench(sub):
@@ -124,8 +176,7 @@ def add_bench(sub):
         default=None,
         help="real weights: a hub id or a local diffusers pipeline folder of the preset's family",
     )
-    p.add_argument("--keep-ratio", type=float, default=0.3)
-    p.add_argument("--start-step", type=int, default=8)
+    _add_cat_options(p)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", type=dtype_name, default="bf16", help=f"model dtype: {DTYPE_HELP}")
     p.add_argument(
@@ -168,25 +219,6 @@ def add_bench(sub):
         help="torch.compile the VAE decode (the same compiled decode in the dense and the CAT end-to-end time); "
         "optional mode, default torch.compile's default",
     )
-    _add_cache_options(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write results with an environment block to this JSON file")
     p.set_defaults(func=cmd_bench)
-
-
-def _add_cache_options(p) -> None:
-    """``--cache-dtype`` and ``--context``: the CAT side's caches."""
-    p.add_argument(
-        "--cache-dtype",
-        type=cache_dtypes,
-        default=[None],
-        help="CATConfig.cache_dtype of the CAT side: none (the model's dtype, default), bf16, fp16 or fp8; a comma "
-        "list runs one case each (e.g. none,fp8: cache GiB and peak memory with and without it)",
-    )
-    p.add_argument(
-        "--context",
-        choices=["reuse", "extrapolate"],
-        default=None,
-        help="CATConfig.context of the CAT side (default: the config's default, extrapolate; the stored speed "
-        "tables used reuse)",
-    )

@@ -188,7 +188,7 @@ def _flux_decode(pipe, latents, height, width):
     return _decode_vae(pipe, pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor), height, width)
 
 
-# ---------------------------------------------------------------- the embedded shapes model
+# ---------------------------------------------------------------- the embedded shapes and scenes models
 def _shapes_build(entry, device, dtype, weights, configs):
     from catprune.models.shapes import load_shapes_pipeline
 
@@ -202,15 +202,30 @@ def _shapes_inputs(pipe, entry, batch, cfg, device, dtype, seed=0):
     return dict(prompt=captions, guidance_scale=DEFAULT_GUIDANCE_SCALE if cfg else 1.0)
 
 
+def _scenes_build(entry, device, dtype, weights, configs):
+    from catprune.models.scenes import load_scenes_pipeline
+
+    return load_scenes_pipeline(path=weights, device=device, dtype=dtype)
+
+
+def _scenes_inputs(pipe, entry, batch, cfg, device, dtype, seed=0):
+    from catprune.models.scenes import DEFAULT_GUIDANCE_SCALE
+
+    captions = ["an owl at the top left and a delivery truck at the center"] * batch
+    return dict(prompt=captions, guidance_scale=DEFAULT_GUIDANCE_SCALE if cfg else 1.0)
+
+
 SD3 = Family("sd3", _sd3_build, _sd3_inputs, _decode_vae, text_encoders=("clip-l", "clip-g", "t5-xxl"))
 PIXART = Family("pixart", _pixart_build, _pixart_inputs, _decode_vae, text_encoders=("t5-xxl",))
 FLUX = Family("flux", _flux_build, _flux_inputs, _flux_decode, text_encoders=("clip-l", "t5-xxl"), cfg_default=False)
 SHAPES = Family("shapes", _shapes_build, _shapes_inputs, None)
+SCENES = Family("scenes", _scenes_build, _scenes_inputs, None)
 
 #: pipeline class (the transformer's, for diffusers families) -> its benchmark record; the diffusers families come
 #: from the family records (catprune.families), the embedded shapes pipeline has no transformer adapter of its own
 FAMILIES = {record.transformer_class: load(record.bench) for record in FAMILY_RECORDS}
 FAMILIES["ShapesPipeline"] = SHAPES
+FAMILIES["ScenesPipeline"] = SCENES
 
 
 def family_of(entry: dict) -> Family:

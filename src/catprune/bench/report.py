@@ -59,10 +59,10 @@ def format_details(results: list[BenchResult]) -> str:
         )
     for r in results:
         c = r.case
-        if c.cache_dtype is not None or c.context is not None:  # the cases of --cache-dtype / --context
+        if c.cache_dtype is not None or len({x.case.cache_dtype for x in results}) > 1:  # with --cache-dtype
             lines.append(
                 f"cache {c.mode} {c.width}x{c.height} N{c.steps} cache_dtype={c.cache_dtype or 'none'} context="
-                f"{c.context or 'default'}: K/V {r.kv_cache_mem_gb:.3f} GiB, all caches {r.cache_mem_gb:.3f} GiB, "
+                f"{c.context}: K/V {r.kv_cache_mem_gb:.3f} GiB, all caches {r.cache_mem_gb:.3f} GiB, "
                 f"peak GiB dense/CAT {r.dense.peak_mem_gb:.2f}/{r.cat.peak_mem_gb:.2f}"
             )
         sp = r.split

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -181,24 +182,17 @@ def plan(
         True
     """
     speedup, n = _check_speedup(speedup), _check_steps(num_inference_steps)
-    model, pipe = resolve_model(pipe_or_transformer, "plan")
-    tables = tables if tables is not None else shipped_tables()
-    if not isinstance(tables, Tables):
-        raise TypeError(f"catprune.plan: tables: expected a catprune.planner.Tables, got {type(tables).__name__}.")
-    family, key = family_of(model), model_key(model, pipe)
-    device, backend = _device_and_backend(model, device, backend)
-    grid, size = token_grid(model, pipe, family, key, height, width)
-    time = TimeModel(select_rows(tables.step_times, key, device, backend.value, size))
-    costs = CostModel(n, MacsModel(model, grid, text_tokens(family, key)), time)
-    rows = [r for r in tables.quality if r.model == key and r.reference_steps == n]
+    setup = _Setup.of(pipe_or_transformer, n, height, width, device, backend, tables, "plan")
+    costs, key, family, backend = setup.costs, setup.key, setup.family, setup.backend
+    rows = [r for r in setup.tables.quality if r.model == key and r.reference_steps == n]
     pool = candidates(costs, rows, backend, lambda spec: _step_cache_ok(pipe_or_transformer, spec))
     feasible = [c for c in pool if c.speedup >= speedup * (1 - 1e-9)]
     if not feasible:
         best = max(pool, key=lambda c: c.speedup)
         raise ValueError(
             f"catprune.plan: speedup: expected at most {best.speedup:.2f}x for {key or family} at {n} steps "
-            f"({best.describe()}; cost from {time.source}), got {speedup:g}. Ask for a smaller speed-up, or plan "
-            "for more num_inference_steps."
+            f"({best.describe()}; cost from {costs.time_source(best.config)}), got {speedup:g}. Ask for a smaller "
+            "speed-up, or plan for more num_inference_steps."
         )
     chosen, reason = choose(feasible, n, key)
     others = tuple(sorted((c for c in feasible if c is not chosen), key=lambda c: -c.time_ratio)[:5])
@@ -213,10 +207,85 @@ def plan(
         reference_steps=n,
         family=family,
         model=key,
-        time_source=time.source,
+        time_source=costs.time_source(chosen.config),
         step_cache=chosen.step_cache,
         alternatives=others,
     )
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What `plan` and `estimate` derive from the model: its table name, family, backend and cost model."""
+
+    costs: CostModel
+    key: str | None
+    family: str
+    backend: Backend
+    tables: Tables
+
+    @classmethod
+    def of(cls, pipe_or_transformer, n, height, width, device, backend, tables, caller) -> _Setup:
+        model, pipe = resolve_model(pipe_or_transformer, caller)
+        tables = tables if tables is not None else shipped_tables()
+        if not isinstance(tables, Tables):
+            raise TypeError(
+                f"catprune.{caller}: tables: expected a catprune.planner.Tables, got {type(tables).__name__}."
+            )
+        family, key = family_of(model), model_key(model, pipe)
+        device, backend = _device_and_backend(model, device, backend)
+        grid, size = token_grid(model, pipe, family, key, height, width)
+        time = TimeModel(select_rows(tables.step_times, key, device, backend.value, size))
+        costs = CostModel(n, MacsModel(model, grid, text_tokens(family, key)), time)
+        return cls(costs, key, family, backend, tables)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The planner's predicted cost of one way to run, against the dense run of ``reference_steps`` steps."""
+
+    steps: int
+    config: CATConfig | None
+    reference_steps: int
+    macs_ratio: float  # transformer MACs over the reference's
+    time_ratio: float  # predicted transformer-loop time over the reference's
+    time_source: str
+
+    @property
+    def speedup(self) -> float:
+        return 1.0 / self.time_ratio
+
+
+def estimate(
+    pipe_or_transformer,
+    config: CATConfig | None,
+    steps: int,
+    num_inference_steps: int = 28,
+    *,
+    macs_ratio: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    device: str | torch.device | None = None,
+    backend: Backend | str | None = None,
+    tables: Tables | None = None,
+) -> Estimate:
+    """The cost `plan` predicts for running ``steps`` steps with ``config`` (None: dense), against the dense run of
+    ``num_inference_steps`` steps: the same time model (measured step times of the config's context where the
+    tables have them, else analytic MACs). ``macs_ratio``: a measured total MACs ratio that replaces the analytic
+    one (as a quality row's does). Other arguments as for `plan`.
+
+    Example:
+        >>> import catprune
+        >>> from catprune.models.testing import tiny_sd3_transformer
+        >>> e = estimate(tiny_sd3_transformer(), None, 14, 28)
+        >>> e.macs_ratio, e.time_ratio
+        (0.5, 0.5)
+    """
+    n, steps = _check_steps(num_inference_steps), _check_steps(steps)
+    setup = _Setup.of(pipe_or_transformer, n, height, width, device, backend, tables, "estimate")
+    if config is not None:
+        config = dataclasses.replace(config, backend=setup.backend)
+    macs, time = setup.costs.cost(steps, config, macs_ratio)
+    return Estimate(steps, config, n, macs, time, setup.costs.time_source(config))
 
 
 def _step_cache_ok(pipe_or_transformer, spec: dict) -> bool:
@@ -225,4 +294,15 @@ def _step_cache_ok(pipe_or_transformer, spec: dict) -> bool:
     return step_cache_support(pipe_or_transformer, spec.get("kind", "")) is None
 
 
-__all__ = ["Candidate", "Plan", "Quality", "QualityRow", "StepTimeRow", "Tables", "plan", "shipped_tables"]
+__all__ = [
+    "Candidate",
+    "Estimate",
+    "Plan",
+    "Quality",
+    "QualityRow",
+    "StepTimeRow",
+    "Tables",
+    "estimate",
+    "plan",
+    "shipped_tables",
+]

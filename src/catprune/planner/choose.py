@@ -69,7 +69,13 @@ class CostModel:
         m = self.macs.pruned_ratio(config.keep_ratio)
         if macs_ratio is not None:  # e.g. a field the analytic model does not know changes the cost
             m = min(1.0, max(1e-6, (macs_ratio * n - dense) / pruned))
-        return (dense + pruned * m) / n, (dense + pruned * self.time.step_ratio(m)) / n
+        time = self.time.for_context(config.context.value)  # pruned-step times of the config's context, if timed
+        return (dense + pruned * m) / n, (dense + pruned * time.step_ratio(m)) / n
+
+    def time_source(self, config: CATConfig | None) -> str:
+        """Where the time of a candidate with ``config`` comes from (`TimeModel.source_for`)."""
+        pruning = config is not None and config.pruning_enabled
+        return self.time.source_for(config.context.value if pruning else None)
 
 
 def _start_steps(n: int) -> list[int]:

@@ -119,6 +119,14 @@ class TimeModel:
 
     From measured rows: interpolated linearly in the MACs ratio between rows, and beyond them the nearest row's
     fixed overhead (time ratio minus MACs ratio) is kept. Without rows: the MACs ratio itself (the ideal).
+    `for_context` keeps the rows measured with one ``CATConfig.context`` when there are any.
+
+    Example:
+        >>> row = dict(model="m", device="cuda", backend="cudagraph", height=8, width=8, batch=1, keep_ratio=0.3,
+        ...            dense_ms=10.0, pruned_macs_ratio=0.3, source="bench")
+        >>> tm = TimeModel((StepTimeRow(pruned_ms=5.0, **row), StepTimeRow(pruned_ms=6.0, context="extrapolate", **row)))
+        >>> tm.for_context("extrapolate").step_ratio(0.3), tm.for_context("reuse").step_ratio(0.3)
+        (0.6, 0.5)
     """
 
     rows: tuple[StepTimeRow, ...] = ()
@@ -128,12 +136,29 @@ class TimeModel:
         return bool(self.rows)
 
     @property
+    def contexts(self) -> tuple[str, ...]:
+        """The ``CATConfig.context`` values the rows were measured with."""
+        return tuple(sorted({r.context for r in self.rows}))
+
+    def for_context(self, context: str) -> TimeModel:
+        """The model from the rows measured with ``context``; all rows when none were (a pruned step's MACs do not
+        depend on the context; the forecast reads and writes one more K/V copy per block)."""
+        own = tuple(r for r in self.rows if r.context == context)
+        return TimeModel(own) if own else self
+
+    @property
     def source(self) -> str:
         if not self.rows:
             return "analytic MACs (no measured step times for this model, device and backend)"
         r = self.rows[0]
-        where = f"{r.card or r.device}, {r.backend}, {r.width}x{r.height}"
+        where = f"{r.card or r.device}, {r.backend}, {r.width}x{r.height}, context {'/'.join(self.contexts)}"
         return f"measured step times of {r.model} ({where}): {'; '.join(sorted({x.source for x in self.rows}))}"
+
+    def source_for(self, context: str | None) -> str:
+        """`source`, saying when the pruned-step times of ``context`` were not measured and another's stand in."""
+        if context is None or not self.rows or context in self.contexts:
+            return self.source
+        return f"{self.source} (pruned steps of context {context!r} not timed: the {'/'.join(self.contexts)} times)"
 
     def _points(self) -> list[tuple[float, float]]:
         by_macs: dict[float, list[float]] = {}

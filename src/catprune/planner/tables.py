@@ -4,7 +4,8 @@
 
 - ``step_times``: one row per benchmarked case (``catprune bench --json``, converted by
   ``scripts/cost_rows_from_bench.py``): dense and pruned milliseconds per step of one model preset on one device kind
-  and backend, at one resolution, batch and keep ratio, with the MACs ratio of one pruned step.
+  and backend, at one resolution, batch, keep ratio and context (``reuse`` or ``extrapolate``; rows without it were
+  measured before the forecast existed, i.e. with ``reuse``), with the MACs ratio of one pruned step.
 - ``quality``: one row per measured method: the model, the reference step count, the steps the method runs, its
   ``CATConfig`` fields (``null`` for plain fewer steps), an optional step cache, and PSNR / SSIM to the dense image.
 
@@ -42,6 +43,7 @@ class StepTimeRow:
     pruned_macs_ratio: float  # MACs of one pruned step over one dense step
     source: str
     card: str = ""
+    context: str = "reuse"  # CATConfig.context the pruned steps ran with (rows without it predate the forecast)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ def _step_time_row(row: dict, where: str) -> StepTimeRow:
             pruned_macs_ratio=_positive(row, "pruned_macs_ratio", where),
             source=str(row.get("source", "")),
             card=str(row.get("card", "")),
+            context=str(row.get("context", "reuse")),
         )
     except KeyError as exc:
         raise ValueError(f"catprune.plan: tables: {where}: missing key {exc}. See the file's _format.") from None
