@@ -99,9 +99,8 @@ def _forecast_(slot: KVSlot, out: torch.Tensor) -> None:
     """``out`` (2, B, M, H, hd) <- ``K1 + (K1 - K0) r`` from the dequantised K1 and K0, one of keys / values at a
     time through one (B, M, H, hd) workspace buffer."""
     k0 = slot.workspace.view("k0", out.shape[1:], out.dtype, out.device)  # (B, M, H, hd)
-    ratio = slot.forecast.ratio[:, :, None, None].to(out.dtype)  # (B, M, 1, 1), 0 at the computed tokens
+    weight = (slot.forecast.ratio + 1.0)[:, :, None, None].to(out.dtype)  # (B, M, 1, 1), 1 at the computed tokens
     for j in range(2):
         k1 = dequantize_rows_(out[j], slot.kv[j], slot.scale[j] if slot.scale is not None else None)
         dequantize_rows_(k0, slot.prev[j], slot.prev_scale[j] if slot.prev_scale is not None else None)
-        torch.sub(k1, k0, out=k0)
-        k1.add_(k0.mul_(ratio))
+        torch.lerp(k0, k1, weight, out=k1)  # k1 + (k1 - k0) r in one pass, as algorithm.extrapolate_
