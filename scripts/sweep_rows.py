@@ -45,12 +45,12 @@ PRESETS = {
     "pareto": (
         "dense:8,dense:9,dense:10,dense:12,dense:14,dense:15,dense:18,dense:20,dense:24",  # fewer dense steps
         "cat:k=0.3:t=8:ctx=r,cat:k=0.5:t=8:ctx=r",  # the paper (context reuse)
-        "cat:k=0.3:t=8,cat:k=0.38:t=6,cat:k=0.4:t=5,cat:k=0.42:t=4,cat:k=0.5:t=8",  # forecast, MACs ~0.5 and 0.65
-        "cat:k=0.36:t=5,cat:k=0.3:t=7",  # forecast just under MACs 0.5 (what the planner can pick for 2x)
-        "cat:k=0.3:t=8:cap=1,cat:k=0.38:t=6:cap=1",  # forecast cap 1.0 (the library default is 0.5)
-        "cat:k=0.5:t=8:end=0.15,cat:k=0.2:t=8:rf=7",  # keep-ratio schedule, refresh steps (MACs ~0.5)
-        "cat:s=20:k=0.5:t=8,cat:s=20:k=0.5:t=6",  # fewer steps and pruning (MACs ~0.5)
-        "cat:k=0.2:t=4,cat:k=0.15:t=5,cat:s=18:k=0.3:t=5,cat:s=16:k=0.4:t=4,cat:s=14:k=0.5:t=4",  # MACs ~0.33
+        "cat:k=0.3:t=8:ctx=x,cat:k=0.38:t=6:ctx=x,cat:k=0.4:t=5:ctx=x,cat:k=0.42:t=4:ctx=x,cat:k=0.5:t=8:ctx=x",  # forecast, MACs ~0.5 and 0.65
+        "cat:k=0.36:t=5:ctx=x,cat:k=0.3:t=7:ctx=x",  # forecast just under MACs 0.5 (what the planner can pick for 2x)
+        "cat:k=0.3:t=8:cap=1:ctx=x,cat:k=0.38:t=6:cap=1:ctx=x",  # forecast cap 1.0 (the library default is 0.5)
+        "cat:k=0.5:t=8:end=0.15:ctx=x,cat:k=0.2:t=8:rf=7:ctx=x",  # keep-ratio schedule, refresh steps (MACs ~0.5)
+        "cat:s=20:k=0.5:t=8:ctx=x,cat:s=20:k=0.5:t=6:ctx=x",  # fewer steps and pruning (MACs ~0.5)
+        "cat:k=0.2:t=4:ctx=x,cat:k=0.15:t=5:ctx=x,cat:s=18:k=0.3:t=5:ctx=x,cat:s=16:k=0.4:t=4:ctx=x,cat:s=14:k=0.5:t=4:ctx=x",  # MACs ~0.33
         "plan:2,plan:3",  # the planner's picks
         "oracle:k=0.3:t=8",  # the decomposition's bound at the paper's operating point
     ),
@@ -169,7 +169,7 @@ def parse_rows(spec: str, reference: int) -> list[Row]:
 
 def legacy_rows(reference: int = 28) -> dict[str, Row]:
     """The named rows docs/quality_per_cost.md's 8-prompt tables were measured with (``--only``). ``x`` rows pin
-    ``forecast_max_ratio=1.0`` (the best cap on shapes); ``cat-x5-0.3`` is the library default (cap 0.5)."""
+    ``forecast_max_ratio=1.0`` (the best cap on shapes); ``cat-x5-0.3`` is the forecast with the default cap 0.5."""
     table: dict[str, tuple[int, CATConfig | None]] = {f"dense-{n}": (n, None) for n in (8, 12, 15, 20)}
     x = dict(context="extrapolate", forecast_max_ratio=1.0)
     for keep in (0.2, 0.3, 0.4, 0.5):
@@ -185,7 +185,7 @@ def legacy_rows(reference: int = 28) -> dict[str, Row]:
         for context, tag in (("extrapolate", "x"), ("reuse", "r")):
             config = CATConfig(keep_ratio=keep, start_step=start, context=context, forecast_max_ratio=1.0)
             table[f"cat-{tag}-{keep}-start{start}"] = (reference, config)
-    table["cat-x5-0.3"] = (reference, CATConfig(keep_ratio=0.3, start_step=8))  # the library default: cap 0.5
+    table["cat-x5-0.3"] = (reference, CATConfig(keep_ratio=0.3, start_step=8, context="extrapolate"))  # cap 0.5
     return {name: Row(name, "dense" if c is None else "cat", s, c) for name, (s, c) in table.items()}
 
 

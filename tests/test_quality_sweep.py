@@ -34,7 +34,7 @@ def test_row_specs_name_what_they_run():
     )
     assert by_name["x-k0.5-t6-s20"].steps == 20 and by_name["plan-3x"].speedup == 3.0
     assert by_name["oracle-k0.3-t8"].config.context.value == "reuse" and by_name["oracle-k0.3-t8"].kind == "oracle"
-    assert [r.name for r in parse_rows("cat:k=0.2:cap=none:sel=staleness,dense:9,dense:9", 28)] == [
+    assert [r.name for r in parse_rows("cat:k=0.2:cap=none:ctx=x:sel=staleness,dense:9,dense:9", 28)] == [
         "xnocap-k0.2-t8-staleness",
         "dense-9",
     ]
@@ -42,7 +42,7 @@ def test_row_specs_name_what_they_run():
         parse_rows("cat:k=2", 28)
     with pytest.raises(ValueError, match="unknown item 'fast:2'"):
         parse_rows("fast:2", 28)
-    assert legacy_rows()["cat-x5-0.3"].config == CATConfig(keep_ratio=0.3, start_step=8)
+    assert legacy_rows()["cat-x5-0.3"].config == CATConfig(keep_ratio=0.3, start_step=8, context="extrapolate")
 
 
 def test_pareto_front_and_marks():
@@ -62,7 +62,7 @@ def test_tiny_sweep_end_to_end_and_its_ingest(tmp_path):
     """Shapes model, 2 prompts, a 4-step reference: every kind of row, the JSON, the plot, then the quality rows in
     the planner's data and a plan that uses them."""
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
-    rows = "dense:2,cat:k=0.5:t=2:ctx=r,cat:s=3:k=0.5:t=2,plan:1.5,oracle:k=0.5:t=2"
+    rows = "dense:2,cat:k=0.5:t=2:ctx=r,cat:s=3:k=0.5:t=2:ctx=x,plan:1.5,oracle:k=0.5:t=2"
     result = quality_sweep.main(["--model", "shapes", "--num-prompts", "2", "--batch-size", "1", "--steps", "4",
                                  "--rows", rows, "--no-warmup", "--json", str(out), "--plot", str(png)])  # fmt: skip
     section = json.loads(out.read_text())["models"]["shapes"]
@@ -98,7 +98,8 @@ def test_tiny_sweep_end_to_end_and_its_ingest(tmp_path):
 
 
 def test_compact_configs_keep_their_meaning():
-    full = CATConfig(keep_ratio=0.4, start_step=5, forecast_max_ratio=1.0, backend="eager").to_dict()
+    full = CATConfig(keep_ratio=0.4, start_step=5, context="extrapolate", forecast_max_ratio=1.0, backend="eager")
+    full = full.to_dict()
     compact = ingest.compact_config(full)
     assert compact == {"context": "extrapolate", "forecast_max_ratio": 1.0, "keep_ratio": 0.4, "start_step": 5}
     assert CATConfig(**compact) == CATConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in full.items()})
