@@ -104,3 +104,9 @@ def test_compact_configs_keep_their_meaning():
     assert compact == {"context": "extrapolate", "forecast_max_ratio": 1.0, "keep_ratio": 0.4, "start_step": 5}
     assert CATConfig(**compact) == CATConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in full.items()})
     assert ingest.compact_config(None) is None
+
+
+def test_row_specs_take_a_cache_dtype():
+    rows = parse_rows("cat:k=0.3:t=8,cat:k=0.3:t=8:cd=fp8,cat:k=0.3:t=8:ctx=x:cache_dtype=bf16", 28)
+    assert [r.name for r in rows] == ["r-k0.3-t8", "r-k0.3-t8-fp8", "x-k0.3-t8-bf16"]
+    assert [r.config.cache_dtype for r in rows] == [None, catprune.CacheDtype.FP8, catprune.CacheDtype.BF16]
