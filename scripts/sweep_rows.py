@@ -9,7 +9,8 @@ Row specs (``--rows``), comma-separated; ``KEY=VALUE`` items are separated by ``
 - ``dense:N``: the dense model with N steps;
 - ``cat:k=0.3:t=8``: CAT Pruning; keys ``s`` (steps, default the reference's), ``k`` (keep_ratio), ``t``
   (start_step), ``ctx`` (context: ``reuse``, ``r``, ``extrapolate``, ``x``), ``cap`` (forecast_max_ratio, ``none``
-  for uncapped), ``end`` (keep_ratio_end), ``rf`` (refresh_every), ``sel`` (selection), or any `CATConfig` field
+  for uncapped), ``end`` (keep_ratio_end), ``rf`` (refresh_every), ``sel`` (selection), ``cd`` (cache_dtype:
+  ``bf16``, ``fp16``, ``fp8``), or any `CATConfig` field
   by its full name; unset fields keep the library defaults (today ``context="reuse"``, cap 0.5);
 - ``plan:2``: what ``catprune.plan(pipe, speedup=2, num_inference_steps=REFERENCE)`` picks;
 - ``oracle:k=0.3:t=8``: the decomposition's oracle bound at that keep ratio and start step (context reuse);
@@ -35,6 +36,7 @@ SHORT_KEYS = {
     "end": "keep_ratio_end",
     "rf": "refresh_every",
     "sel": "selection",
+    "cd": "cache_dtype",
 }
 CONTEXTS = {"r": "reuse", "x": "extrapolate"}
 
@@ -82,7 +84,7 @@ def row_name(steps: int, config: CATConfig | None, reference: int) -> str:
 
     ``r`` / ``x`` = context reuse / extrapolate (``x1``: forecast cap 1, ``xnocap``: uncapped, ``x`` = the default
     cap 0.5), ``k`` keep ratio (``k0.5e0.15``: schedule to 0.15), ``t`` start step, ``rf`` refresh period, ``s``
-    steps when not the reference's.
+    steps when not the reference's, then the cache dtype when set (``-fp8``).
 
     Example:
         >>> row_name(20, CATConfig(keep_ratio=0.5, keep_ratio_end=0.15, refresh_every=7), 28)
@@ -98,7 +100,8 @@ def row_name(steps: int, config: CATConfig | None, reference: int) -> str:
     name += f"-t{c.start_step}" + (f"-rf{c.refresh_every}" if c.refresh_every is not None else "")
     if c.selection.value != "cat":
         name += f"-{c.selection.value}"
-    return name + (f"-s{steps}" if steps != reference else "")
+    name += f"-s{steps}" if steps != reference else ""
+    return name + (f"-{c.cache_dtype.value}" if c.cache_dtype is not None else "")
 
 
 def _value(text: str):

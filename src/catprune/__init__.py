@@ -8,7 +8,7 @@ Example:
 """
 
 from .api import Observer, applied, apply, get_config, inspect, is_applied, observe, remove, reset, stats, step_kernels
-from .config import Backend, CATConfig, CFGMode, Context, Selection
+from .config import Backend, CacheDtype, CATConfig, CFGMode, Context, Selection
 from .models import load_pipeline
 from .planner import Plan, plan
 from .runtime import InspectView, PruneStats, StepRecord
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "CacheDtype",
     "Context",
     "CATConfig",
     "CFGMode",

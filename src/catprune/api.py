@@ -308,6 +308,8 @@ def inspect(pipe_or_transformer) -> InspectView:
         next_selection=gen.idx_rows.clone() if ready else None,
         kv_cache_shapes=tuple(tuple(c[n].shape) for c in gen.caches for n in c.kv_names()) if pruning else (),
         cache_bytes=gen.cache_bytes() if pruning else 0,
+        kv_cache_bytes=gen.kv_cache_bytes() if pruning else 0,
+        kv_cache_dtype=next((c[n].dtype for c in gen.caches for n in c.kv_names()), None) if pruning else None,
     )
 
 

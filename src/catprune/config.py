@@ -93,6 +93,33 @@ class Context(str, enum.Enum):
     EXTRAPOLATE = "extrapolate"
 
 
+class CacheDtype(str, enum.Enum):
+    """How the caches a pruned step reads (per-block K/V, and K0 when forecasting) are stored; ``None`` in
+    `CATConfig.cache_dtype` keeps them in the model's compute dtype. Values are dequantised at use, into one working
+    buffer shared by the blocks; the tokens a step computes always attend with their fresh, unrounded values.
+
+    - ``BF16`` / ``FP16``: a cast (useful when the model runs in float32; on a 16-bit model they change nothing).
+    - ``FP8``: ``torch.float8_e4m3fn`` with one float32 scale per token row (absmax over the channels / 448), so a
+      row's rounding never depends on other rows or other samples of the batch.
+    """
+
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP8 = "fp8"
+
+    @property
+    def torch_dtype(self):
+        """The storage ``torch.dtype`` (imports torch)."""
+        import torch
+
+        names = {"bf16": "bfloat16", "fp16": "float16", "fp8": "float8_e4m3fn"}
+        return getattr(torch, names[self.value], None)  # None: this torch has no such dtype
+
+
+#: torch dtype names accepted for CATConfig.cache_dtype, by the CacheDtype they mean
+_CACHE_TORCH_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float8_e4m3fn": "fp8"}
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -154,6 +181,11 @@ class CATConfig:
       extrapolation ratio ``(t - t1) / (t1 - t0)``: a token left out for many steps is forecast at most this many of
       its last step lengths ahead (None: no cap; uncapped loses 5 dB at keep 0.2 on ``shapes``; 1.0 is best on
       ``shapes``, 0.5 on ``scenes``). No speed effect.
+    - ``cache_dtype`` (CacheDtype or None, default None): storage of the K/V caches (and K0 when forecasting):
+      None keeps the model's compute dtype (today's behaviour, bit for bit); ``"bf16"`` / ``"fp16"`` cast (for
+      a float32 model); ``"fp8"`` is float8_e4m3fn with a per-token scale, half of a 16-bit cache. Also accepts
+      ``torch.bfloat16``, ``torch.float16``, ``torch.float8_e4m3fn``. Less memory; rounding of the cached
+      (unselected) tokens' K/V only.
 
     Example:
         >>> from catprune import CATConfig
@@ -178,6 +210,7 @@ class CATConfig:
     keep_ratio_end: float | None = None
     refresh_every: int | None = None
     forecast_max_ratio: float | None = 0.5
+    cache_dtype: CacheDtype | None = None
 
     def _fail(self, name, expected, fix, error=ValueError):
         got = getattr(self, name)
@@ -288,6 +321,31 @@ class CATConfig:
             if not (cap > 0 and math.isfinite(cap)):
                 self._fail("forecast_max_ratio", "a finite float > 0 or None", "Use None for no cap, or e.g. 1.0.")
             object.__setattr__(self, "forecast_max_ratio", float(cap))
+        self._validate_cache_dtype()
+
+    def _validate_cache_dtype(self) -> None:
+        value = self.cache_dtype
+        if value is None:
+            return
+        expected = "None or one of 'bf16', 'fp16', 'fp8' (or torch.bfloat16, torch.float16, torch.float8_e4m3fn)"
+        fix = "Pass e.g. cache_dtype='fp8', or None to keep the model's dtype."
+        if type(value).__name__ == "dtype":  # a torch.dtype: one of the three, else a wrong value
+            value = _CACHE_TORCH_NAMES.get(str(value), str(value))
+        elif not isinstance(value, str):
+            self._fail("cache_dtype", expected, fix, TypeError)
+        try:
+            parsed = CacheDtype(value)
+        except ValueError:
+            self._fail("cache_dtype", expected, fix)
+        if parsed.torch_dtype is None:
+            import torch
+
+            self._fail(
+                "cache_dtype",
+                "a storage dtype this torch provides",
+                f"torch {torch.__version__} has no torch.float8_e4m3fn: use torch >= 2.1 for 'fp8', or 'bf16'.",
+            )
+        object.__setattr__(self, "cache_dtype", parsed)
 
     @property
     def pruning_enabled(self) -> bool:
@@ -327,4 +385,5 @@ class CATConfig:
         out["backend"] = self.backend.value
         out["context"] = self.context.value
         out["cluster_share_weights"] = list(self.cluster_share_weights)
+        out["cache_dtype"] = None if self.cache_dtype is None else self.cache_dtype.value
         return out

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..runtime.contract import Adapter, BufferStore, CallInfo, KVSlot
+from ..runtime.contract import Adapter, BufferStore, CallInfo, KVSlot, KVWriter, write_image_kv
 from .ops import lora_scale
 
 
@@ -80,7 +80,7 @@ def require_processors(model: torch.nn.Module, processor: type, reset: str) -> N
 
 
 def capture_kv(
-    buf: torch.Tensor,
+    buf: torch.Tensor | KVWriter,
     key_module: torch.nn.Module,
     value_module: torch.nn.Module,
     heads: int,
@@ -88,7 +88,8 @@ def capture_kv(
     heads_first: bool = True,
     rotate: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list:
-    """Forward hooks that copy a dense step's image keys / values into ``buf[:, :, :M]`` (2, B, M [+ T], H, hd).
+    """Forward hooks that copy a dense step's image keys / values into ``buf[:, :, :M]`` (2, B, M [+ T], H, hd),
+    or quantise them into low-precision storage (``buf`` a `KVWriter`, from `BufferStore.kv_buffer`).
 
     ``key_module``'s output is (B, N, D), or (B, H, N, hd) when ``heads_first`` (diffusers' processors normalise
     keys after moving heads first), or (B, N, H, hd); ``value_module``'s is (B, N, D). The image tokens are rows
@@ -105,11 +106,10 @@ def capture_kv(
 
     def store_k(_mod, _inp, out):
         key = tokens(out) if rotate is None else rotate(tokens(out))
-        buf[0, :, : key.shape[1]].copy_(key)  # (B, M, H, hd)
+        write_image_kv(buf, 0, key)  # (B, M, H, hd)
 
     def store_v(_mod, _inp, out):
-        value = tokens(out)
-        buf[1, :, : value.shape[1]].copy_(value)  # (B, M, H, hd)
+        write_image_kv(buf, 1, tokens(out))  # (B, M, H, hd)
 
     return [key_module.register_forward_hook(store_k), value_module.register_forward_hook(store_v)]
 

@@ -209,7 +209,7 @@ class PixArtAdapter(PatchGridAdapter):
             for block, cache in zip(self.model.transformer_blocks, caches, strict=True):
                 attn = block.attn1
                 head_dim = attn.to_k.out_features // attn.heads
-                buf = cache.buffer("attn", (2, b, m, attn.heads, head_dim), info.dtype, attn.to_k.weight.device)
+                buf = cache.kv_buffer("attn", (2, b, m, attn.heads, head_dim), info.dtype, attn.to_k.weight.device)
                 key_module = attn.norm_k if attn.norm_k is not None else attn.to_k
                 handles += capture_kv(buf, key_module, attn.to_v, attn.heads)
             yield

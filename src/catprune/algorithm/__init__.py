@@ -2,6 +2,7 @@
 
 from .forecast import advance_kv_, advance_times_, extrapolate_, forecast_ratio_
 from .kmeans import cluster_features, grid_positions, kmeans, kmeans_init_uniforms
+from .quant import bits, dequantize_rows_, is_scaled, quantize_rows
 from .selection import (
     cluster_quotas,
     cluster_scores,
@@ -17,6 +18,10 @@ from .tokens import gather_tokens, scatter_tokens_, token_mask
 __all__ = [
     "advance_kv_",
     "advance_times_",
+    "bits",
+    "dequantize_rows_",
+    "is_scaled",
+    "quantize_rows",
     "extrapolate_",
     "forecast_ratio_",
     "cluster_features",

@@ -108,6 +108,7 @@ class BenchCase:
     dense_candidates: tuple[str, ...] | None = None  # the configurations "best" times (None: every available one)
     split: bool = False  # also time catprune's full-selection step: the "implementation vs pruning" split
     compile_vae: str | None = None  # torch.compile mode of the VAE decode (the same decode on both sides)
+    cache_dtype: str | None = None  # CATConfig.cache_dtype of the CAT side (None: the model's dtype)
 
 
 @dataclass
@@ -132,6 +133,7 @@ class BenchResult:
     cache_mem_gb: float
     select_s: float  # one selection (scores + ranking) on the device
     kmeans_s: float  # one clustering (once per generation)
+    kv_cache_mem_gb: float = 0.0  # the per-block K/V caches alone, as stored (part of cache_mem_gb)
     extra: dict = field(default_factory=dict)
     baseline: dict = field(default_factory=dict)  # the dense side: requested, name (the winner), candidates_ms
     split: dict | None = None  # implementation vs pruning (bench.baselines.split), when case.split
@@ -338,7 +340,7 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None, dense=None, ti
         pipe, entry = build_pipeline(case.preset, device, dtype)
     family = family_of(entry)
     embeds = _embeddings(pipe, entry, case.batch_size, device, dtype, cfg=case.cfg)
-    base = dict(keep_ratio=case.keep_ratio, backend=case.mode, **context_fields(case))
+    base = dict(keep_ratio=case.keep_ratio, backend=case.mode, **context_fields(case), **_cache_options(case))
     with torch.no_grad():
         if dense is None and case.dense_baseline != SAME:
             dense = measure_dense(pipe, embeds, case, device, time_candidate)
@@ -371,7 +373,7 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None, dense=None, ti
 
 def _kernel_and_vae_times(pipe, family, case: BenchCase, latents, device) -> dict:
     """The CAT cache size, one selection, one clustering and the VAE decode (after a CAT generation)."""
-    cache_bytes = catprune.inspect(pipe).cache_bytes
+    view = catprune.inspect(pipe)
     kernels = catprune.step_kernels(pipe)
     select, clusterer = kernels.select, kernels.cluster
     if kernels.fused:  # time them as they run in the fused step: inside a CUDA graph
@@ -385,15 +387,25 @@ def _kernel_and_vae_times(pipe, family, case: BenchCase, latents, device) -> dic
             compile_vae(pipe.vae, case.compile_vae)
             family.decode(pipe, latents, case.height, case.width)  # compiles (and records graphs) before timing
         vae_s = _time(lambda: family.decode(pipe, latents, case.height, case.width), device, repeats=3)
-    return dict(vae_decode_s=vae_s, cache_mem_gb=cache_bytes / 2**30, select_s=select_s, kmeans_s=kmeans_s)
+    return dict(
+        vae_decode_s=vae_s,
+        cache_mem_gb=view.cache_bytes / 2**30,
+        kv_cache_mem_gb=view.kv_cache_bytes / 2**30,
+        select_s=select_s,
+        kmeans_s=kmeans_s,
+    )
+
+
+def _cache_options(case: BenchCase) -> dict:
+    """The case's CATConfig.cache_dtype, when it sets one."""
+    return {} if case.cache_dtype is None else dict(cache_dtype=case.cache_dtype)
 
 
 def _split(pipe, embeds, case: BenchCase, device, dense: MethodResult, cat: MethodResult) -> dict:
     """Time catprune's full-selection step (every token selected, same mode) and split the speed-up into
     implementation (stock step vs full-selection step) and pruning (full-selection step vs pruned step)."""
-    config = catprune.CATConfig(
-        keep_ratio=FULL_SELECTION_KEEP, start_step=case.start_step, backend=case.mode, **context_fields(case)
-    )
+    full_selection = dict(keep_ratio=FULL_SELECTION_KEEP, start_step=case.start_step, backend=case.mode)
+    config = catprune.CATConfig(**full_selection, **context_fields(case), **_cache_options(case))
     full, _ = _run_method(pipe, embeds, replace(case, repeats=1), config, device)
     catprune.remove(pipe)
     return split_speedup(dense.full_step_s, full, cat)

@@ -20,6 +20,20 @@ def _size(text):
     return int(w), int(h)
 
 
+def cache_dtypes(text: str) -> list[str | None]:
+    """``--cache-dtype``: a comma list of ``none`` and `catprune.CacheDtype` values (one case each)."""
+    from catprune import CacheDtype
+
+    choices = ["none"] + [d.value for d in CacheDtype]
+    values = [x.strip().lower() for x in text.split(",") if x.strip()]
+    wrong = [x for x in values if x not in choices]
+    if wrong or not values:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of {', '.join(choices)}, got {text!r}. Use e.g. none,fp8 to measure both"
+        )
+    return [None if x == "none" else x for x in values]
+
+
 def context_name(text: str) -> str:
     """One ``--context`` item: a `catprune.Context` value."""
     from catprune import Context
@@ -75,7 +89,9 @@ def cmd_bench(args, time_candidate=None) -> int:
         for batch in args.batch_sizes:
             for steps in args.steps:
                 dense = None  # a stock baseline is measured once per size / batch / steps, for every CAT mode
-                for mode, context in [(m, c) for m in args.modes for c in args.context]:
+                for mode, context, cache_dtype in [
+                    (m, c, d) for m in args.modes for c in args.context for d in args.cache_dtype
+                ]:
                     case = BenchCase(
                         preset=args.preset,
                         height=height,
@@ -95,6 +111,7 @@ def cmd_bench(args, time_candidate=None) -> int:
                         dense_candidates=tuple(args.dense_candidates) if args.dense_candidates else None,
                         split=args.split,
                         compile_vae=args.compile_vae,
+                        cache_dtype=cache_dtype,
                     )
                     result = run_case(case, pipe, entry, device, dense=dense, time_candidate=time_candidate)
                     if args.dense_baseline != SAME:
@@ -125,6 +142,13 @@ def _add_cat_options(p) -> None:
         type=forecast_cap,
         default=0.5,
         help="CATConfig.forecast_max_ratio with --context extrapolate: a number > 0, or none (default 0.5)",
+    )
+    p.add_argument(
+        "--cache-dtype",
+        type=cache_dtypes,
+        default=[None],
+        help="CATConfig.cache_dtype of the CAT side, a list: none (the model's dtype, default), bf16, fp16 or fp8; "
+        "e.g. none,fp8 times both and reports cache GiB and peak memory of each",
     )
 
 

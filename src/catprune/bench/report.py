@@ -58,6 +58,13 @@ def format_details(results: list[BenchResult]) -> str:
             f"{g['end_to_end_speedup']:.2f}"
         )
     for r in results:
+        c = r.case
+        if c.cache_dtype is not None or len({x.case.cache_dtype for x in results}) > 1:  # with --cache-dtype
+            lines.append(
+                f"cache {c.mode} {c.width}x{c.height} N{c.steps} cache_dtype={c.cache_dtype or 'none'} context="
+                f"{c.context}: K/V {r.kv_cache_mem_gb:.3f} GiB, all caches {r.cache_mem_gb:.3f} GiB, "
+                f"peak GiB dense/CAT {r.dense.peak_mem_gb:.2f}/{r.cat.peak_mem_gb:.2f}"
+            )
         sp = r.split
         if sp and "pruning_efficiency" in sp:
             lines.append(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..algorithm import advance_kv_, extrapolate_, scatter_tokens_
+from .lowprec import SCALE, KVWriter, Workspace, attend_low_precision
 
 if TYPE_CHECKING:
     from .forecast import ContextForecast
@@ -58,9 +59,12 @@ class BufferStore:
         ([0, 1, 2, 3], 56)
     """
 
-    def __init__(self, forecast=None):
+    def __init__(self, forecast=None, storage: torch.dtype | None = None, workspace: Workspace | None = None):
         self.tensors: dict[str, torch.Tensor] = {}
         self.forecast = forecast  # the signature's shared `ContextForecast` when a block cache forecasts, else None
+        self.storage = storage  # K/V cache storage dtype (CATConfig.cache_dtype), None: the compute dtype
+        self.workspace = workspace  # the signature's shared `Workspace` (low-precision caches are rebuilt there)
+        self.compute: dict[str, torch.dtype] = {}  # compute dtype of each low-precision K/V cache
 
     def buffer(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
         """The buffer ``name``, allocated (uninitialised) when missing or of another shape, dtype or device."""
@@ -84,9 +88,20 @@ class BufferStore:
         """Bytes held by all buffers."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    def kv_buffer(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor | KVWriter:
+        """The K/V cache ``name`` (2, B, M [+ T], H, hd) a capture fills (through `write_image_kv`): the buffer
+        itself, or a `KVWriter` into low-precision storage when the store's ``storage`` dtype is narrower than the
+        compute ``dtype`` (a storage as wide as ``dtype`` would save nothing: the buffer is used)."""
+        if self.storage is None or self.storage.itemsize >= dtype.itemsize:
+            return self.buffer(name, shape, dtype, device)
+        if self.workspace is None:
+            self.workspace = Workspace()
+        self.compute[name] = dtype
+        return KVWriter(self, name)
+
     def kv_names(self) -> list[str]:
-        """Names of the K/V caches of a block store (not their K0 copies)."""
-        return [name for name in self.tensors if not name.endswith(PREV)]
+        """Names of the K/V caches of a block store (not their K0 copies or scales)."""
+        return [name for name in self.tensors if not name.endswith((PREV, SCALE))]
 
     def slot(self, name: str) -> KVSlot | None:
         """What `cached_attention` reads and writes for a block's attention ``name``; None when it has none."""
@@ -94,22 +109,34 @@ class BufferStore:
         if kv is None:
             return None
         prev = self.tensors.get(name + PREV) if self.forecast is not None else None
-        return KVSlot(kv, prev, self.forecast if prev is not None else None)
+        forecast = self.forecast if prev is not None else None
+        if name not in self.compute:
+            return KVSlot(kv, prev, forecast)
+        scale, prev_scale = self.tensors.get(name + SCALE), self.tensors.get(name + SCALE + PREV)
+        return KVSlot(kv, prev, forecast, scale, prev_scale, self.compute[name], self.workspace)
 
 
 @dataclass
 class KVSlot:
     """One attention's cache in one block: ``kv`` (K1, image tokens first, text tail), ``prev`` (K0 of the image
-    tokens, (2, B, M, H, hd)) and the shared forecast; ``prev`` / ``forecast`` None: plain reuse."""
+    tokens, (2, B, M, H, hd)) and the shared forecast; ``prev`` / ``forecast`` None: plain reuse. A low-precision
+    cache (``compute`` set) has no tail, per-token ``scale`` / ``prev_scale`` (2, B, M, 1, 1) for 8-bit storage,
+    and is rebuilt in ``compute`` dtype in the ``workspace`` at use (`lowprec.attend_low_precision`)."""
 
     kv: torch.Tensor
     prev: torch.Tensor | None = None
     forecast: ContextForecast | None = None
+    scale: torch.Tensor | None = None
+    prev_scale: torch.Tensor | None = None
+    compute: torch.dtype | None = None
+    workspace: Workspace | None = None
 
     def attend_kv(self, idx: torch.Tensor, image, text=None) -> torch.Tensor:
         """Write this step's fresh (B, k, H, hd) image K/V at ``idx`` (B, k) and (B, T, H, hd) text K/V; return the
         (2, B, M [+ T], H, hd) keys/values the step attends to: the cache itself (reuse) or the working buffer
         holding the forecast of the unselected tokens and the fresh values of the others (extrapolate)."""
+        if self.compute is not None:
+            return attend_low_precision(self, idx, image, text)
         kv = self.kv
         m = kv.shape[2] - (text[0].shape[1] if text is not None else 0)
         if self.forecast is None:
@@ -124,6 +151,15 @@ class KVSlot:
             out[0, :, m:].copy_(text[0])  # (B, T, H, hd)
             out[1, :, m:].copy_(text[1])
         return out
+
+
+def write_image_kv(buf: torch.Tensor | KVWriter, j: int, values: torch.Tensor) -> None:
+    """A capture's write of a dense step's (B, M, H, hd) image keys (``j`` 0) or values (1) into the cache
+    ``buf`` from `BufferStore.kv_buffer`: rows ``:M`` of the buffer, or quantised into low-precision storage."""
+    if isinstance(buf, KVWriter):
+        buf.write_(j, values)
+    else:
+        buf[j, :, : values.shape[1]].copy_(values)
 
 
 class Adapter(abc.ABC):

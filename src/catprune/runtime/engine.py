@@ -140,7 +140,9 @@ class Runtime:
             forecast = None
             if config.context is Context.EXTRAPOLATE:
                 forecast = ContextForecast(info.batch, m, info.device, config.forecast_max_ratio)
-            buffers = self._buffers[info.signature] = SignatureBuffers(self.adapter.num_caches(), forecast)
+            storage = config.cache_dtype.torch_dtype if config.cache_dtype is not None else None
+            buffers = SignatureBuffers(self.adapter.num_caches(), forecast, storage)
+            self._buffers[info.signature] = buffers
         gen = Generation(info.signature, memo, num_clusters=clusters, shared=shared, buffers=buffers)
         gen.num_steps = self.probe.num_steps()
         store, b, device = buffers.store, info.batch, info.device

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..algorithm import advance_times_, forecast_ratio_
+from ..algorithm import advance_times_, bits, forecast_ratio_
 from .contract import PREV, BufferStore
+from .lowprec import SCALE
 
 
 class ContextForecast:
@@ -40,12 +41,17 @@ class ContextForecast:
         advance_times_(self.t1, self.t0, None, t)
 
     def roll(self, caches: list[BufferStore]) -> None:
-        """Before a full step refills every K1: ``K0 <- K1`` for every block (allocating K0 on first use)."""
+        """Before a full step refills every K1: ``K0 <- K1`` for every block (allocating K0 on first use); a
+        low-precision cache's bytes and scales are copied as they are."""
         for cache in caches:
             for name in cache.kv_names():
-                kv = cache[name]
-                image = kv[:, :, : self.num_tokens]  # (2, B, M, H, hd)
-                cache.buffer(name + PREV, image.shape, image.dtype, image.device).copy_(image)
+                for part in (name, name + SCALE):
+                    kv = cache.get(part)
+                    if kv is None:
+                        continue
+                    image = kv[:, :, : self.num_tokens]  # (2, B, M, H, hd) or its scales (2, B, M, 1, 1)
+                    prev = cache.buffer(part + PREV, image.shape, image.dtype, image.device)
+                    bits(prev).copy_(bits(image))
 
     def begin(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Before a pruned step at ``t`` (B,) computing the (B, k) tokens ``idx``: this step's ratios (B, M)."""

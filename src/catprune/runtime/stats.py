@@ -114,7 +114,9 @@ class InspectView:
     cfg_shared: bool | None  # whether CFG rows share one selection (None while the generation prunes nothing)
     next_selection: torch.Tensor | None  # (B, k) tokens the next pruned step computes, None before the capture step
     kv_cache_shapes: tuple[tuple[int, ...], ...]  # shape of every block's K/V cache, e.g. (2, B, M + T, H, hd)
-    cache_bytes: int  # bytes a pruned step reads from caches: per-block K/V, output cache, reference
+    cache_bytes: int  # bytes of all caches: per-block K/V (+ K0, scales), shared working buffers, outputs, reference
+    kv_cache_bytes: int = 0  # the per-block K/V caches alone, as stored (K0 copies and scales included)
+    kv_cache_dtype: torch.dtype | None = None  # their storage dtype (CATConfig.cache_dtype or the compute dtype)
 
     @property
     def steps(self) -> tuple[StepRecord, ...]:
