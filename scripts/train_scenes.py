@@ -96,6 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument(
+        "--qk-norm",
+        action="store_true",
+        help="RMS-normalise queries and keys (SD3.5's qk_norm='rms_norm'): keeps long runs stable; changes the "
+        "architecture, so the run writes its scenes_config.json next to the weights",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the transformer for training (falls back to eager if compiling fails)",
@@ -264,6 +270,8 @@ def main(argv=None) -> None:
     config = (
         random_config(num_layers=2, attention_head_dim=16, num_attention_heads=2) if args.tiny else default_config()
     )
+    if args.qk_norm:
+        config["transformer"]["qk_norm"] = "rms_norm"
     pipe = build_scenes_pipeline(config)
     init_for_training(pipe.transformer)
     transformer, text_encoder, tokenizer = pipe.transformer.to(device), pipe.text_encoder.to(device), pipe.tokenizer
@@ -400,7 +408,7 @@ def main(argv=None) -> None:
     results["summary"] = summary
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=2)
-    if not args.tiny:  # the packaged scenes_config.json describes the shipped architecture
+    if not (args.tiny or args.qk_norm):  # the packaged scenes_config.json describes the shipped architecture
         (out / "weights" / "scenes_config.json").unlink(missing_ok=True)
     for path in (out / "weights").iterdir():  # flat: the device returns files at most two folders deep
         shutil.move(str(path), out / path.name)
