@@ -50,6 +50,7 @@ PRESETS = {
         "cat:k=0.3:t=8:cap=1:ctx=x,cat:k=0.38:t=6:cap=1:ctx=x",  # forecast cap 1.0 (the library default is 0.5)
         "cat:k=0.5:t=8:end=0.15:ctx=x,cat:k=0.2:t=8:rf=7:ctx=x",  # keep-ratio schedule, refresh steps (MACs ~0.5)
         "cat:s=20:k=0.5:t=8:ctx=x,cat:s=20:k=0.5:t=6:ctx=x",  # fewer steps and pruning (MACs ~0.5)
+        "cat:s=20:k=0.6:t=6:ctx=r,cat:s=18:k=0.7:t=5:ctx=r",  # fewer steps and pruning with reuse (MACs ~0.54)
         "cat:k=0.2:t=4:ctx=x,cat:k=0.15:t=5:ctx=x,cat:s=18:k=0.3:t=5:ctx=x,cat:s=16:k=0.4:t=4:ctx=x,cat:s=14:k=0.5:t=4:ctx=x",  # MACs ~0.33
         "plan:2,plan:3",  # the planner's picks
         "oracle:k=0.3:t=8",  # the decomposition's bound at the paper's operating point
