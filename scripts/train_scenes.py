@@ -36,8 +36,6 @@ CPU smoke test (a tiny model, about a minute):
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import json
 import math
 import shutil
@@ -51,7 +49,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shapes training script's shared pieces
 
-from train_shapes import START, flow_loss, init_for_training, log, lr_at  # noqa: E402  # shared with shapes
+from train_shapes import (  # noqa: E402  # shared with shapes
+    START,
+    flow_loss,
+    init_for_training,
+    log,
+    log_progress,
+    lr_at,
+    with_weights,
+)
 
 import catprune  # noqa: E402
 from catprune.evaluation.identity import (  # noqa: E402
@@ -364,23 +370,8 @@ def main(argv=None) -> None:
         step += 1
         if step % args.log_every == 0 or step == total:
             mean = float(running) / max(1, running_n)
-            row = {
-                "step": step,
-                "loss": round(mean, 5),
-                "grad_norm": round(float(grad_norm), 4),
-                "lr": f"{lr_at(step - 1, total, args):.3g}",
-                "elapsed_s": round(time.time() - START, 1),
-                "samples_per_s": round(step * args.batch_size / (time.time() - train_start), 1),
-            }
-            log_rows.append(row)
-            log(" ".join(f"{k}={v}" for k, v in row.items()))
+            log_progress(out, log_rows, step, mean, grad_norm, lr_at(step - 1, total, args), args, train_start)
             running, running_n = 0.0, 0
-            with open(out / "train_log.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(row))
-                writer.writeheader()
-                writer.writerows(log_rows)
-            if not math.isfinite(mean):
-                raise RuntimeError(f"loss is not finite at step {step}")
         if args.steps is None and time.time() - START > args.time_budget + 20:
             log(f"time budget exceeded: stopping at step {step} of {total}")
             break
@@ -394,12 +385,7 @@ def main(argv=None) -> None:
     text_encoder.eval()
     candidates = {}
     for d, ema in zip(decays, emas, strict=True):
-        ema_pipe = copy.deepcopy(pipe)
-        with torch.no_grad():
-            ema_params = [p for m in (ema_pipe.transformer, ema_pipe.text_encoder) for p in m.parameters()]
-            for p, e in zip(ema_params, ema, strict=True):
-                p.copy_(e)
-        candidates[f"ema{d}"] = ema_pipe
+        candidates[f"ema{d}"] = with_weights(pipe, ema)
     candidates["raw"] = pipe
     pipes = {}
     for name, candidate in candidates.items():

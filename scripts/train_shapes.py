@@ -156,6 +156,36 @@ def lr_at(step: int, total: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def log_progress(out: Path, log_rows: list, step: int, mean: float, grad_norm, lr: float, args, train_start: float):
+    """One row of the training log: printed and (re)written to ``out/train_log.csv``; a non-finite loss fails."""
+    row = {
+        "step": step,
+        "loss": round(mean, 5),
+        "grad_norm": round(float(grad_norm), 4),
+        "lr": f"{lr:.3g}",
+        "elapsed_s": round(time.time() - START, 1),
+        "samples_per_s": round(step * args.batch_size / (time.time() - train_start), 1),
+    }
+    log_rows.append(row)
+    log(" ".join(f"{k}={v}" for k, v in row.items()))
+    with open(out / "train_log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerows(log_rows)
+    if not math.isfinite(mean):
+        raise RuntimeError(f"loss is not finite at step {step}")
+
+
+def with_weights(pipe, values: list):
+    """A deep copy of ``pipe`` whose transformer and text-encoder parameters are ``values`` (e.g. an EMA)."""
+    copied = copy.deepcopy(pipe)
+    with torch.no_grad():
+        params = [p for m in (copied.transformer, copied.text_encoder) for p in m.parameters()]
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
+    return copied
+
+
 def evaluate(args, out: Path, pipes: dict, device, summary: dict) -> None:
     """Choose weights and guidance on validation captions, then measure the held-out quality bar."""
     guidance = [float(g) for g in args.eval_guidance.split(",")]
@@ -276,24 +306,17 @@ def main(argv=None) -> None:
         running_n += 1
         step += 1
         if step % args.log_every == 0 or step == total:
-            mean = float(running) / running_n
-            row = {
-                "step": step,
-                "loss": round(mean, 5),
-                "grad_norm": round(float(grad_norm), 4),
-                "lr": f"{lr_at(step - 1, total, args):.3g}",
-                "elapsed_s": round(time.time() - START, 1),
-                "samples_per_s": round(step * args.batch_size / (time.time() - train_start), 1),
-            }
-            log_rows.append(row)
-            log(" ".join(f"{k}={v}" for k, v in row.items()))
+            log_progress(
+                out,
+                log_rows,
+                step,
+                float(running) / running_n,
+                grad_norm,
+                lr_at(step - 1, total, args),
+                args,
+                train_start,
+            )
             running, running_n = 0.0, 0
-            with open(out / "train_log.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(row))
-                writer.writeheader()
-                writer.writerows(log_rows)
-            if not math.isfinite(mean):
-                raise RuntimeError(f"loss is not finite at step {step}")
         if args.steps is None and time.time() - START > args.time_budget + 30:
             log(f"time budget exceeded: stopping at step {step} of {total}")
             break
@@ -305,11 +328,7 @@ def main(argv=None) -> None:
     transformer.eval()
     text_encoder.eval()
     raw_pipe = pipe
-    ema_pipe = copy.deepcopy(pipe)
-    with torch.no_grad():
-        ema_params = [p for m in (ema_pipe.transformer, ema_pipe.text_encoder) for p in m.parameters()]
-        for p, e in zip(ema_params, ema, strict=True):
-            p.copy_(e)
+    ema_pipe = with_weights(pipe, ema)
     pipes = {}
     for name, candidate in (("ema", ema_pipe), ("raw", raw_pipe)):
         with tempfile.TemporaryDirectory() as tmp:
