@@ -48,7 +48,9 @@ def test_entry_point_runs_as_module(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["catprune"] == catprune.__version__
     out = tmp_path / "module.png"
-    done = _module("generate", "a red circle", "--steps", "3", "--start-step", "2", "--out", str(out))
+    done = _module(
+        "generate", "a red circle", "--model", "shapes", "--steps", "3", "--start-step", "2", "--out", str(out)
+    )
     assert done.returncode == 0, done.stderr
     assert Image.open(out).size == (128, 128) and "(1 pruned)" in done.stdout
     done = _module("generate", "a red circle", "--height", "0")
@@ -149,13 +151,14 @@ def test_psnr():
     assert psnr(torch.zeros(4), torch.full((4,), 0.1)) == pytest.approx(20.0)
 
 
-def test_generate_with_the_default_embedded_model(tmp_path, capsys):
-    """`catprune generate "a red circle"` on the shipped model, offline (few steps to keep CI fast)."""
+def test_generate_with_the_shapes_model(tmp_path, capsys):
+    """`catprune generate "a red circle" --model shapes` on the shipped model, offline (few steps to keep CI fast)."""
     out, dense_out = tmp_path / "red.png", tmp_path / "dense.png"
-    assert main(["generate", "a red circle", "--steps", "4", "--start-step", "2", "--out", str(out)]) == 0
+    shapes = ["--model", "shapes"]
+    assert main(["generate", "a red circle", *shapes, "--steps", "4", "--start-step", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert text.startswith("CAT: ") and "catprune stats: 4 steps (2 pruned), 2 rows x 1024 image tokens" in text
-    assert main(["generate", "a red circle", "--steps", "4", "--dense", "--out", str(dense_out)]) == 0
+    assert main(["generate", "a red circle", *shapes, "--steps", "4", "--dense", "--out", str(dense_out)]) == 0
     capsys.readouterr()
     image = np.asarray(Image.open(out).convert("RGB")) / 255.0
     dense = np.asarray(Image.open(dense_out).convert("RGB")) / 255.0
@@ -163,8 +166,29 @@ def test_generate_with_the_default_embedded_model(tmp_path, capsys):
     assert 20 < psnr(image, dense) < math.inf  # pruned (not identical), and close to the dense image
     red = (image[..., 0] > 0.6) & (image[..., 1] < 0.35) & (image[..., 2] < 0.35)
     assert 0.02 < red.mean() < 0.5  # a red shape on a background, not a blank or saturated image
-    assert main(["generate", "a red hexagon", "--steps", "2", "--out", str(out)]) == 2
+    assert main(["generate", "a red hexagon", *shapes, "--steps", "2", "--out", str(out)]) == 2
     assert "hexagon" in capsys.readouterr().err  # unknown words are named
+
+
+def test_scenes_is_the_default_model_of_generate(tmp_path, capsys):
+    """Without --model, `generate` runs the embedded scenes model: a scenes caption works (few steps), a shapes
+    caption is refused (exit 2, no traceback) with the tokenizer's error that names its unknown words."""
+    from catprune.models import DEFAULT_MODEL, EXAMPLE_CAPTIONS
+
+    args = build_parser().parse_args(["generate", "x"])
+    assert DEFAULT_MODEL == "scenes" and args.model == "scenes"
+    out = tmp_path / "owl.png"
+    caption = EXAMPLE_CAPTIONS["scenes"]
+    assert main(["generate", caption, "--steps", "3", "--start-step", "2", "--out", str(out), "--json"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(text[text.index("{") :])
+    assert report["model"] == "scenes" and report["pruned_steps"] == 1 and Image.open(out).size == (128, 128)
+    assert main(["generate", EXAMPLE_CAPTIONS["shapes"], "--dense", "--out", str(tmp_path / "bad.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("catprune generate: error: prompt 'a large red circle at the center' has words outside the "
+                          "scenes vocabulary: ['circle', 'large']") and "Traceback" not in err  # fmt: skip
+    assert "catprune.models.scenes.OBJECT_NAMES" in err and "an owl at the top left" in err
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_bench_reads_real_weights_from_a_pipeline_folder(tmp_path, capsys):
@@ -280,7 +304,7 @@ def test_help_shows_defaults_and_the_backend_flag(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for words in ["(default: 0.3)", "(default: 8)", "(default: 0)", "(default: outputs/catprune.png)",
                   "--backend {eager,compile,cudagraph,compile+cudagraph}", "(default: eager)", "--repeats",
-                  "(default: 3)"]:  # fmt: skip
+                  "(default: 3)", "(default: scenes)", "'shapes' (embedded, offline, the fast alternative"]:  # fmt: skip
         assert words in text, words
 
 

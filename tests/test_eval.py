@@ -34,7 +34,7 @@ def tiny_pipe(seed=0):
 
 
 def tiny_settings(**overrides):
-    base = dict(num_prompts=3, steps=STEPS, batch_size=2, height=SIZE, width=SIZE)
+    base = dict(model="shapes", num_prompts=3, steps=STEPS, batch_size=2, height=SIZE, width=SIZE)
     return EvalSettings(**{**base, **overrides})
 
 
@@ -338,14 +338,14 @@ def test_cli_eval_end_to_end(tmp_path, monkeypatch, capsys):
     from catprune.cli.main import main
 
     monkeypatch.setattr(catprune.models, "load_pipeline", lambda *a, **k: tiny_pipe())
-    args = ["eval", "--num-prompts", "2", "--steps", "4", "--methods", "cat:0.5:2", "--height", "32",
-            "--width", "32", "--out", str(tmp_path), "--device", "cpu", "--no-warmup"]  # fmt: skip
+    args = ["eval", "--model", "shapes", "--num-prompts", "2", "--steps", "4", "--methods", "cat:0.5:2",
+            "--height", "32", "--width", "32", "--out", str(tmp_path), "--device", "cpu", "--no-warmup"]  # fmt: skip
     assert main(args) == 0
     text = capsys.readouterr().out
     folder = tmp_path / "shapes-p2-s4-seed0-32x32"
     assert "cat-a0.5-t2" in text and str(folder / "report.html") in text
     results = json.loads((folder / "results.json").read_text())
-    assert results["command"].startswith("catprune eval --num-prompts 2 --steps 4 --methods cat:0.5:2")
+    assert results["command"].startswith("catprune eval --model shapes --num-prompts 2 --steps 4 --methods cat:0.5:2")
     # re-score and re-report an existing folder without generating
     assert main(["eval", "--phase", "report", "--folder", str(folder)]) == 0
     assert main(["eval", "--phase", "generate", "--folder", str(folder)]) == 2
@@ -569,9 +569,13 @@ def test_model_registry_plugs_loader_prompts_and_adherence(tmp_path, monkeypatch
 def test_cli_model_flag_and_quick_list(capsys, tmp_path):
     from catprune.cli.eval_cmd import build_parser
     from catprune.cli.main import main
+    from catprune.evaluation.settings import EvalSettings
 
-    assert build_parser().parse_args([]).model == "shapes"
-    assert "shapes" in build_parser().format_help()
+    assert build_parser().parse_args([]).model == "scenes" and EvalSettings().model == "scenes"  # the default
+    text = " ".join(build_parser().format_help().split())
+    assert "scenes, the default" in text and "shapes, the fast alternative" in text and "(default: scenes)" in text
+    assert "30000 for scenes, 20000 for shapes" in text
+    assert EvalSettings(num_prompts=3).prompts() == EvalSettings(model="scenes", num_prompts=3).prompts()
     assert main(["eval", "--list-methods", "--methods", "quick", "--steps", "20"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert listed == ["dense-20", "dense-13", "dense-12", "cat-a0.3-t8", "random-a0.3-t8", "magnitude-a0.3-t8",

@@ -220,7 +220,8 @@ def test_planned_config_generates(shapes_pipe):
 def test_cli_speedup_prints_its_choice(tmp_path, capsys):
     from catprune.cli.main import main
 
-    assert main(["generate", "a red circle", "--speedup", "2", "--steps", "4", "--out", str(tmp_path / "a.png")]) == 0
+    args = ["generate", "a red circle", "--model", "shapes", "--speedup", "2", "--steps", "4"]
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
     captured = capsys.readouterr()
     out = captured.out
     assert "nothing will be pruned" not in captured.err  # the default --start-step is not what runs
@@ -234,7 +235,8 @@ def test_cli_speedup_refuses_explicit_config_flags(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--speedup: chooses the steps" in err and "--keep-ratio" in err and not (tmp_path / "a.png").exists()
-    assert main(["generate", "x", "--speedup", "1", "--steps", "4", "--out", str(tmp_path / "b.png")]) == 2
+    args = ["generate", "x", "--model", "shapes", "--speedup", "1", "--steps", "4"]
+    assert main([*args, "--out", str(tmp_path / "b.png")]) == 2
     assert "speedup: expected a finite number > 1" in capsys.readouterr().err
 
 

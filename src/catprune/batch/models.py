@@ -55,7 +55,7 @@ class RandomEmbeddingEncoder(PromptEncoder):
 
 def load_generation_model(name: str, device, dtype):
     """``(pipe, encoder)`` for ``--model name``: ``random:<preset>`` builds the bench preset with random weights,
-    anything else goes through `catprune.load_pipeline` (``shapes``, a hub id, a local folder).
+    anything else goes through `catprune.load_pipeline` (``scenes``, ``shapes``, a hub id, a local folder).
 
     Example:
         >>> pipe, encode = load_generation_model("random:sd3-tiny", "cpu", torch.float32)  # doctest: +SKIP

@@ -28,6 +28,7 @@ import torch
 
 from ..evaluation.machine import cuda_sync
 from ..evaluation.settings import set_call_kwargs
+from ..models import DEFAULT_MODEL
 from .dist import DistContext
 from .io import atomic_write_bytes, atomic_write_json, encode_png
 from .outdir import FORMAT, expected_fields, item_done, prepare_directory
@@ -42,17 +43,20 @@ FINGERPRINT_KEYS = ("model", "catprune", "steps", "guidance_scale", "height", "w
 
 @dataclass
 class BatchOptions:
-    """The settings of a batch run (the ``catprune generate --prompts`` flags).
+    """The settings of a batch run (the ``catprune generate --prompts`` flags). ``model`` defaults to the embedded
+    ``scenes`` model (`catprune.models.DEFAULT_MODEL`); ``model="shapes"`` is the fast embedded one.
 
     Example:
         >>> options = BatchOptions(prompts="prompts.txt", out="out", steps=4, start_step=2, keep_ratio=0.5)
         >>> options.settings()["catprune"]["keep_ratio"], BatchOptions("p.txt", "o", dense=True).settings()["catprune"]
         (0.5, 'dense')
+        >>> options.model, BatchOptions("p.txt", "o", model="shapes").settings()["model"]
+        ('scenes', 'shapes')
     """
 
     prompts: str
     out: str
-    model: str = "shapes"
+    model: str = DEFAULT_MODEL
     steps: int = 28
     keep_ratio: float = 0.3
     start_step: int = 8

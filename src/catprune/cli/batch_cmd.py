@@ -84,8 +84,11 @@ def options_from_args(args):
 def cmd_generate_batch(args) -> int:
     """Run the batch mode; 0 on success, 130 on Ctrl-C (errors propagate as ValueError / TypeError / OSError)."""
     if args.prompts is None:
+        from catprune.models import EXAMPLE_CAPTIONS
+
+        example = EXAMPLE_CAPTIONS.get(args.model, EXAMPLE_CAPTIONS["scenes"])
         raise ValueError(
-            "generate: expected a prompt (e.g. catprune generate 'a red circle') or --prompts FILE, got neither."
+            f"generate: expected a prompt (e.g. catprune generate {example!r}) or --prompts FILE, got neither."
         )
     if args.out is None:
         raise ValueError(

@@ -25,22 +25,23 @@ PHASES = ("all", "generate", "score", "report")
 
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--phase", default="all", choices=PHASES, help="which phase(s) to run (default: all)")
-    from ..evaluation.adherence import HELD_OUT_CAPTION_SEED
-    from ..evaluation.registry import registered
+    from ..evaluation.registry import registered, resolve
+    from ..models import DEFAULT_MODEL
 
     p.add_argument(
         "--model",
-        default="shapes",
-        help=f"a registered model ({', '.join(registered())}; 'shapes' is embedded and offline) or a hub id / local "
-        "pipeline folder (default: shapes)",
+        default=DEFAULT_MODEL,
+        help=f"a registered model ({', '.join(registered())}; both embedded and offline: scenes, the default, emoji "
+        "objects scored by identity; shapes, the fast alternative, flat shapes) or a hub id / local pipeline folder "
+        f"(default: {DEFAULT_MODEL})",
     )
     p.add_argument("--num-prompts", type=positive_int, default=200, help="prompts to evaluate (default 200)")
     p.add_argument(
         "--prompt-seed",
         type=seed,
         default=None,
-        help="seed of the model's prompt generator (default: the model's held-out set, e.g. "
-        f"{HELD_OUT_CAPTION_SEED} for shapes)",
+        help="seed of the model's prompt generator (default: the model's held-out set: "
+        f"{resolve('scenes').held_out_seed} for scenes, {resolve('shapes').held_out_seed} for shapes)",
     )
     p.add_argument("--prompts", default=None, help="text file with one prompt per line (required for hub models)")
     p.add_argument(

@@ -13,6 +13,8 @@ import time
 import uuid
 from pathlib import Path
 
+from catprune.models import DEFAULT_MODEL, EXAMPLE_CAPTIONS
+
 from .options import (
     DTYPE_HELP,
     CLIError,
@@ -360,11 +362,21 @@ def _add_generate(sub):
 
     p = sub.add_parser(
         "generate",
-        help="generate an image with CAT Pruning (default: the embedded shapes model)",
+        help="generate an image with CAT Pruning (default: the embedded scenes model; --model shapes is the fast one)",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("prompt", nargs="?", help="text prompt, e.g. 'a large red circle at the center' (or --prompts)")
-    p.add_argument("--model", default="shapes", help="'shapes' (embedded, offline), a hub id, or a local folder")
+    p.add_argument(
+        "prompt",
+        nargs="?",
+        help=f"text prompt (or --prompts), e.g. {EXAMPLE_CAPTIONS['scenes']!r} for scenes (the default model; its "
+        f"words: catprune.models.scenes.OBJECT_NAMES and the grid cells), {EXAMPLE_CAPTIONS['shapes']!r} for shapes",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="'scenes' (embedded, offline: emoji objects on gradients), 'shapes' (embedded, offline, the fast "
+        "alternative: flat coloured shapes), a hub id, or a local folder",
+    )
     p.add_argument("--steps", type=positive_int, default=28, help="denoising steps")
     p.add_argument(
         "--keep-ratio", type=ratio, default=0.3, help="fraction of image tokens recomputed per pruned step, in (0, 1]"

@@ -12,7 +12,7 @@ Example:
     >>> from catprune.evaluation.methods import parse_methods
     >>> pipe = build_random_shapes_pipeline(num_layers=1, attention_head_dim=8, num_attention_heads=2)
     >>> lines = []
-    >>> settings = EvalSettings(num_prompts=1, steps=2)
+    >>> settings = EvalSettings(model="shapes", num_prompts=1, steps=2)
     >>> with tempfile.TemporaryDirectory() as d:
     ...     _ = generate(settings, parse_methods("dense", 2), d, pipe=pipe, log=lines.append)  # before, after
     >>> [line.split(":")[0] for line in lines if "warm-up" in line]
@@ -247,7 +247,7 @@ def generate(
         >>> from catprune.evaluation.methods import parse_methods
         >>> import tempfile
         >>> pipe = build_random_shapes_pipeline(num_layers=1, attention_head_dim=8, num_attention_heads=2)
-        >>> settings = EvalSettings(num_prompts=2, steps=4, batch_size=2)
+        >>> settings = EvalSettings(model="shapes", num_prompts=2, steps=4, batch_size=2)
         >>> with tempfile.TemporaryDirectory() as d:
         ...     out = generate(settings, parse_methods("cat:0.5:2", 4), d, pipe=pipe, log=lambda s: None)
         ...     sorted(p.name for p in (out / "generation").iterdir())

@@ -150,8 +150,9 @@ def write_report(
         >>> from catprune.evaluation import EvalSettings, generate, parse_methods, score
         >>> pipe = build_random_shapes_pipeline(num_layers=1, attention_head_dim=8, num_attention_heads=2)
         >>> quiet = lambda s: None
+        >>> settings = EvalSettings(model="shapes", num_prompts=2, steps=4)
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     _ = generate(EvalSettings(num_prompts=2, steps=4), parse_methods("cat:0.5:2", 4), d, pipe=pipe, log=quiet)
+        ...     _ = generate(settings, parse_methods("cat:0.5:2", 4), d, pipe=pipe, log=quiet)
         ...     _ = score(d, log=quiet)
         ...     results = write_report(d, log=quiet)
         ...     sorted(p.name for p in Path(d).glob("results.*"))

@@ -93,7 +93,7 @@ def score(
         >>> from catprune.models.shapes import build_random_shapes_pipeline
         >>> from catprune.evaluation import EvalSettings, generate, parse_methods
         >>> pipe = build_random_shapes_pipeline(num_layers=1, attention_head_dim=8, num_attention_heads=2)
-        >>> settings = EvalSettings(num_prompts=2, steps=4, batch_size=2)
+        >>> settings = EvalSettings(model="shapes", num_prompts=2, steps=4, batch_size=2)
         >>> with tempfile.TemporaryDirectory() as d:
         ...     _ = generate(settings, parse_methods("dense:2", 4), d, pipe=pipe, log=lambda s: None)
         ...     scores = score(d, log=lambda s: None)

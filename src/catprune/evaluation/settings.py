@@ -1,9 +1,11 @@
 """What an evaluation generates: `EvalSettings` (model, prompts, seeds, steps, how the pipeline is called).
 
 Example:
-    >>> settings = EvalSettings(model="shapes", num_prompts=200, steps=28)
+    >>> settings = EvalSettings(num_prompts=200, steps=28)  # the scenes model (the default)
     >>> settings.folder_name(), reference_name(settings)
-    ('shapes-p200-s28-seed0', 'dense-28')
+    ('scenes-p200-s28-seed0', 'dense-28')
+    >>> EvalSettings(model="shapes", num_prompts=20, steps=8).folder_name()  # the fast embedded model
+    'shapes-p20-s8-seed0'
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..models import DEFAULT_MODEL
 from . import registry
 
 
@@ -22,8 +25,8 @@ class EvalSettings:
 
     Fields:
 
-    - ``model`` (str, default "shapes"): a registered model (see `catprune.evaluation.registry`; "shapes" is the
-      embedded model) or a hub id / local pipeline folder.
+    - ``model`` (str, default "scenes"): a registered model (see `catprune.evaluation.registry`: "scenes", the
+      default, and "shapes", the fast alternative, are the embedded models) or a hub id / local pipeline folder.
     - ``num_prompts`` (int, default 200): prompts used (the first ``num_prompts`` of the prompt list).
     - ``prompt_seed`` (int or None, default None): seed of the model's prompt generator; None is the model's
       held-out set (`EvalModel.held_out_seed`: 20000 for shapes, 30000 for scenes). Ignored when ``prompts_file``
@@ -39,10 +42,10 @@ class EvalSettings:
 
     Example:
         >>> EvalSettings(num_prompts=20, steps=8, guidance_scale=4.0).folder_name()
-        'shapes-p20-s8-seed0-g4'
+        'scenes-p20-s8-seed0-g4'
     """
 
-    model: str = "shapes"
+    model: str = DEFAULT_MODEL
     num_prompts: int = 200
     prompt_seed: int | None = None
     prompts_file: str | None = None

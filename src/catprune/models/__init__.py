@@ -9,6 +9,14 @@ from pathlib import Path
 import torch
 
 EMBEDDED = ("shapes", "scenes")
+#: the model of `load_pipeline`, ``catprune generate``, ``catprune eval``, `EvalSettings` and `BatchOptions` when none
+#: is named: ``scenes`` (it meets its quality bar); ``shapes`` is the fast alternative (flat shapes, for quick tests)
+DEFAULT_MODEL = "scenes"
+#: a valid caption of each embedded model (examples in help texts and error messages)
+EXAMPLE_CAPTIONS = {
+    "scenes": "an owl at the top left and a delivery truck at the center",
+    "shapes": "a large red circle at the center",
+}
 _CONFIGS = Path(__file__).with_name("model_configs.json")
 
 
@@ -25,12 +33,12 @@ def model_configs() -> dict:
 
 
 def load_pipeline(
-    name_or_path: str = "shapes", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ):
     """Load a text-to-image pipeline.
 
-    ``"shapes"`` and ``"scenes"`` are the small models embedded in catprune (they work offline; see
-    docs/shapes_model.md and docs/scenes_model.md). Anything else is passed to diffusers'
+    ``"scenes"`` (the default) and ``"shapes"`` (the fast one) are the small models embedded in catprune (they work
+    offline; see docs/scenes_model.md and docs/shapes_model.md). Anything else is passed to diffusers'
     ``DiffusionPipeline.from_pretrained`` (a hub id such as ``"stabilityai/stable-diffusion-3-medium-diffusers"``
     or a local folder), then moved to ``device``.
 
