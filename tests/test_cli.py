@@ -142,6 +142,8 @@ def test_bench_times_both_contexts_and_the_rows_name_them(tmp_path, capsys):
     for result in record["results"]:
         del result["case"]["context"]
     assert {r["context"] for r in rows_from_record(record, "old")} == {"reuse"}
+    record["results"][1]["case"]["cache_dtype"] = "fp8"  # the planner's configurations keep the model's dtype
+    assert [r["source"] for r in rows_from_record(record, "fp8")] == ["fp8 (steps 6, start 3)"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--context", "forecast"])
 
