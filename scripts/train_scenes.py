@@ -56,6 +56,7 @@ from train_shapes import (  # noqa: E402  # shared with shapes
     log,
     log_progress,
     lr_at,
+    start_run,
     with_weights,
 )
 
@@ -273,15 +274,7 @@ def evaluate(args, out: Path, pipes: dict, device, summary: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    log(f"device {device} ({card}), torch {torch.__version__}, args {vars(args)}")
+    out, device, card = start_run(args)
 
     config = (
         random_config(num_layers=2, attention_head_dim=16, num_attention_heads=2) if args.tiny else default_config()

@@ -156,6 +156,20 @@ def lr_at(step: int, total: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def start_run(args) -> tuple[Path, torch.device, str]:
+    """The output folder (created), the device (seeded; TF32 on CUDA) and the card's name, logged with the args."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    log(f"device {device} ({card}), torch {torch.__version__}, args {vars(args)}")
+    return out, device, card
+
+
 def log_progress(out: Path, log_rows: list, step: int, mean: float, grad_norm, lr: float, args, train_start: float):
     """One row of the training log: printed and (re)written to ``out/train_log.csv``; a non-finite loss fails."""
     row = {
@@ -238,15 +252,7 @@ def evaluate(args, out: Path, pipes: dict, device, summary: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    log(f"device {device} ({card}), torch {torch.__version__}, args {vars(args)}")
+    out, device, card = start_run(args)
 
     config = (
         random_config(
