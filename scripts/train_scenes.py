@@ -353,7 +353,7 @@ def main(argv=None) -> None:
                 step += 1
                 continue
             skip_streak = 0
-            norm_mean = norm if step == 0 else 0.98 * norm_mean + 0.02 * norm
+            norm_mean = norm if norm_mean == 0.0 else 0.98 * norm_mean + 0.02 * norm  # from the first kept update
         optimizer.step()
         current = [p.detach().float() for p in params]
         for ema, d in zip(emas, decays, strict=True):

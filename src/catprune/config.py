@@ -86,7 +86,7 @@ class Context(str, enum.Enum):
     - ``REUSE``: their keys/values from the step that last computed them (the paper's behaviour, exactly).
     - ``EXTRAPOLATE``: a per-token first-order forecast in time from their last two computations,
       ``K1 + (K1 - K0) * (t - t1) / (t1 - t0)`` (docs/method.md, "Context forecast"). Costs one extra K/V copy per
-      block plus one shared working buffer, and three elementwise passes over the cache per block; no MACs.
+      block plus one shared working buffer, and one elementwise pass (a lerp) over the cache per block; no MACs.
     """
 
     REUSE = "reuse"
@@ -168,9 +168,10 @@ class CATConfig:
     - ``backend`` (Backend, default EAGER): execution of the steps (eager, compile, cudagraph, compile+cudagraph).
     - ``context`` (Context, default REUSE): what computed tokens attend to for the tokens a pruned step does not
       compute: their last keys/values (``REUSE``: the paper's behaviour exactly) or a per-token linear forecast of
-      them in time (``EXTRAPOLATE``: no extra MACs; at keep 0.3 +4.8 dB PSNR to dense on ``shapes`` but -1.2 dB on
-      the shipped ``scenes`` model, docs/quality_per_cost.md; but on an H200 it made the SD3-medium pruned step 38% slower and the
-      cache twice as large, docs/measurements.md, so at equal time a higher keep ratio with reuse is better).
+      them in time (``EXTRAPOLATE``: no extra MACs; at keep 0.3 +4.8 dB PSNR to dense on ``shapes``, -1.2 dB on
+      the shipped ``scenes`` model, docs/quality_per_cost.md; on an H200 it made the SD3-medium pruned step 38%
+      slower and the cache twice as large, docs/measurements.md, so at equal time a higher keep ratio with reuse is
+      better).
     - ``keep_ratio_end`` (float in (0, 1] or None, default None): a keep-ratio schedule: pruned step j of n keeps
       ``keep_ratio + (keep_ratio_end - keep_ratio) * j / (n - 1)`` of the tokens (linear; None: constant
       ``keep_ratio``). n comes from the pipeline's scheduler; on a bare transformer the progress is read from the
