@@ -10,14 +10,14 @@ Row specs (``--rows``), comma-separated; ``KEY=VALUE`` items are separated by ``
 - ``cat:k=0.3:t=8``: CAT Pruning; keys ``s`` (steps, default the reference's), ``k`` (keep_ratio), ``t``
   (start_step), ``ctx`` (context: ``reuse``, ``r``, ``extrapolate``, ``x``), ``cap`` (forecast_max_ratio, ``none``
   for uncapped), ``end`` (keep_ratio_end), ``rf`` (refresh_every), ``sel`` (selection), ``cd`` (cache_dtype:
-  ``bf16``, ``fp16``, ``fp8``), or any `CATConfig` field
+  ``bf16``, ``fp16``, ``fp8``), ``fd`` (final_dense_steps), or any `CATConfig` field
   by its full name; unset fields keep the library defaults (today ``context="reuse"``, cap 0.5);
 - ``plan:2``: what ``catprune.plan(pipe, speedup=2, num_inference_steps=REFERENCE)`` picks;
 - ``oracle:k=0.3:t=8``: the decomposition's oracle bound at that keep ratio and start step (context reuse);
 - a preset name: ``pareto`` (the quality-per-cost grid of docs/quality_per_cost.md).
 
 Example:
-    >>> [r.name for r in parse_rows("dense:15,cat:k=0.3:t=8:ctx=r,cat:s=20:k=0.5:t=6:cap=1,plan:2", 28)]
+    >>> [r.name for r in parse_rows("dense:15,cat:k=0.3:t=8:ctx=r,cat:s=20:k=0.5:t=6:ctx=x:cap=1,plan:2", 28)]
     ['dense-15', 'r-k0.3-t8', 'x1-k0.5-t6-s20', 'plan-2x']
 """
 
@@ -37,6 +37,7 @@ SHORT_KEYS = {
     "rf": "refresh_every",
     "sel": "selection",
     "cd": "cache_dtype",
+    "fd": "final_dense_steps",
 }
 CONTEXTS = {"r": "reuse", "x": "extrapolate"}
 
@@ -84,12 +85,14 @@ def row_name(steps: int, config: CATConfig | None, reference: int) -> str:
     """The name of a dense or CAT row, from what it runs.
 
     ``r`` / ``x`` = context reuse / extrapolate (``x1``: forecast cap 1, ``xnocap``: uncapped, ``x`` = the default
-    cap 0.5), ``k`` keep ratio (``k0.5e0.15``: schedule to 0.15), ``t`` start step, ``rf`` refresh period, ``s``
-    steps when not the reference's, then the cache dtype when set (``-fp8``).
+    cap 0.5), ``k`` keep ratio (``k0.5e0.15``: schedule to 0.15), ``t`` start step, ``rf`` refresh period, ``fd``
+    final dense steps, ``s`` steps when not the reference's, then the cache dtype when set (``-fp8``).
 
     Example:
         >>> row_name(20, CATConfig(keep_ratio=0.5, keep_ratio_end=0.15, refresh_every=7), 28)
-        'x-k0.5e0.15-t8-rf7-s20'
+        'r-k0.5e0.15-t8-rf7-s20'
+        >>> row_name(20, CATConfig(keep_ratio=0.4, keep_ratio_end=0.8, final_dense_steps=2), 28)
+        'r-k0.4e0.8-t8-fd2-s20'
     """
     if config is None:
         return f"dense-{steps}"
@@ -99,6 +102,7 @@ def row_name(steps: int, config: CATConfig | None, reference: int) -> str:
         tag += "nocap" if c.forecast_max_ratio is None else f"{c.forecast_max_ratio:g}"
     name = f"{tag}-k{c.keep_ratio:g}" + (f"e{c.keep_ratio_end:g}" if c.keep_ratio_end is not None else "")
     name += f"-t{c.start_step}" + (f"-rf{c.refresh_every}" if c.refresh_every is not None else "")
+    name += f"-fd{c.final_dense_steps}" if c.final_dense_steps else ""
     if c.selection.value != "cat":
         name += f"-{c.selection.value}"
     name += f"-s{steps}" if steps != reference else ""

@@ -75,9 +75,7 @@ class Backend(str, enum.Enum):
             return cls(value)
         except ValueError:
             choices = ", ".join(repr(b.value) for b in cls)
-            raise ValueError(
-                f"{who}: expected a catprune.Backend or one of {choices}, got {value!r}. {fix}"
-            ) from None
+            raise ValueError(f"{who}: expected a catprune.Backend or one of {choices}, got {value!r}. {fix}") from None
 
 
 class Context(str, enum.Enum):
@@ -187,6 +185,11 @@ class CATConfig:
       a float32 model); ``"fp8"`` is float8_e4m3fn with a per-token scale, half of a 16-bit cache. Also accepts
       ``torch.bfloat16``, ``torch.float16``, ``torch.float8_e4m3fn``. Less memory; rounding of the cached
       (unselected) tokens' K/V only.
+    - ``final_dense_steps`` (int >= 0, default 0): the last n inference steps run dense (every token computed). With
+      a shifted flow-matching schedule the last steps are the longest and a stale output moves the image most there
+      (docs/quality_per_cost.md). Higher is slower and closer to dense. The step count comes from the pipeline's
+      scheduler: a value > 0 needs catprune applied to a pipeline, not to a bare transformer. The keep-ratio
+      schedule spans the pruned steps before them.
 
     Example:
         >>> from catprune import CATConfig
@@ -212,6 +215,7 @@ class CATConfig:
     refresh_every: int | None = None
     forecast_max_ratio: float | None = 0.5
     cache_dtype: CacheDtype | None = None
+    final_dense_steps: int = 0
 
     def _fail(self, name, expected, fix, error=ValueError):
         got = getattr(self, name)
@@ -322,6 +326,11 @@ class CATConfig:
             if not (cap > 0 and math.isfinite(cap)):
                 self._fail("forecast_max_ratio", "a finite float > 0 or None", "Use None for no cap, or e.g. 1.0.")
             object.__setattr__(self, "forecast_max_ratio", float(cap))
+        final = self.final_dense_steps
+        if not _is_int(final):
+            self._fail("final_dense_steps", "an int >= 0", "Pass e.g. final_dense_steps=2.", TypeError)
+        if final < 0:
+            self._fail("final_dense_steps", "an int >= 0", "Use 0 to prune up to the last step, or e.g. 2.")
         self._validate_cache_dtype()
 
     def _validate_cache_dtype(self) -> None:

@@ -128,7 +128,14 @@ class Runtime:
         config = self.config
         if not config.pruning_enabled:
             return Generation(info.signature, memo)  # counts and records dense steps only
-        m = info.num_tokens
+        m, num_steps = info.num_tokens, self.probe.num_steps()
+        if config.final_dense_steps and num_steps is None:
+            raise ValueError(
+                f"CATConfig.final_dense_steps: expected a generation whose step count catprune can read from the "
+                f"pipeline's scheduler, got a call of a bare transformer (final_dense_steps="
+                f"{config.final_dense_steps}). Apply catprune to the pipeline (catprune.apply(pipe, config)), or use "
+                "final_dense_steps=0."
+            )
         clusters = config.clusters_for(m)
         shared = self.probe.shared_rows(config.cfg, info)
         self.runner.check_device(info.device)
@@ -144,7 +151,7 @@ class Runtime:
             buffers = SignatureBuffers(self.adapter.num_caches(), forecast, storage)
             self._buffers[info.signature] = buffers
         gen = Generation(info.signature, memo, num_clusters=clusters, shared=shared, buffers=buffers)
-        gen.num_steps = self.probe.num_steps()
+        gen.num_steps = num_steps
         store, b, device = buffers.store, info.batch, info.device
         rows = torch.arange(b, device=device)
         if shared:
@@ -178,11 +185,16 @@ class Runtime:
         if config.keep_ratio_end is None:
             return config.tokens_kept(m)
         if gen.num_steps is not None:  # pruned step j of n, known from the pipeline's scheduler
-            j, n = step - config.start_step, gen.num_steps - config.start_step
+            j, n = step - config.start_step, gen.num_steps - config.final_dense_steps - config.start_step
             return config.tokens_kept(m, j / (n - 1) if n > 1 else 0.0)
         # bare transformer: progress from the current timestep (one host sync per step, only on this path)
         t, tc = self._timestep_value(info.timestep), gen.capture_time
         return config.tokens_kept(m, 1.0 - t / tc if tc else 0.0)
+
+    def _is_final(self, gen: Generation, step: int) -> bool:
+        """Whether ``step`` is one of the ``final_dense_steps`` last steps of the generation."""
+        final = self.config.final_dense_steps
+        return final > 0 and step >= gen.num_steps - final
 
     def _is_refresh(self, step: int) -> bool:
         every = self.config.refresh_every
@@ -239,7 +251,7 @@ class Runtime:
 
     def _step(self, gen: Generation, original, args, kwargs, info: CallInfo):
         t0, i, m = self.config.start_step, gen.step, info.num_tokens
-        if i < t0 - 1:
+        if i < t0 - 1 or self._is_final(gen, i):
             if i == t0 - 2 and gen.forecast is not None:  # the reference step also gives the forecast its K0
                 out = self._full_step(gen, original, args, kwargs, info, roll=False)
             else:
