@@ -4,6 +4,7 @@
     python scripts/quality_rows_from_sweep.py sweep.json                       # print the quality rows
     python scripts/quality_rows_from_sweep.py sweep.json --models scenes --write   # into cost_tables.json
     python scripts/quality_rows_from_sweep.py sweep.json --bench bench.json --write  # and step-time rows
+    python scripts/quality_rows_from_sweep.py sweep.json --models shapes --write --fresh  # only this sweep's rows
 
 Quality rows (the format of the shipped shapes rows, ``src/catprune/data/cost_tables.json``): one per measured
 dense or CAT row of each model (planner picks become the row of their config; the oracle is a bound, not a way to
@@ -111,12 +112,15 @@ def _time_key(row: dict) -> tuple:
     return (*(row.get(k) for k in fields), row.get("context", "reuse"))
 
 
-def merge(tables: dict, quality: list[dict], times: list[dict]) -> dict:
+def merge(tables: dict, quality: list[dict], times: list[dict], fresh: bool = False) -> dict:
     """``tables`` (the cost_tables.json structure) with ``quality`` / ``times`` added, replacing rows that measure
-    the same thing; the others keep their order."""
+    the same thing; the others keep their order. ``fresh``: every earlier quality row of the models in ``quality``
+    goes (rows measured under other settings, e.g. other prompts or precision, do not compare in dB)."""
     new_q, new_t = {_quality_key(r) for r in quality}, {_time_key(r) for r in times}
+    models = {r["model"] for r in quality} if fresh else set()
     out = dict(tables)
-    out["quality"] = [r for r in tables.get("quality", []) if _quality_key(r) not in new_q] + quality
+    kept = [r for r in tables.get("quality", []) if _quality_key(r) not in new_q and r["model"] not in models]
+    out["quality"] = kept + quality
     out["step_times"] = [r for r in tables.get("step_times", []) if _time_key(r) not in new_t] + times
     return out
 
@@ -140,6 +144,9 @@ def main(argv=None) -> int:
     p.add_argument("--bench", action="append", default=[], help="catprune bench --json records (step-time rows)")
     p.add_argument("--tables", default=str(DATA_FILE), help="the data file (default: the shipped cost_tables.json)")
     p.add_argument("--write", action="store_true", help="write the rows into --tables (else print them)")
+    p.add_argument(
+        "--fresh", action="store_true", help="with --write: drop the earlier quality rows of the ingested models"
+    )
     args = p.parse_args(argv)
     models = args.models.split(",") if args.models else None
     quality = []
@@ -151,7 +158,7 @@ def main(argv=None) -> int:
         return 0
     path = Path(args.tables)
     raw = path.read_text()
-    tables = merge(json.loads(raw), quality, times)
+    tables = merge(json.loads(raw), quality, times, fresh=args.fresh)
     Tables.from_dict(tables)  # every row must parse before the file changes
     path.write_text(json.dumps(tables, indent=1) + ("\n" if raw.endswith("\n") else ""))
     print(f"{path}: {len(quality)} quality rows and {len(times)} step-time rows written")

@@ -97,6 +97,20 @@ def test_tiny_sweep_end_to_end_and_its_ingest(tmp_path):
     assert plan.expected_quality is not None and plan.expected_quality.psnr_db <= best["psnr_db"]
 
 
+def test_merge_replaces_same_rows_and_fresh_drops_the_models_other_rows():
+    old = [
+        {"model": "shapes", "reference_steps": 28, "steps": 14, "config": None, "psnr_db": 1.0},
+        {"model": "shapes", "reference_steps": 28, "steps": 20, "config": None, "psnr_db": 2.0},
+        {"model": "scenes", "reference_steps": 28, "steps": 20, "config": None, "psnr_db": 3.0},
+    ]
+    new = [{"model": "shapes", "reference_steps": 28, "steps": 14, "config": None, "psnr_db": 9.0}]
+    tables = {"quality": old, "step_times": []}
+    merged = ingest.merge(tables, new, [])["quality"]
+    assert [r["psnr_db"] for r in merged] == [2.0, 3.0, 9.0]  # the same measurement replaced, the others kept
+    fresh = ingest.merge(tables, new, [], fresh=True)["quality"]
+    assert [r["psnr_db"] for r in fresh] == [3.0, 9.0]  # shapes rows of other settings gone, scenes untouched
+
+
 def test_compact_configs_keep_their_meaning():
     full = CATConfig(keep_ratio=0.4, start_step=5, context="extrapolate", forecast_max_ratio=1.0, backend="eager")
     full = full.to_dict()

@@ -20,6 +20,24 @@ START_STEPS_AT_28 = (4, 8, 12)  # warm-up steps tried, scaled to the step count
 MIN_STEP_SHARE = 0.25  # plain fewer steps go down to a quarter of the requested steps (at most 4x)
 
 
+def config_text(config: CATConfig) -> str:
+    """``keep_ratio=.. start_step=..`` and every other field that differs from its default (the backend aside), as
+    keyword arguments a user can paste into `CATConfig`.
+
+    Example:
+        >>> config_text(CATConfig(keep_ratio=0.5, start_step=6, context="extrapolate", final_dense_steps=2))
+        "keep_ratio=0.5 start_step=6 context='extrapolate' final_dense_steps=2"
+    """
+    default, words = CATConfig(), [f"keep_ratio={config.keep_ratio:g}", f"start_step={config.start_step}"]
+    for f in dataclasses.fields(CATConfig):
+        value = getattr(config, f.name)
+        if f.name in ("keep_ratio", "start_step", "backend") or value == getattr(default, f.name):
+            continue
+        value = value.value if hasattr(value, "value") else value
+        words.append(f"{f.name}={value:g}" if isinstance(value, float) else f"{f.name}={value!r}")
+    return " ".join(words)
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One way to run: ``steps`` steps, with ``config`` (None: dense) and an optional step cache."""
@@ -41,9 +59,7 @@ class Candidate:
         elif self.config is None:
             what = f"step cache {dict(self.step_cache)}, {self.steps} steps"
         else:
-            c = self.config
-            extra = "" if c.selection.value == "cat" else f", selection {c.selection.value}"
-            what = f"CAT keep {c.keep_ratio:g}, start {c.start_step}{extra}, {self.steps} steps"
+            what = f"CAT {config_text(self.config)}, {self.steps} steps"
         psnr = f", {self.quality.psnr_db:.2f} dB" if self.quality is not None else ""
         return f"{what} ({self.speedup:.2f}x predicted, MACs {self.macs_ratio:.3f}{psnr})"
 
@@ -62,7 +78,7 @@ class CostModel:
         n = self.reference
         if config is None or not config.pruning_enabled:
             return steps / n, steps / n
-        dense = min(config.start_step, steps)
+        dense = min(config.start_step + config.final_dense_steps, steps)
         pruned = steps - dense
         if pruned == 0:
             return steps / n, steps / n
