@@ -8,9 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from catprune.algorithm import (
+    as_words,
     cluster_features,
     cluster_quotas,
     cluster_scores,
+    copy_tokens_,
     gather_tokens,
     grid_positions,
     kmeans,
@@ -41,6 +43,35 @@ def test_gather_scatter_4d_heads():
     dst = torch.zeros_like(x)
     scatter_tokens_(dst, idx, gather_tokens(x, idx))
     assert torch.equal(dst[1, 3], x[1, 3]) and dst[1, 1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_scatter_and_copy_as_words_equal_the_elementwise_ops(dtype):
+    """The 64-bit-word path moves exactly the bytes of the elementwise one, on slices of a joint K/V cache (image
+    rows first, text tail) and on strided sources where it falls back."""
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, 3, 10 + 4, 2, 8, generator=gen).to(dtype)  # (2, B, M + T, H, hd)
+    fresh, text = torch.randn(3, 5, 2, 8, generator=gen).to(dtype), torch.randn(3, 4, 2, 8, generator=gen).to(dtype)
+    idx = torch.stack([torch.randperm(10, generator=gen)[:5] for _ in range(3)])  # (B, k) per-sample, unique
+    expected = cache.clone()
+    expected[1, :, :10].scatter_(1, idx[:, :, None, None].expand(3, 5, 2, 8), fresh)
+    expected[1, :, 10:].copy_(text)
+    got = cache.clone()
+    assert (as_words(got[1, :, :10], fresh) is None) == (dtype == torch.float64)  # 8-byte elements stay as they are
+    scatter_tokens_(got[1, :, :10], idx, fresh)
+    copy_tokens_(got[1, :, 10:], text)
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    strided = fresh.transpose(2, 3).contiguous().transpose(2, 3)  # last dim not contiguous: the elementwise op
+    assert as_words(strided) is None and torch.equal(strided, fresh)
+    target = cache[0, :, :10].clone()
+    assert torch.equal(
+        scatter_tokens_(target, idx, strided),
+        expected[1, :, :10]
+        .clone()
+        .copy_(cache[0, :, :10])
+        .scatter_(1, idx[:, :, None, None].expand(3, 5, 2, 8), fresh),
+    )
+    assert as_words(cache[0, :, :10, :, 1:]) is None  # a row of 7 elements: not whole words
 
 
 def test_token_mask():

@@ -13,7 +13,7 @@ from .selection import (
     update_age,
     update_staleness,
 )
-from .tokens import gather_tokens, scatter_tokens_, token_mask
+from .tokens import as_words, copy_tokens_, gather_tokens, scatter_tokens_, token_mask
 
 __all__ = [
     "advance_kv_",
@@ -27,6 +27,8 @@ __all__ = [
     "cluster_features",
     "cluster_quotas",
     "cluster_scores",
+    "as_words",
+    "copy_tokens_",
     "gather_tokens",
     "grid_positions",
     "kmeans",

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..algorithm import advance_kv_, extrapolate_, scatter_tokens_
+from ..algorithm import advance_kv_, copy_tokens_, extrapolate_, scatter_tokens_
 from .lowprec import SCALE, KVWriter, Workspace, attend_low_precision
 
 if TYPE_CHECKING:
@@ -148,8 +148,8 @@ class KVSlot:
             out = self.forecast.working(kv)  # (2, B, M [+ T], H, hd)
             extrapolate_(out[:, :, :m], kv[:, :, :m], self.prev, self.forecast.ratio)  # ratio 0 at idx: fresh
         if text is not None:
-            out[0, :, m:].copy_(text[0])  # (B, T, H, hd)
-            out[1, :, m:].copy_(text[1])
+            copy_tokens_(out[0, :, m:], text[0])  # (B, T, H, hd)
+            copy_tokens_(out[1, :, m:], text[1])
         return out
 
 
