@@ -288,11 +288,17 @@ class Runtime:
 
     def _capture(self, gen: Generation, original, args, kwargs, info: CallInfo):
         """The last dense step: fill the K/V caches, cluster the tokens and choose the first selection."""
-        out = self._full_step(gen, original, args, kwargs, info)
+        inputs = self._full_capture_inputs(info)
+        if inputs is None:
+            out = self._full_step(gen, original, args, kwargs, info)
+            tokens = self.adapter.output_tokens(out, info)  # (B, M, P)
+        else:
+            tokens = self._full_selection(gen, info, inputs)  # (B, M, P)
+            out = self.adapter.build_output(tokens, info)
         if self.config.keep_ratio_end is not None and gen.num_steps is None:
             gen.capture_time = self._timestep_value(info.timestep)  # the schedule's progress on a bare transformer
         store = gen.buffers.store
-        gen.outputs = store.put("outputs", self.adapter.output_tokens(out, info))  # (B, M, P)
+        gen.outputs = store.put("outputs", tokens)  # (B, M, P)
         shape, device = (gen.idx.shape[0], info.num_tokens), gen.outputs.device
         gen.labels = store.buffer("labels", shape, torch.long, device)  # (S, M)
         gen.staleness = store.buffer("staleness", shape, torch.float32, device)  # (S, M)
@@ -305,6 +311,31 @@ class Runtime:
         else:
             self._cluster_and_select(gen, info)
         return out
+
+    def _full_capture_inputs(self, info: CallInfo) -> dict[str, torch.Tensor] | None:
+        """The step inputs when the capture runs as a full-selection pruned step (`StepRunner.full_capture`), else
+        None: the runner says no, the forecast needs its hooked K0 / K1 roll, a low-precision cache is written by
+        the hooks' quantiser, or the call has inputs only the eager path handles."""
+        config = self.config
+        if not self.runner.full_capture or config.context is not Context.REUSE or config.cache_dtype is not None:
+            return None
+        return self.adapter.fast_inputs(info)
+
+    @torch.no_grad()
+    def _full_selection(self, gen: Generation, info: CallInfo, inputs: dict) -> torch.Tensor:
+        """The capture as the pruned step with every token selected: it writes every token's K/V into the caches
+        (allocated by the adapter's capture, whose hooks never run) and returns the (B, M, P) outputs."""
+        m = info.num_tokens
+        with self.adapter.capture(gen.caches, info):
+            pass  # allocates every block's cache; the step below fills all of it
+        picks = self._picks(gen, m)
+        order = torch.arange(m, device=info.device)
+        picks.idx.copy_(order.expand_as(picks.idx))
+        picks.idx_rows.copy_(order.expand_as(picks.idx_rows))
+        key = ("pruned", info.signature, m)
+        core = self.runner.compiled(key, lambda: self.adapter.pruned_fn(gen.caches, info))
+        rows = picks.idx_rows
+        return self.runner.run(("capture", info.signature), lambda **t: core(idx=rows, **t), inputs)  # (B, M, P)
 
     def _refresh(self, gen: Generation, original, args, kwargs, info: CallInfo):
         """A refresh step (``refresh_every``): dense, every cache refilled, every token counted as computed."""
