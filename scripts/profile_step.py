@@ -74,9 +74,11 @@ def format_report(report: dict) -> str:
     lines.append(line("wall - kernels", [rows[k]["wall_ms"] - rows[k]["kernel_ms"] for k in kinds]))
     if shrink and rows["full"]["macs"] and rows["pruned"]["macs"]:
         lines.append(f"MACs full / pruned step: {rows['full']['macs'] / rows['pruned']['macs']:.2f} x")
+    lines.append(line("launches per step", [rows[k].get("launches", 0.0) for k in kinds]))
     for kind in kinds:
-        top = ", ".join(f"{name[:60]} {ms:.3f}" for name, ms, _ in rows[kind]["top"][:5])
-        lines.append(f"top {kind}: {top}")
+        lines.append(f"top {kind} (ms per step, launches per step):")
+        for name, ms, _, launches in rows[kind]["top"][:10]:
+            lines.append(f"  {ms:8.3f} {launches:6.1f}  {name[:100]}")
     return "\n".join(lines)
 
 

@@ -117,26 +117,37 @@ def timed_events(events, cuda: bool) -> list[tuple[str, float]]:
     memset) on a GPU; operators' self CPU time on a CPU (the profiler's step markers left out)."""
     out = []
     for e in events:
+        if e.name.startswith("ProfilerStep"):  # the schedule's step ranges (also shown on the device timeline)
+            continue
         on_device = e.device_type != torch.autograd.DeviceType.CPU
         if cuda and on_device:
             out.append((e.name, e.time_range.elapsed_us()))
-        elif not cuda and not on_device and not e.name.startswith("ProfilerStep"):
+        elif not cuda and not on_device:
             out.append((e.name, e.self_cpu_time_total))
     return out
 
 
 def summarize_kernels(pairs: list[tuple[str, float]], calls: int, top: int = 12) -> dict:
-    """ms per call: the total, per category (they sum to the total) and the ``top`` kernels."""
+    """ms per call: the total, per category (they sum to the total) and the ``top`` kernels as ``[name, ms per
+    call, category, launches per call]``.
+
+    Example:
+        >>> summarize_kernels([("gemm_a", 2000.0), ("gemm_a", 2000.0), ("copy_b", 1000.0)], calls=2)["top"][0]
+        ['gemm_a', 2.0, 'GEMM', 1.0]
+    """
     categories = dict.fromkeys(CATEGORY_NAMES, 0.0)
     per_name: dict[str, float] = {}
+    launches: dict[str, int] = {}
     for name, us in pairs:
         categories[categorize(name)] += us / 1e3 / calls
         per_name[name] = per_name.get(name, 0.0) + us / 1e3 / calls
+        launches[name] = launches.get(name, 0) + 1
     ranked = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
     return {
         "kernel_ms": sum(categories.values()),
         "categories": categories,
-        "top": [[name, ms, categorize(name)] for name, ms in ranked],
+        "top": [[name, ms, categorize(name), launches[name] / calls] for name, ms in ranked],
+        "launches": sum(launches.values()) / calls,
     }
 
 
