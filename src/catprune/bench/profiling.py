@@ -188,7 +188,12 @@ def profile_kind(pipe, kwargs: dict, kind: str, device, replays: int, mode="eage
         when = schedule(skip_first=first, wait=0, warmup=1, active=replays, repeat=1)
         ready = lambda prof: collected.update(pairs=timed_events(prof.events(), cuda))  # noqa: E731
         with profile(activities=activities, schedule=when, on_trace_ready=ready) as prof:
-            hook = pipe.transformer.register_forward_pre_hook(lambda *_: prof.step())
+            def step(*_):
+                if cuda:  # the previous call's kernels finish inside its own window, not the next one's
+                    torch.cuda.synchronize(device)
+                prof.step()
+
+            hook = pipe.transformer.register_forward_pre_hook(step)
             try:
                 pipe(**calls, generator=seed.manual_seed(0))
             finally:
