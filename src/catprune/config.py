@@ -167,9 +167,9 @@ class CATConfig:
     - ``context`` (Context, default REUSE): what computed tokens attend to for the tokens a pruned step does not
       compute: their last keys/values (``REUSE``: the paper's behaviour exactly) or a per-token linear forecast of
       them in time (``EXTRAPOLATE``: no extra MACs; at keep 0.3 +4.8 dB PSNR to dense on ``shapes``, -1.2 dB on
-      the shipped ``scenes`` model, docs/quality_per_cost.md; on an H200 it made the SD3-medium pruned step 38%
-      slower and the cache twice as large, docs/measurements.md, so at equal time a higher keep ratio with reuse is
-      better).
+      the shipped ``scenes`` model at keep 0.3, +1.4 dB with 20 steps, keep 0.55 and two final dense steps,
+      docs/quality_per_cost.md; on an H200 it makes the SD3-medium pruned step 14% slower at keep 0.55 and the cache
+      twice as large, docs/measurements.md, so at equal GPU time reuse is better).
     - ``keep_ratio_end`` (float in (0, 1] or None, default None): a keep-ratio schedule: pruned step j of n keeps
       ``keep_ratio + (keep_ratio_end - keep_ratio) * j / (n - 1)`` of the tokens (linear; None: constant
       ``keep_ratio``). n comes from the pipeline's scheduler; on a bare transformer the progress is read from the
