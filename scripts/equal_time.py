@@ -38,6 +38,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 
 @dataclass
 class StepTimes:
@@ -137,11 +139,52 @@ def table(sweeps: list[dict], model: str, times: StepTimes) -> list[dict]:
         score = next((r[k] for k in ("identity_top1", "shape") if k in r), None)
         out.append(
             dict(
-                row=r["row"], macs=r["macs_ratio"], time=ms / full, dense_steps=ms / times.stock_ms,
-                psnr=r["psnr"], ssim=r["ssim"], dense_psnr=at_time, score=score,
+                row=r["row"], method=r["method"], macs=r["macs_ratio"], time=ms / full,
+                dense_steps=ms / times.stock_ms, psnr=r["psnr"], ssim=r["ssim"], dense_psnr=at_time, score=score,
             )
         )  # fmt: skip
     return out
+
+
+def plot(rows: list[dict], title: str, path: str) -> str:
+    """PSNR against MACs (left) and against the modelled GPU time (right); the Pareto front of each panel dashed and
+    its rows named; rows with final dense steps outlined in black."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"plot: matplotlib is not installed; {path} not written (pip install matplotlib)"
+    from plot_sweep import STYLE, pareto_front
+
+    fig, axes = plt.subplots(1, 2, figsize=(16, 6.5), dpi=100)
+    for ax, x, label in ((axes[0], "macs", "transformer MACs / dense-28"), (axes[1], "time", "GPU time / dense-28")):
+        pts = [dict(r, x=r[x], macs_ratio=r[x]) for r in rows]
+        for method in ("dense", "cat-reuse", "cat-forecast"):
+            colour, marker = STYLE[method]
+            mine = [r for r in pts if r["method"] == method]
+            edges = ["black" if "-fd" in r["row"] else colour for r in mine]
+            ax.scatter([r["x"] for r in mine], [r["psnr"] for r in mine], c=colour, marker=marker, s=36,
+                       edgecolors=edges, linewidths=1.2, label=method, zorder=3)  # fmt: skip
+        dense = sorted((r for r in pts if r["method"] == "dense"), key=lambda r: r["x"])
+        ax.plot([r["x"] for r in dense], [r["psnr"] for r in dense], "-", color="#bbbbbb", zorder=1)
+        front = pareto_front(pts)
+        ax.plot([r["x"] for r in front], [r["psnr"] for r in front], "--", color="black", lw=1, label="Pareto")
+        for r in front:
+            ax.annotate(r["row"], (r["x"], r["psnr"]), fontsize=7, xytext=(4, -10), textcoords="offset points")
+        ax.set_xlim(0.25, 0.75)
+        ax.set_ylim(15, 40)
+        ax.set_xlabel(label)
+        ax.set_ylabel("PSNR to dense-28 (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0].set_title(f"{title}: against MACs (outlined: final dense steps)", fontsize=10)
+    axes[1].set_title(f"{title}: against GPU time (SD3-medium step times, compile+cudagraph)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return f"plot: {path}"
 
 
 def main(argv=None) -> int:
@@ -150,6 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--bench", action="append", required=True, help="catprune bench --json records, PATH or PATH:CONTEXT (repeatable)")
     p.add_argument("--model", default="scenes")
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: PSNR against MACs and against the modelled GPU time")
     args = p.parse_args(argv)
     times = step_times(args.bench)
     print(
@@ -165,6 +209,8 @@ def main(argv=None) -> int:
         score = "" if r["score"] is None else f"{r['score']:.3f}"
         print(f"{r['row']:<26}{r['macs']:>7.3f}{r['time']:>7.3f}{r['dense_steps']:>9.2f}{r['psnr']:>7.2f}"
               f"{r['ssim']:>8.4f}{dense:>11}{delta:>7}{score:>7}")  # fmt: skip
+    if args.plot:
+        print(plot(rows, args.model, args.plot))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(step_ms=times.__dict__, rows=rows), indent=1))
     return 0
