@@ -337,3 +337,18 @@ def test_estimate_matches_the_plan_and_takes_a_measured_macs_ratio(shapes_pipe):
     measured = catprune.planner.estimate(shapes_pipe, config, 20, 28, macs_ratio=0.4, device="cpu")
     assert measured.macs_ratio == pytest.approx(0.4) and measured.config.backend.value == "eager"
     assert catprune.planner.estimate(shapes_pipe, None, 14, 28).macs_ratio == pytest.approx(0.5)
+
+
+def test_a_dense_step_count_between_two_measured_ones_competes_with_interpolated_quality(shapes_pipe):
+    """Between measured dense-6 (20 dB) and dense-8 (26 dB) dense-7 is taken as 23 dB: at 10 / 7 = 1.43x it beats a
+    measured CAT row of 22 dB, which without the interpolation would have been the only candidate above dense-6."""
+    cat = {"keep_ratio": 0.3, "start_step": 2}
+    tables = Tables.from_dict({"quality": [_quality(6, 20.0), _quality(8, 26.0), _quality(10, 22.0, cat)]})
+    plan = catprune.plan(shapes_pipe, 1.4, num_inference_steps=10, tables=tables, device="cpu")
+    assert plan.config is None and plan.num_inference_steps == 7
+    assert plan.expected_quality.psnr_db == pytest.approx(23.0)
+    assert "interpolated between the measured dense-6 and dense-8 rows" in plan.expected_quality.source
+    assert "best interpolated quality" in plan.reason
+    worse = Tables.from_dict({"quality": [_quality(6, 20.0), _quality(8, 21.0), _quality(10, 22.0, cat)]})
+    plan = catprune.plan(shapes_pipe, 1.4, num_inference_steps=10, tables=worse, device="cpu")
+    assert plan.config is not None and plan.expected_quality.psnr_db == pytest.approx(22.0)  # measured CAT wins

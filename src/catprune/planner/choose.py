@@ -120,7 +120,31 @@ def candidates(costs: CostModel, rows: list[QualityRow], backend, cache_ok) -> l
         if row.step_cache is not None and (row.macs_ratio is None or not cache_ok(dict(row.step_cache))):
             continue  # a step cache is a candidate only where it can be applied and its cost was measured
         add(row.steps, row.config, row.quality, row.step_cache, row.macs_ratio)
+    for steps, quality in dense_between(rows).items():
+        add(steps, None, quality)
     return list(out.values())
+
+
+def dense_between(rows: list[QualityRow]) -> dict[int, Quality]:
+    """Plain fewer-steps counts without a quality row of their own but with measured dense rows on both sides: their
+    quality interpolated linearly in the step count (PSNR and SSIM are smooth in it), the source naming both rows. So
+    a speed-up that falls between two measured dense counts is compared with the dense count that reaches it.
+
+    Example:
+        >>> q = lambda db: Quality(db, 0.9, "m")
+        >>> rows = [QualityRow("m", 28, n, None, q(db)) for n, db in ((10, 23.0), (12, 26.0))]
+        >>> round(dense_between(rows)[11].psnr_db, 2), dense_between(rows)[11].source
+        (24.5, 'interpolated between the measured dense-10 and dense-12 rows (m; m)')
+    """
+    dense = sorted((r.steps, r.quality) for r in rows if r.config is None and r.step_cache is None)
+    out = {}
+    for (a, qa), (b, qb) in zip(dense, dense[1:], strict=False):
+        for steps in range(a + 1, b):
+            w = (steps - a) / (b - a)
+            ssim = None if qa.ssim is None or qb.ssim is None else qa.ssim + w * (qb.ssim - qa.ssim)
+            source = f"interpolated between the measured dense-{a} and dense-{b} rows ({qa.source}; {qb.source})"
+            out[steps] = Quality(qa.psnr_db + w * (qb.psnr_db - qa.psnr_db), ssim, source)
+    return out
 
 
 def choose(feasible: list[Candidate], n: int, key: str | None) -> tuple[Candidate, str]:
@@ -129,9 +153,10 @@ def choose(feasible: list[Candidate], n: int, key: str | None) -> tuple[Candidat
     if measured:
         ranked = sorted(measured, key=lambda c: (-c.quality.psnr_db, -c.speedup))
         best = ranked[0]
+        what = "interpolated" if best.quality.source.startswith("interpolated") else "measured"
         why = (
-            f"best measured quality ({best.quality.psnr_db:.2f} dB PSNR to dense) among {len(measured)} measured "
-            "candidate(s) predicted to reach the speed-up"
+            f"best {what} quality ({best.quality.psnr_db:.2f} dB PSNR to dense) among {len(measured)} measured or "
+            "interpolated candidate(s) predicted to reach the speed-up"
         )
         if len(ranked) > 1:
             why += f"; next: {ranked[1].describe()}"
