@@ -5,7 +5,8 @@
 prints a JSON list of rows (one per benchmarked case) to paste into ``src/catprune/data/cost_tables.json`` under
 ``step_times``. A row's ``context`` is the case's ``CATConfig.context`` (``catprune bench --context``; records
 written before the option existed were measured with ``reuse``). A row's ``pruned_macs_ratio`` is the MACs of one pruned step over one dense step, recovered from the
-record's total MACs: ``(macs_cat / macs_dense * N - start) / (N - start)``. Cases measured with a low-precision
+record's total MACs: ``(macs_cat / macs_dense * N - dense) / (N - dense)``, ``dense`` the warm-up and final dense
+steps. Cases with a keep-ratio schedule (``--keep-ratio-end``) are left out. Cases measured with a low-precision
 cache (``catprune bench --cache-dtype`` other than none) are left out: the planner's configurations keep the
 model's cache dtype, and on an H200 the fp8 cache made the step slower, not faster.
 """
@@ -23,7 +24,9 @@ def rows_from_record(record: dict, source: str) -> list[dict]:
         case, dense, cat = result["case"], result["dense"], result["cat"]
         if not cat.get("pruned_step_s") or case.get("cache_dtype") not in (None, "none"):
             continue
-        n, start = case["steps"], case["start_step"]
+        if case.get("keep_ratio_end") is not None:
+            continue  # a keep-ratio schedule: no single keep ratio for the pruned step time
+        n, start = case["steps"], case["start_step"] + case.get("final_dense_steps", 0)
         total = cat["macs"] / cat["macs_dense"]
         rows.append(
             {

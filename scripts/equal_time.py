@@ -78,8 +78,8 @@ def step_times(paths: list[str]) -> StepTimes:
         path, _, only = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
         for r in json.loads(Path(path).read_text())["results"]:
             case, cat = r["case"], r["cat"]
-            if only and case["context"] != only:
-                continue
+            if (only and case["context"] != only) or case.get("keep_ratio_end") is not None:
+                continue  # another context, or a schedule (no single keep ratio for its pruned step time)
             start, steps = case["start_step"], cat["step_s"]
             stock.append(1e3 * statistics.median(r["dense"]["step_s"]))
             dense += [1e3 * s for s in steps[: start - 2]]

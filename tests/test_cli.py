@@ -120,6 +120,37 @@ def test_bench_tiny_preset_writes_json(tmp_path, capsys):
     assert "MACs x" in capsys.readouterr().out
 
 
+def test_bench_final_dense_steps_and_schedule(tmp_path, capsys):
+    """``--final-dense-steps`` and ``--keep-ratio-end`` reach the CAT side (more MACs than without, recorded in the
+    case); the planner's step-time rows count the final steps as dense and leave schedules out; bad values name the
+    flag."""
+    path, plain_path = tmp_path / "bench.json", tmp_path / "plain.json"
+    common = ["bench", "--preset", "sd3-tiny", "--sizes", "64x64", "--steps", "8", "--start-step", "3", "--repeats",
+              "1", "--dtype", "fp32", "--no-vae"]  # fmt: skip
+    assert main([*common, "--json", str(plain_path)]) == 0
+    assert main([*common, "--final-dense-steps", "2", "--json", str(path)]) == 0
+    plain, final = (json.loads(p.read_text())["results"][0] for p in (plain_path, path))
+    assert final["case"]["final_dense_steps"] == 2 and final["case"]["keep_ratio_end"] is None
+    assert final["cat"]["macs"] > plain["cat"]["macs"] and final["cat"]["macs_dense"] == plain["cat"]["macs_dense"]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        from cost_rows_from_bench import rows_from_record
+    finally:
+        sys.path.pop(0)
+    ratio = rows_from_record(json.loads(path.read_text()), "fd")[0]["pruned_macs_ratio"]
+    assert ratio == pytest.approx(rows_from_record(json.loads(plain_path.read_text()), "plain")[0]["pruned_macs_ratio"])
+    schedule_path = tmp_path / "schedule.json"
+    assert main([*common, "--keep-ratio-end", "0.6", "--json", str(schedule_path)]) == 0
+    record = json.loads(schedule_path.read_text())
+    assert record["results"][0]["case"]["keep_ratio_end"] == 0.6 and rows_from_record(record, "s") == []
+    capsys.readouterr()
+    for flag, value, words in (("--final-dense-steps", "-1", "integer >= 0"), ("--keep-ratio-end", "0", "(0, 1]")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["bench", flag, value])
+        err = capsys.readouterr().err
+        assert f"argument {flag}" in err and words in err and repr(value) in err
+
+
 def test_bench_times_both_contexts_and_the_rows_name_them(tmp_path, capsys):
     """``--context reuse,extrapolate`` runs one case per context; scripts/cost_rows_from_bench.py carries the context
     into the planner's step-time rows (a record without it is the paper's reuse)."""

@@ -109,6 +109,8 @@ class BenchCase:
     split: bool = False  # also time catprune's full-selection step: the "implementation vs pruning" split
     compile_vae: str | None = None  # torch.compile mode of the VAE decode (the same decode on both sides)
     cache_dtype: str | None = None  # CATConfig.cache_dtype of the CAT side (None: the model's dtype)
+    keep_ratio_end: float | None = None  # CATConfig.keep_ratio_end of the CAT side (a keep-ratio schedule)
+    final_dense_steps: int = 0  # CATConfig.final_dense_steps of the CAT side
 
 
 @dataclass
@@ -347,7 +349,8 @@ def run_case(case: BenchCase, pipe=None, entry=None, device=None, dense=None, ti
         if dense is None:
             same, _ = _run_method(pipe, embeds, case, catprune.CATConfig(start_step=DENSE_START, **base), device)
             dense = same, {"requested": SAME, "name": f"{SAME} ({case.mode})", "candidates_ms": {}, "skipped": {}}
-        cat, latents = _run_method(pipe, embeds, case, catprune.CATConfig(start_step=case.start_step, **base), device)
+        config = catprune.CATConfig(start_step=case.start_step, **base, **_schedule_options(case))
+        cat, latents = _run_method(pipe, embeds, case, config, device)
         dense_result = dense[0] if dense[0].macs else replace(dense[0], macs=cat.macs_dense, macs_dense=cat.macs_dense)
         timings = _kernel_and_vae_times(pipe, family, case, latents, device)
         catprune.remove(pipe)
@@ -399,6 +402,12 @@ def _kernel_and_vae_times(pipe, family, case: BenchCase, latents, device) -> dic
 def _cache_options(case: BenchCase) -> dict:
     """The case's CATConfig.cache_dtype, when it sets one."""
     return {} if case.cache_dtype is None else dict(cache_dtype=case.cache_dtype)
+
+
+def _schedule_options(case: BenchCase) -> dict:
+    """The case's keep-ratio schedule and final dense steps, when it sets them (the CAT side only)."""
+    out = {} if case.keep_ratio_end is None else dict(keep_ratio_end=case.keep_ratio_end)
+    return out | ({} if not case.final_dense_steps else dict(final_dense_steps=case.final_dense_steps))
 
 
 def _split(pipe, embeds, case: BenchCase, device, dense: MethodResult, cat: MethodResult) -> dict:

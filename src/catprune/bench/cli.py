@@ -44,6 +44,30 @@ def context_name(text: str) -> str:
     return text
 
 
+def keep_ratio_end(text: str) -> float | None:
+    """``--keep-ratio-end``: a number in (0, 1] or ``none``."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or none, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (``--final-dense-steps``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def forecast_cap(text: str) -> float | None:
     """``--forecast-max-ratio``: a number > 0 or ``none`` (uncapped)."""
     if text.lower() == "none":
@@ -112,6 +136,8 @@ def cmd_bench(args, time_candidate=None) -> int:
                         split=args.split,
                         compile_vae=args.compile_vae,
                         cache_dtype=cache_dtype,
+                        keep_ratio_end=args.keep_ratio_end,
+                        final_dense_steps=args.final_dense_steps,
                     )
                     result = run_case(case, pipe, entry, device, dense=dense, time_candidate=time_candidate)
                     if args.dense_baseline != SAME:
@@ -142,6 +168,19 @@ def _add_cat_options(p) -> None:
         type=forecast_cap,
         default=0.5,
         help="CATConfig.forecast_max_ratio with --context extrapolate: a number > 0, or none (default 0.5)",
+    )
+    p.add_argument(
+        "--keep-ratio-end",
+        type=keep_ratio_end,
+        default=None,
+        help="CATConfig.keep_ratio_end of the CAT side: a keep-ratio schedule from --keep-ratio to this over the "
+        "pruned steps (a number in (0, 1]; default none: constant)",
+    )
+    p.add_argument(
+        "--final-dense-steps",
+        type=non_negative_int,
+        default=0,
+        help="CATConfig.final_dense_steps of the CAT side: the last n steps run dense (default 0)",
     )
     p.add_argument(
         "--cache-dtype",
