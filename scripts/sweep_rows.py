@@ -26,20 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from catprune import CATConfig
+from catprune.evaluation import methods
 
-#: short keys of the row-spec language -> CATConfig fields
-SHORT_KEYS = {
-    "k": "keep_ratio",
-    "t": "start_step",
-    "ctx": "context",
-    "cap": "forecast_max_ratio",
-    "end": "keep_ratio_end",
-    "rf": "refresh_every",
-    "sel": "selection",
-    "cd": "cache_dtype",
-    "fd": "final_dense_steps",
-}
-CONTEXTS = {"r": "reuse", "x": "extrapolate"}
+#: short keys of the row-spec language -> CATConfig fields, and the short contexts: those of ``catprune eval
+#: --methods`` (one language for both)
+SHORT_KEYS, CONTEXTS = methods.SHORT_KEYS, methods.CONTEXTS
 
 #: The quality-per-cost grid, in priority order (a time budget drops rows from the end).
 PRESETS = {
@@ -109,15 +100,7 @@ def row_name(steps: int, config: CATConfig | None, reference: int) -> str:
     return name + (f"-{c.cache_dtype.value}" if c.cache_dtype is not None else "")
 
 
-def _value(text: str):
-    if text.lower() == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return CONTEXTS.get(text, text)
+_value = methods.keyword_value
 
 
 def _fields(items: list[str], item: str) -> dict:

@@ -14,7 +14,7 @@ import torch
 
 import catprune
 from catprune.evaluation import EvalSettings, generate, parse_methods, score, write_report
-from catprune.evaluation.compare import comparisons
+from catprune.evaluation.compare import comparisons, main_cat
 from catprune.evaluation.files import load_images
 from catprune.evaluation.methods import Kind, Method, default_methods
 from catprune.evaluation.metrics import finite_mean, paired_difference, psnr, ssim
@@ -123,6 +123,53 @@ def test_parse_methods_always_includes_the_reference_first():
 def test_parse_methods_errors(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_methods(spec, 28)
+
+
+def test_keyword_methods_mix_pruning_with_fewer_steps_and_the_pareto_preset():
+    a, b = parse_methods("cat:s=20:k=0.55:t=6:fd=2,cat:s=20:k=0.5:t=6:ctx=x:cap=1", 28)[1:]
+    assert a.steps == 20 and a.name.endswith("-s20") and a.group == "CAT"
+    assert (a.config.keep_ratio, a.config.start_step, a.config.final_dense_steps) == (0.55, 6, 2)
+    assert "final_dense_steps=2" in a.description and "20 steps" in a.description
+    assert b.config.context.value == "extrapolate" and b.config.forecast_max_ratio == 1.0 and a.name != b.name
+    pareto = parse_methods("pareto", 28)
+    assert [m.name for m in pareto][:3] == ["dense-28", "dense-24", "dense-20"]
+    assert {m.steps for m in pareto if m.config is not None} == {28, 20, 14}
+    assert len({m.name for m in pareto}) == len(pareto)
+    small = parse_methods("pareto", 8)  # scaled: every run fits the reference, final dense steps after the start
+    for m in small:
+        assert 1 <= m.steps <= 8
+        if m.config is not None:
+            assert m.config.start_step + m.config.final_dense_steps < m.steps
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("cat:s=40:k=0.3", r"s: expected an int step count in \[2, 28\]"),
+        ("cat:k=0.3:q=2", "unknown key 'q'"),
+        ("cat:k=0.3:t", "expected KEY=VALUE items"),
+        ("cat:k=2", "keep_ratio"),
+        ("cat:fd=-1", "final_dense_steps"),
+    ],
+)
+def test_keyword_method_errors_name_the_item(spec, message):
+    with pytest.raises(ValueError, match=message) as info:
+        parse_methods(spec, 28)
+    assert repr(spec) in str(info.value)
+
+
+def test_fewer_steps_cat_method_generates_and_is_not_the_main_cat(tmp_path):
+    """A CAT method with fewer steps than the reference runs (its MACs ratio against the reference's), and the
+    comparisons stay about the CAT run at the reference's steps."""
+    out = tmp_path / "mix"
+    methods = parse_methods(f"cat:0.3:{START},cat:s=4:k=0.5:t=2:fd=1", STEPS)
+    generate(tiny_settings(num_prompts=2), methods, out, pipe=tiny_pipe(), warmup=False, **QUIET)
+    score(out, **QUIET)
+    results = write_report(out, **QUIET)
+    rows = {r["name"]: r for r in results["methods"]}
+    mix = rows[methods[2].name]
+    assert mix["steps"] == 4 and mix["status"] == "ok" and 0 < mix["macs_ratio"] < 4 / STEPS
+    assert main_cat(results["methods"])["name"] == methods[1].name
 
 
 def test_settings_validation_and_folder_name(tmp_path):

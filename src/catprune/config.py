@@ -397,3 +397,21 @@ class CATConfig:
         out["cluster_share_weights"] = list(self.cluster_share_weights)
         out["cache_dtype"] = None if self.cache_dtype is None else self.cache_dtype.value
         return out
+
+
+def describe_config(config: CATConfig) -> str:
+    """``keep_ratio=.. start_step=..`` and every other field that differs from its default (the backend aside), as
+    keyword arguments one can paste into `CATConfig`.
+
+    Example:
+        >>> describe_config(CATConfig(keep_ratio=0.5, start_step=6, context="extrapolate", final_dense_steps=2))
+        "keep_ratio=0.5 start_step=6 context='extrapolate' final_dense_steps=2"
+    """
+    default, words = CATConfig(), [f"keep_ratio={config.keep_ratio:g}", f"start_step={config.start_step}"]
+    for f in dataclasses.fields(CATConfig):
+        value = getattr(config, f.name)
+        if f.name in ("keep_ratio", "start_step", "backend") or value == getattr(default, f.name):
+            continue
+        value = value.value if isinstance(value, enum.Enum) else value
+        words.append(f"{f.name}={value:g}" if isinstance(value, float) else f"{f.name}={value!r}")
+    return " ".join(words)

@@ -97,8 +97,11 @@ def find(rows: list[dict], **match) -> dict | None:
 
 def main_cat(rows: list[dict]) -> dict | None:
     """The CAT row the comparisons are about: keep 0.3 / start 8 if it was run, else the first CAT row with keep
-    0.3, else the first CAT row (runs with fewer steps start CAT earlier)."""
+    0.3, else the first CAT row (runs with fewer steps start CAT earlier); rows at the reference's step count before
+    the mixes of pruning and fewer steps."""
     cats = [r for r in rows if r.get("selection") == "cat" and r.get("status") == "ok"]
+    reference = next((r.get("steps") for r in rows if r.get("group") == "reference"), None)
+    cats = [r for r in cats if r.get("steps") == reference] + [r for r in cats if r.get("steps") != reference]
     for pick in (
         lambda r: r["keep_ratio"] == MAIN_KEEP and r["start_step"] == MAIN_START,
         lambda r: r["keep_ratio"] == MAIN_KEEP,

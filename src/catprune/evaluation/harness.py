@@ -309,9 +309,14 @@ def _check_methods(methods: Sequence[Method], settings: EvalSettings) -> None:
                 f"generate: methods: {m.name} runs {m.steps} steps, more than the reference's {settings.steps}. "
                 "Fewer-steps baselines must run at most settings.steps steps."
             )
-        if m.kind is not Kind.DENSE and m.steps != settings.steps:
+        if m.kind is Kind.CATPRUNE and m.steps > settings.steps:
             raise ValueError(
-                f"generate: methods: {m.name} runs {m.steps} steps; accelerated methods must run settings.steps "
+                f"generate: methods: {m.name} runs {m.steps} steps, more than the reference's {settings.steps}. "
+                "CAT methods run at most settings.steps steps (fewer: pruning combined with fewer steps)."
+            )
+        if m.kind is Kind.PEER and m.steps != settings.steps:
+            raise ValueError(
+                f"generate: methods: {m.name} runs {m.steps} steps; peer methods must run settings.steps "
                 f"({settings.steps}). Build them with the evaluation's step count."
             )
 

@@ -9,23 +9,32 @@ Method specs, as the CLI takes them (``--methods``), comma-separated:
 - ``dense`` or ``dense:STEPS``: the dense model (``dense`` = the evaluation's step count, the reference);
 - ``cat:KEEP:START`` (e.g. ``cat:0.3:8``) and the same for ``random``, ``magnitude``, ``staleness``,
   ``no_clustering`` and ``ras`` (see `catprune.Selection`); ``KEEP`` and ``START`` default to 0.3 and 8;
+- the keyword form ``cat:KEY=VALUE:...`` (e.g. ``cat:s=20:k=0.55:t=6:fd=2`` for 20 steps, keep 0.55, start 6, two
+  final dense steps): ``s`` the steps (fewer than the evaluation's: pruning combined with fewer steps), ``k``
+  keep_ratio, ``t`` start_step, ``ctx`` context (``r`` / ``reuse``, ``x`` / ``extrapolate``), ``cap``
+  forecast_max_ratio, ``end`` keep_ratio_end, ``rf`` refresh_every, ``fd`` final_dense_steps, ``cd`` cache_dtype,
+  or any `CATConfig` field by its full name;
 - ``dbcache`` or ``dbcache:THRESHOLD`` (cache-dit's DBCache, F1B0, warm-up 8 steps);
-- presets: ``default`` (the full comparison) and ``quick`` (the smallest set that every comparison of the report
-  needs).
+- presets: ``default`` (the full comparison), ``quick`` (the smallest set that every comparison of the report
+  needs) and ``pareto`` (fewer dense steps against the mixes of fewer steps, pruning and final dense steps that
+  measured best per cost on the embedded models, docs/quality_per_cost.md).
 
 Example:
     >>> [m.name for m in parse_methods("dense,dense:14,cat:0.3:8,ras", steps=28)]
     ['dense-28', 'dense-14', 'cat-a0.3-t8', 'ras-a0.3-t8']
+    >>> parse_methods("cat:s=20:k=0.55:t=6:fd=2", steps=28)[1].name
+    'cat-a0.55-t6-c76ba2-s20'
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
 from dataclasses import dataclass, field
 
-from ..config import CATConfig, Selection
+from ..config import CATConfig, Selection, describe_config
 
 
 class Kind(str, enum.Enum):
@@ -102,12 +111,15 @@ class Method:
         )
 
     @classmethod
-    def catprune(cls, config: CATConfig, steps: int) -> Method:
-        """A catprune method (CAT, an ablation or the RAS-style baseline) for ``config``.
+    def catprune(cls, config: CATConfig, steps: int, reference_steps: int | None = None) -> Method:
+        """A catprune method (CAT, an ablation or the RAS-style baseline) for ``config`` at ``steps`` steps; a
+        ``reference_steps`` other than ``steps`` (pruning combined with fewer steps) adds ``-s<steps>`` to the name.
 
         Example:
             >>> Method.catprune(CATConfig(keep_ratio=0.5, start_step=4, selection="random"), 28).name
             'random-a0.5-t4'
+            >>> Method.catprune(CATConfig(keep_ratio=0.5, start_step=6), 20, reference_steps=28).name
+            'cat-a0.5-t6-s20'
         """
         sel = config.selection
         name = f"{sel.value}-a{config.keep_ratio:g}-t{config.start_step}"
@@ -115,12 +127,17 @@ class Method:
         defaults = {k: v for k, v in CATConfig().to_dict().items() if k in extra}
         if extra != defaults:  # a non-default knob: keep names unique and honest
             name += "-" + hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:6]
+        fewer = reference_steps is not None and steps != reference_steps
+        name += f"-s{steps}" if fewer else ""
+        others = describe_config(config).split(" ", 2)[2:]  # the fields beyond keep_ratio and start_step
+        description = f"{_DESCRIPTIONS[sel]}; keep_ratio {config.keep_ratio:g}, start_step {config.start_step}"
+        description += (f", {others[0]}" if others else "") + (f"; {steps} steps" if fewer else "")
         return cls(
             name=name,
             kind=Kind.CATPRUNE,
             steps=steps,
             group=_SELECTION_GROUP[sel],
-            description=f"{_DESCRIPTIONS[sel]}; keep_ratio {config.keep_ratio:g}, start_step {config.start_step}",
+            description=description,
             config=config,
         )
 
@@ -255,7 +272,92 @@ def quick_methods(steps: int = 28) -> list[Method]:
     )
 
 
-PRESETS = {"default": default_methods, "quick": quick_methods}
+#: (steps, keyword spec) of the `pareto` preset at 28 steps: the rows that measured best per cost on the embedded
+#: models (docs/quality_per_cost.md); scaled to other step counts by `pareto_methods`
+PARETO_AT_28 = (
+    "cat:s=20:k=0.55:t=6:fd=2",
+    "cat:s=20:k=0.55:t=6:fd=2:ctx=x",
+    "cat:s=20:k=0.6:t=6",
+    "cat:s=20:k=0.5:t=6:ctx=x",
+    "cat:s=14:k=0.3:end=0.6:t=4:fd=1",
+    "cat:s=14:k=0.25:end=0.55:t=4:fd=1",
+    "cat:s=14:k=0.3:end=0.6:t=4:fd=2",
+)
+
+
+def pareto_methods(steps: int = 28) -> list[Method]:
+    """Dense at 8..24 of 28 steps (scaled), CAT's default, and the `PARETO_AT_28` mixes, their step counts, start
+    steps and final dense steps scaled to ``steps`` (at 28: as listed).
+
+    Example:
+        >>> [m.name for m in pareto_methods(28)][:3]
+        ['dense-28', 'dense-24', 'dense-20']
+        >>> pareto_methods(14)[-1].steps, pareto_methods(14)[-1].config.start_step
+        (7, 2)
+    """
+    scale = steps / 28
+
+    def scaled(n: int, low: int) -> int:
+        return max(low, round(n * scale))
+
+    fewer = sorted({min(steps - 1, scaled(n, 1)) for n in (8, 9, 10, 12, 14, 15, 16, 18, 20, 24)}, reverse=True)
+    methods = [Method.dense(steps, steps)] + [Method.dense(n, steps) for n in fewer if n >= 1]
+    methods.append(Method.catprune(CATConfig(start_step=_cat_start(steps)), steps))
+    for spec in PARETO_AT_28:
+        fields = _keyword_fields(spec.split(":")[1:], spec)
+        n = min(steps, scaled(fields.pop("s"), 3))
+        fields["start_step"] = min(n - 1, scaled(fields["start_step"], 2))
+        fields["final_dense_steps"] = min(n - fields["start_step"] - 1, round(fields.get("final_dense_steps", 0) * scale))
+        methods.append(Method.catprune(CATConfig(**fields), n, reference_steps=steps))
+    return _unique(methods)
+
+
+PRESETS = {"default": default_methods, "quick": quick_methods, "pareto": pareto_methods}
+
+#: short keys of the keyword form -> CATConfig fields (``s``, the steps, is the method's, not the config's)
+SHORT_KEYS = {
+    "k": "keep_ratio",
+    "t": "start_step",
+    "ctx": "context",
+    "cap": "forecast_max_ratio",
+    "end": "keep_ratio_end",
+    "rf": "refresh_every",
+    "sel": "selection",
+    "cd": "cache_dtype",
+    "fd": "final_dense_steps",
+}
+#: short context values of the keyword form
+CONTEXTS = {"r": "reuse", "x": "extrapolate"}
+
+
+def keyword_value(text: str):
+    """A keyword-form value: ``none`` -> None, then int, float, a short context, or the text itself.
+
+    Example:
+        >>> [keyword_value(v) for v in ("none", "3", "0.5", "x", "fp8")]
+        [None, 3, 0.5, 'extrapolate', 'fp8']
+    """
+    if text.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return CONTEXTS.get(text, text)
+
+
+def _keyword_fields(items: list[str], spec: str) -> dict:
+    """``KEY=VALUE`` items as CATConfig field names (``s`` kept as the steps); ValueError naming the item."""
+    fields = {}
+    for part in items:
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"methods: {spec!r}: expected KEY=VALUE items (e.g. 'k=0.3'), got {part!r}.")
+        fields[SHORT_KEYS.get(key.strip(), key.strip())] = keyword_value(value.strip())
+    if isinstance(fields.get("forecast_max_ratio"), int):
+        fields["forecast_max_ratio"] = float(fields["forecast_max_ratio"])
+    return fields
 
 
 def _unique(methods: list[Method]) -> list[Method]:
@@ -308,6 +410,8 @@ def parse_methods(spec: str | list[str], steps: int) -> list[Method]:
                     f"methods: {item!r}: expected a step count in [1, {steps}] (the evaluation's steps), got {n}."
                 )
             methods.append(Method.dense(n, steps))
+        elif head in selections and any("=" in a for a in args):
+            methods.append(_keyword_method(head, args, item, steps))
         elif head in selections:
             if len(args) > 2:
                 raise ValueError(f"methods: {item!r}: expected '{head}:KEEP_RATIO:START_STEP', e.g. '{head}:0.3:8'.")
@@ -324,11 +428,31 @@ def parse_methods(spec: str | list[str], steps: int) -> list[Method]:
             threshold = _number(args[0], float, "a residual threshold", item) if args else 0.08
             methods.append(Method.dbcache(steps, threshold, warmup=min(DEFAULT_START_STEP, steps)))
         else:
-            accepted = ", ".join(["dense[:STEPS]", *(f"{s}[:KEEP:START]" for s in selections), "dbcache[:THR]"])
+            accepted = ", ".join(
+                ["dense[:STEPS]", *(f"{s}[:KEEP:START]" for s in selections), "cat:KEY=VALUE:...", "dbcache[:THR]"]
+            )
             raise ValueError(
                 f"methods: unknown method {item!r}. Accepted: {accepted}, or a preset ({', '.join(PRESETS)})."
             )
     return _unique(methods)
+
+
+def _keyword_method(head: str, args: list[str], item: str, steps: int) -> Method:
+    """A catprune method of the keyword form (``cat:s=20:k=0.55:t=6:fd=2``)."""
+    fields = _keyword_fields(args, item)
+    n = fields.pop("s", steps)
+    if not isinstance(n, int) or not 2 <= n <= steps:
+        raise ValueError(f"methods: {item!r}: s: expected an int step count in [2, {steps}] (the evaluation's), got {n!r}.")
+    fields.setdefault("selection", head)
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(CATConfig)})
+    if unknown:
+        keys = ", ".join(["s", *SHORT_KEYS])
+        raise ValueError(f"methods: {item!r}: unknown key {unknown[0]!r}; expected {keys} or a CATConfig field name.")
+    try:
+        config = CATConfig(**fields)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"methods: {item!r}: {exc}") from None
+    return Method.catprune(config, n, reference_steps=steps)
 
 
 def method_from_dict(data: dict) -> Method:
@@ -361,5 +485,6 @@ __all__ = [
     "matched_steps",
     "method_from_dict",
     "parse_methods",
+    "pareto_methods",
     "quick_methods",
 ]

@@ -26,8 +26,8 @@ import torch
 
 from .. import api
 from .._target import resolve_model
-from ..config import Backend, CATConfig
-from .choose import Candidate, CostModel, candidates, choose, config_text
+from ..config import Backend, CATConfig, describe_config
+from .choose import Candidate, CostModel, candidates, choose
 from .costs import MacsModel, TimeModel, family_of, model_key, select_rows, text_tokens, token_grid
 from .tables import Quality, QualityRow, StepTimeRow, Tables
 
@@ -99,7 +99,7 @@ class Plan:
 
     def summary(self) -> str:
         """Several lines for people: what was chosen, the cost, the quality, and why."""
-        chosen = self.config and f"CAT Pruning {config_text(self.config)}"
+        chosen = self.config and f"CAT Pruning {describe_config(self.config)}"
         quality = (
             f"{self.expected_quality.psnr_db:.2f} dB PSNR to dense ({self.expected_quality.source})"
             if self.expected_quality is not None

@@ -11,31 +11,13 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..config import CATConfig
+from ..config import CATConfig, describe_config
 from .costs import MacsModel, TimeModel
 from .tables import Quality, QualityRow
 
 KEEP_RATIOS = tuple(round(0.05 * i, 2) for i in range(2, 20))  # 0.1, 0.15, ..., 0.95
 START_STEPS_AT_28 = (4, 8, 12)  # warm-up steps tried, scaled to the step count
 MIN_STEP_SHARE = 0.25  # plain fewer steps go down to a quarter of the requested steps (at most 4x)
-
-
-def config_text(config: CATConfig) -> str:
-    """``keep_ratio=.. start_step=..`` and every other field that differs from its default (the backend aside), as
-    keyword arguments a user can paste into `CATConfig`.
-
-    Example:
-        >>> config_text(CATConfig(keep_ratio=0.5, start_step=6, context="extrapolate", final_dense_steps=2))
-        "keep_ratio=0.5 start_step=6 context='extrapolate' final_dense_steps=2"
-    """
-    default, words = CATConfig(), [f"keep_ratio={config.keep_ratio:g}", f"start_step={config.start_step}"]
-    for f in dataclasses.fields(CATConfig):
-        value = getattr(config, f.name)
-        if f.name in ("keep_ratio", "start_step", "backend") or value == getattr(default, f.name):
-            continue
-        value = value.value if hasattr(value, "value") else value
-        words.append(f"{f.name}={value:g}" if isinstance(value, float) else f"{f.name}={value!r}")
-    return " ".join(words)
 
 
 @dataclass(frozen=True)
@@ -59,7 +41,7 @@ class Candidate:
         elif self.config is None:
             what = f"step cache {dict(self.step_cache)}, {self.steps} steps"
         else:
-            what = f"CAT {config_text(self.config)}, {self.steps} steps"
+            what = f"CAT {describe_config(self.config)}, {self.steps} steps"
         psnr = f", {self.quality.psnr_db:.2f} dB" if self.quality is not None else ""
         return f"{what} ({self.speedup:.2f}x predicted, MACs {self.macs_ratio:.3f}{psnr})"
 
