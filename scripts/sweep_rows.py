@@ -100,22 +100,11 @@ def row_name(steps: int, config: CATConfig | None, reference: int) -> str:
     return name + (f"-{c.cache_dtype.value}" if c.cache_dtype is not None else "")
 
 
-_value = methods.keyword_value
-
-
 def _fields(items: list[str], item: str) -> dict:
-    fields = {}
-    for part in items:
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"rows: {item!r}: expected KEY=VALUE items after 'cat:' / 'oracle:', got {part!r}.")
-        fields[SHORT_KEYS.get(key, key)] = _value(value)
-    return fields
+    return methods.keyword_fields(items, item, who="rows")
 
 
 def _config(fields: dict, item: str) -> CATConfig:
-    if isinstance(fields.get("forecast_max_ratio"), int):
-        fields["forecast_max_ratio"] = float(fields["forecast_max_ratio"])
     try:
         return CATConfig(**fields)
     except (TypeError, ValueError) as exc:

@@ -44,17 +44,22 @@ def context_name(text: str) -> str:
     return text
 
 
-def keep_ratio_end(text: str) -> float | None:
-    """``--keep-ratio-end``: a number in (0, 1] or ``none``."""
+def _number_or_none(text: str, ok, expected: str) -> float | None:
+    """``none`` -> None, else a float for which ``ok`` holds; ArgumentTypeError saying what was ``expected``."""
     if text.lower() == "none":
         return None
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or none, got {text!r}")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected} or none, got {text!r}")
     return value
+
+
+def keep_ratio_end(text: str) -> float | None:
+    """``--keep-ratio-end``: a number in (0, 1] or ``none``."""
+    return _number_or_none(text, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def non_negative_int(text: str) -> int:
@@ -70,15 +75,7 @@ def non_negative_int(text: str) -> int:
 
 def forecast_cap(text: str) -> float | None:
     """``--forecast-max-ratio``: a number > 0 or ``none`` (uncapped)."""
-    if text.lower() == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0 or none, got {text!r}")
-    return value
+    return _number_or_none(text, lambda v: v > 0, "a number > 0")
 
 
 def dense_baseline(text: str) -> str:

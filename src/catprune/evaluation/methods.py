@@ -304,7 +304,7 @@ def pareto_methods(steps: int = 28) -> list[Method]:
     methods = [Method.dense(steps, steps)] + [Method.dense(n, steps) for n in fewer if n >= 1]
     methods.append(Method.catprune(CATConfig(start_step=_cat_start(steps)), steps))
     for spec in PARETO_AT_28:
-        fields = _keyword_fields(spec.split(":")[1:], spec)
+        fields = keyword_fields(spec.split(":")[1:], spec)
         n = min(steps, scaled(fields.pop("s"), 3))
         fields["start_step"] = min(n - 1, scaled(fields["start_step"], 2))
         fields["final_dense_steps"] = min(n - fields["start_step"] - 1, round(fields.get("final_dense_steps", 0) * scale))
@@ -347,13 +347,19 @@ def keyword_value(text: str):
     return CONTEXTS.get(text, text)
 
 
-def _keyword_fields(items: list[str], spec: str) -> dict:
-    """``KEY=VALUE`` items as CATConfig field names (``s`` kept as the steps); ValueError naming the item."""
+def keyword_fields(items: list[str], spec: str, who: str = "methods") -> dict:
+    """``KEY=VALUE`` items as CATConfig field names (``s`` kept as the steps); ValueError naming ``who`` and the
+    item.
+
+    Example:
+        >>> keyword_fields(["s=20", "k=0.5", "ctx=x", "cap=1"], "cat:...")
+        {'s': 20, 'keep_ratio': 0.5, 'context': 'extrapolate', 'forecast_max_ratio': 1.0}
+    """
     fields = {}
     for part in items:
         key, sep, value = part.partition("=")
         if not sep:
-            raise ValueError(f"methods: {spec!r}: expected KEY=VALUE items (e.g. 'k=0.3'), got {part!r}.")
+            raise ValueError(f"{who}: {spec!r}: expected KEY=VALUE items (e.g. 'k=0.3'), got {part!r}.")
         fields[SHORT_KEYS.get(key.strip(), key.strip())] = keyword_value(value.strip())
     if isinstance(fields.get("forecast_max_ratio"), int):
         fields["forecast_max_ratio"] = float(fields["forecast_max_ratio"])
@@ -439,7 +445,7 @@ def parse_methods(spec: str | list[str], steps: int) -> list[Method]:
 
 def _keyword_method(head: str, args: list[str], item: str, steps: int) -> Method:
     """A catprune method of the keyword form (``cat:s=20:k=0.55:t=6:fd=2``)."""
-    fields = _keyword_fields(args, item)
+    fields = keyword_fields(args, item)
     n = fields.pop("s", steps)
     if not isinstance(n, int) or not 2 <= n <= steps:
         raise ValueError(f"methods: {item!r}: s: expected an int step count in [2, {steps}] (the evaluation's), got {n!r}.")
@@ -474,13 +480,18 @@ def method_from_dict(data: dict) -> Method:
 
 
 __all__ = [
+    "CONTEXTS",
     "GROUPS",
     "Kind",
     "Method",
+    "PARETO_AT_28",
     "PRESETS",
     "QUICK_SELECTIONS",
+    "SHORT_KEYS",
     "default_methods",
     "estimated_macs_ratio",
+    "keyword_fields",
+    "keyword_value",
     "matched_fewer_steps",
     "matched_steps",
     "method_from_dict",
