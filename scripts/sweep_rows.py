@@ -32,6 +32,18 @@ from catprune.evaluation import methods
 #: --methods`` (one language for both)
 SHORT_KEYS, CONTEXTS = methods.SHORT_KEYS, methods.CONTEXTS
 
+#: the selection rule's knobs in row names (``-ms0.5`` = magnitude_share 0.5), so rows that differ only there differ
+TUNING_KEYS = {
+    "magnitude_share": "ms",
+    "staleness_decay": "sd",
+    "cluster_feature_weight": "cfw",
+    "num_clusters": "nc",
+    "kmeans_iters": "ki",
+    "cluster_share_weights": "csw",
+    "ras_starvation": "rs",
+    "seed": "seed",
+}
+
 #: The quality-per-cost grid, in priority order (a time budget drops rows from the end).
 PRESETS = {
     "pareto": (
@@ -77,13 +89,16 @@ def row_name(steps: int, config: CATConfig | None, reference: int) -> str:
 
     ``r`` / ``x`` = context reuse / extrapolate (``x1``: forecast cap 1, ``xnocap``: uncapped, ``x`` = the default
     cap 0.5), ``k`` keep ratio (``k0.5e0.15``: schedule to 0.15), ``t`` start step, ``rf`` refresh period, ``fd``
-    final dense steps, ``s`` steps when not the reference's, then the cache dtype when set (``-fp8``).
+    final dense steps, the selection rule and its knobs when not the defaults (`TUNING_KEYS`), ``s`` steps when not
+    the reference's, then the cache dtype when set (``-fp8``).
 
     Example:
         >>> row_name(20, CATConfig(keep_ratio=0.5, keep_ratio_end=0.15, refresh_every=7), 28)
         'r-k0.5e0.15-t8-rf7-s20'
         >>> row_name(20, CATConfig(keep_ratio=0.4, keep_ratio_end=0.8, final_dense_steps=2), 28)
         'r-k0.4e0.8-t8-fd2-s20'
+        >>> row_name(28, CATConfig(magnitude_share=0.5, cluster_share_weights=(2, 1)), 28)
+        'r-k0.3-t8-ms0.5-csw2/1'
     """
     if config is None:
         return f"dense-{steps}"
@@ -96,6 +111,10 @@ def row_name(steps: int, config: CATConfig | None, reference: int) -> str:
     name += f"-fd{c.final_dense_steps}" if c.final_dense_steps else ""
     if c.selection.value != "cat":
         name += f"-{c.selection.value}"
+    for field, short in TUNING_KEYS.items():  # the selection rule's knobs, when not the defaults
+        value = getattr(c, field)
+        if value != getattr(default, field):
+            name += f"-{short}{'/'.join(f'{v:g}' for v in value) if isinstance(value, tuple) else f'{value:g}'}"
     name += f"-s{steps}" if steps != reference else ""
     return name + (f"-{c.cache_dtype.value}" if c.cache_dtype is not None else "")
 
