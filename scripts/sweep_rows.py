@@ -26,11 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from catprune import CATConfig
-from catprune.evaluation import methods
+from catprune.evaluation import specs
 
 #: short keys of the row-spec language -> CATConfig fields, and the short contexts: those of ``catprune eval
 #: --methods`` (one language for both)
-SHORT_KEYS, CONTEXTS = methods.SHORT_KEYS, methods.CONTEXTS
+SHORT_KEYS, CONTEXTS = specs.SHORT_KEYS, specs.CONTEXTS
 
 #: the selection rule's knobs in row names (``-ms0.5`` = magnitude_share 0.5), so rows that differ only there differ
 TUNING_KEYS = {
@@ -120,7 +120,7 @@ def row_name(steps: int, config: CATConfig | None, reference: int) -> str:
 
 
 def _fields(items: list[str], item: str) -> dict:
-    return methods.keyword_fields(items, item, who="rows")
+    return specs.keyword_fields(items, item, who="rows")
 
 
 def _config(fields: dict, item: str) -> CATConfig:
