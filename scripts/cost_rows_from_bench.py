@@ -6,7 +6,9 @@ prints a JSON list of rows (one per benchmarked case) to paste into ``src/catpru
 ``step_times``. A row's ``context`` is the case's ``CATConfig.context`` (``catprune bench --context``; records
 written before the option existed were measured with ``reuse``). A row's ``pruned_macs_ratio`` is the MACs of one pruned step over one dense step, recovered from the
 record's total MACs: ``(macs_cat / macs_dense * N - dense) / (N - dense)``, ``dense`` the warm-up and final dense
-steps. Cases with a keep-ratio schedule (``--keep-ratio-end``) are left out. Cases measured with a low-precision
+steps. ``capture_ms`` is the CAT run's capture step (the full step that fills the caches; the planner charges
+it, and with the forecast the reference step too, at that time). Cases with a keep-ratio schedule
+(``--keep-ratio-end``) are left out. Cases measured with a low-precision
 cache (``catprune bench --cache-dtype`` other than none) are left out: the planner's configurations keep the
 model's cache dtype, and on an H200 the fp8 cache made the step slower, not faster.
 """
@@ -26,7 +28,10 @@ def rows_from_record(record: dict, source: str) -> list[dict]:
             continue
         if case.get("keep_ratio_end") is not None:
             continue  # a keep-ratio schedule: no single keep ratio for the pruned step time
-        n, start = case["steps"], case["start_step"] + case.get("final_dense_steps", 0)
+        n, start = case["steps"], case["start_step"]
+        dense_steps = start + case.get("final_dense_steps", 0)
+        step_s = cat.get("step_s") or []
+        capture = round(step_s[start - 1] * 1e3, 3) if 1 <= start <= len(step_s) else None
         total = cat["macs"] / cat["macs_dense"]
         rows.append(
             {
@@ -42,10 +47,12 @@ def rows_from_record(record: dict, source: str) -> list[dict]:
                 "context": case.get("context", "reuse"),  # records without it predate the context forecast
                 "dense_ms": round(dense["full_step_s"] * 1e3, 3),
                 "pruned_ms": round(cat["pruned_step_s"] * 1e3, 3),
-                "pruned_macs_ratio": round((total * n - start) / (n - start), 4),
+                "pruned_macs_ratio": round((total * n - dense_steps) / (n - dense_steps), 4),
                 "source": f"{source} (steps {n}, start {start})",
             }
         )
+        if capture is not None:
+            rows[-1]["capture_ms"] = capture  # the capture step, from the CAT run's per-step times
     return rows
 
 

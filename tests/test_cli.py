@@ -170,6 +170,8 @@ def test_bench_times_both_contexts_and_the_rows_name_them(tmp_path, capsys):
         sys.path.pop(0)
     rows = rows_from_record(record, "test")
     assert [r["context"] for r in rows] == ["reuse", "extrapolate"]
+    steps = record["results"][0]["cat"]["step_s"]
+    assert rows[0]["capture_ms"] == pytest.approx(steps[3 - 1] * 1e3, abs=1e-3)  # start 3: the capture is step 2
     for result in record["results"]:
         del result["case"]["context"]
     assert {r["context"] for r in rows_from_record(record, "old")} == {"reuse"}

@@ -271,6 +271,36 @@ def test_time_model_reproduces_the_measured_bench_case(preset, measured_loop, me
     assert 1 / seconds == pytest.approx(measured_loop, rel=0.015)
 
 
+@pytest.mark.parametrize(
+    "steps, config, measured_loop",
+    [
+        (28, dict(keep_ratio=0.3, start_step=8), 1.76),
+        (20, dict(keep_ratio=0.55, start_step=6), 1.34),
+        (20, dict(keep_ratio=0.55, start_step=6, context="extrapolate"), 1.19),
+    ],
+)
+def test_time_model_charges_the_measured_capture_steps(steps, config, measured_loop):
+    """compile+cudagraph on SD3-medium (docs/bench/2026-12-02-h200-sd3-medium-*): the capture is a full-selection
+    step (~1.05 dense steps) with reuse and a hooked eager forward (1.42) with the forecast, which also hooks its
+    reference step; without charging them the forecast case would be predicted 4% fast."""
+    import diffusers
+
+    from catprune.models import model_configs
+    from catprune.planner.choose import CostModel
+    from catprune.planner.costs import MacsModel, family_of, model_key, select_rows, text_tokens, token_grid
+
+    entry = model_configs()["sd3-medium"]
+    with torch.device("meta"):
+        model = getattr(diffusers, entry["class"])(**entry["config"])
+    family, key = family_of(model), model_key(model)
+    grid, size = token_grid(model, None, family, key, None, None)
+    time = TimeModel(select_rows(shipped_tables().step_times, key, "cuda", "compile+cudagraph", size))
+    assert time.for_context("extrapolate").capture_ratio() > 1.3 > time.for_context("reuse").capture_ratio() > 1.0
+    costs = CostModel(steps, MacsModel(model, grid, text_tokens(family, key)), time)
+    _, seconds = costs.cost(steps, CATConfig(**config))
+    assert 1 / seconds == pytest.approx(measured_loop, rel=0.02)
+
+
 def test_embedded_models_are_identified_by_architecture():
     from catprune.models.scenes import build_random_scenes_pipeline
 

@@ -56,7 +56,8 @@ class CostModel:
 
     def cost(self, steps: int, config: CATConfig | None, macs_ratio: float | None = None) -> tuple[float, float]:
         """(MACs ratio, time ratio) of ``steps`` steps with ``config``; ``macs_ratio`` (measured total) overrides
-        the analytic MACs of the pruned steps."""
+        the analytic MACs of the pruned steps. The cache-filling steps (the capture; with the forecast also the
+        reference step) take their measured time where the rows recorded it."""
         n = self.reference
         if config is None or not config.pruning_enabled:
             return steps / n, steps / n
@@ -68,7 +69,9 @@ class CostModel:
         if macs_ratio is not None:  # e.g. a field the analytic model does not know changes the cost
             m = min(1.0, max(1e-6, (macs_ratio * n - dense) / pruned))
         time = self.time.for_context(config.context.value)  # pruned-step times of the config's context, if timed
-        return (dense + pruned * m) / n, (dense + pruned * time.step_ratio(m)) / n
+        fills = 2 if config.context.value == "extrapolate" and config.start_step >= 2 else 1  # + the reference step
+        extra = fills * (time.capture_ratio() - 1.0)  # cache-filling steps cost more (or less) than a dense one
+        return (dense + pruned * m) / n, (dense + extra + pruned * time.step_ratio(m)) / n
 
     def time_source(self, config: CATConfig | None) -> str:
         """Where the time of a candidate with ``config`` comes from (`TimeModel.source_for`)."""

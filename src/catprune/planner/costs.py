@@ -166,6 +166,19 @@ class TimeModel:
             by_macs.setdefault(round(r.pruned_macs_ratio, 4), []).append(r.pruned_ms / r.dense_ms)
         return sorted((m, sorted(v)[len(v) // 2]) for m, v in by_macs.items())  # median of repeated cases
 
+    def capture_ratio(self) -> float:
+        """Time of a cache-filling full step (the capture; with the forecast also the reference step) over a dense
+        step: the median of the rows that recorded it, else 1 (a dense step).
+
+        Example:
+            >>> row = dict(model="m", device="cuda", backend="b", height=8, width=8, batch=1, keep_ratio=0.3,
+            ...            dense_ms=40.0, pruned_ms=16.0, pruned_macs_ratio=0.35, source="bench")
+            >>> TimeModel((StepTimeRow(capture_ms=56.0, **row),)).capture_ratio(), TimeModel().capture_ratio()
+            (1.4, 1.0)
+        """
+        ratios = sorted(r.capture_ms / r.dense_ms for r in self.rows if r.capture_ms is not None)
+        return ratios[len(ratios) // 2] if ratios else 1.0
+
     def step_ratio(self, macs_ratio: float) -> float:
         """Pruned-step time over dense-step time at a pruned-step MACs ratio ``macs_ratio``."""
         if macs_ratio >= 1.0:

@@ -44,6 +44,7 @@ class StepTimeRow:
     source: str
     card: str = ""
     context: str = "reuse"  # CATConfig.context the pruned steps ran with (rows without it predate the forecast)
+    capture_ms: float | None = None  # the capture step (the full step that fills the caches), when recorded
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ def _step_time_row(row: dict, where: str) -> StepTimeRow:
             source=str(row.get("source", "")),
             card=str(row.get("card", "")),
             context=str(row.get("context", "reuse")),
+            capture_ms=_positive(row, "capture_ms", where) if row.get("capture_ms") is not None else None,
         )
     except KeyError as exc:
         raise ValueError(f"catprune.plan: tables: {where}: missing key {exc}. See the file's _format.") from None
