@@ -104,3 +104,26 @@ def test_config_errors(value, error, words):
     with pytest.raises(error) as info:
         CATConfig(final_dense_steps=value)
     assert all(w in str(info.value) for w in words), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(context="extrapolate", keep_ratio_end=0.6), dict(refresh_every=2), dict(cache_dtype="bf16")],
+    ids=["reuse", "forecast-schedule", "refresh", "bf16-cache"],
+)
+def test_fused_step_logic_with_final_dense_steps_matches_unfused(pipe, options):
+    """The CUDA-graph code path run eagerly (one fused function per step) equals the unfused eager path with final
+    dense steps, and the full-selection capture of the graph backends stays within float rounding of it."""
+    from catprune import Backend
+    from catprune.runtime import StepRunner
+
+    config = CATConfig(keep_ratio=0.3, start_step=2, final_dense_steps=2, **options)
+    catprune.apply(pipe, config)
+    unfused = run(pipe)
+    phases = [r.kind for r in catprune.inspect(pipe).steps]
+    catprune.apply(pipe, config, runner=StepRunner(Backend.EAGER, fuse=True))
+    assert torch.equal(run(pipe), unfused)
+    assert [r.kind for r in catprune.inspect(pipe).steps] == phases and phases[-2:] == ["dense", "dense"]
+    catprune.apply(pipe, config, runner=StepRunner(Backend.EAGER, fuse=True, full_capture=True))
+    assert torch.allclose(run(pipe), unfused, atol=1e-4)
+    catprune.remove(pipe)
