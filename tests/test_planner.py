@@ -379,6 +379,8 @@ def test_a_dense_step_count_between_two_measured_ones_competes_with_interpolated
     assert plan.expected_quality.psnr_db == pytest.approx(23.0)
     assert "interpolated between the measured dense-6 and dense-8 rows" in plan.expected_quality.source
     assert "best interpolated quality" in plan.reason
+    twice = Tables.from_dict({"quality": [_quality(6, 20.0), _quality(6, 20.5), _quality(8, 26.0)]})  # two dense-6
+    assert catprune.plan(shapes_pipe, 1.4, num_inference_steps=10, tables=twice, device="cpu").num_inference_steps == 7
     worse = Tables.from_dict({"quality": [_quality(6, 20.0), _quality(8, 21.0), _quality(10, 22.0, cat)]})
     plan = catprune.plan(shapes_pipe, 1.4, num_inference_steps=10, tables=worse, device="cpu")
     assert plan.config is not None and plan.expected_quality.psnr_db == pytest.approx(22.0)  # measured CAT wins

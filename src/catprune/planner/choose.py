@@ -69,7 +69,7 @@ class CostModel:
         if macs_ratio is not None:  # e.g. a field the analytic model does not know changes the cost
             m = min(1.0, max(1e-6, (macs_ratio * n - dense) / pruned))
         time = self.time.for_context(config.context.value)  # pruned-step times of the config's context, if timed
-        fills = 2 if config.context.value == "extrapolate" and config.start_step >= 2 else 1  # + the reference step
+        fills = 2 if config.context.value == "extrapolate" else 1  # the capture, and the forecast's reference step
         extra = fills * (time.capture_ratio() - 1.0)  # cache-filling steps cost more (or less) than a dense one
         return (dense + pruned * m) / n, (dense + extra + pruned * time.step_ratio(m)) / n
 
@@ -121,7 +121,8 @@ def dense_between(rows: list[QualityRow]) -> dict[int, Quality]:
         >>> round(dense_between(rows)[11].psnr_db, 2), dense_between(rows)[11].source
         (24.5, 'interpolated between the measured dense-10 and dense-12 rows (m; m)')
     """
-    dense = sorted((r.steps, r.quality) for r in rows if r.config is None and r.step_cache is None)
+    measured = ((r.steps, r.quality) for r in rows if r.config is None and r.step_cache is None)
+    dense = sorted(measured, key=lambda d: d[0])  # by steps only: Quality does not order
     out = {}
     for (a, qa), (b, qb) in zip(dense, dense[1:], strict=False):
         for steps in range(a + 1, b):
