@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from catprune.cli.options import DTYPE_HELP, dtype_name
+from catprune.cli.options import DTYPE_HELP, dtype_name, non_negative_int
 
 
 def _list(kind):
@@ -60,17 +60,6 @@ def _number_or_none(text: str, ok, expected: str) -> float | None:
 def keep_ratio_end(text: str) -> float | None:
     """``--keep-ratio-end``: a number in (0, 1] or ``none``."""
     return _number_or_none(text, lambda v: 0 < v <= 1, "a number in (0, 1]")
-
-
-def non_negative_int(text: str) -> int:
-    """An integer >= 0 (``--final-dense-steps``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def forecast_cap(text: str) -> float | None:
