@@ -28,10 +28,6 @@ from dataclasses import dataclass
 from catprune import CATConfig
 from catprune.evaluation import specs
 
-#: short keys of the row-spec language -> CATConfig fields, and the short contexts: those of ``catprune eval
-#: --methods`` (one language for both)
-SHORT_KEYS, CONTEXTS = specs.SHORT_KEYS, specs.CONTEXTS
-
 #: the selection rule's knobs in row names (``-ms0.5`` = magnitude_share 0.5), so rows that differ only there differ
 TUNING_KEYS = {
     "magnitude_share": "ms",

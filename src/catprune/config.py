@@ -399,6 +399,24 @@ class CATConfig:
         return out
 
 
+def changed_fields(config: CATConfig) -> list[str]:
+    """``name=value`` of every field but ``keep_ratio``, ``start_step`` and ``backend`` that differs from its
+    default.
+
+    Example:
+        >>> changed_fields(CATConfig(keep_ratio=0.5, context="extrapolate", final_dense_steps=2))
+        ["context='extrapolate'", 'final_dense_steps=2']
+    """
+    default, words = CATConfig(), []
+    for f in dataclasses.fields(CATConfig):
+        value = getattr(config, f.name)
+        if f.name in ("keep_ratio", "start_step", "backend") or value == getattr(default, f.name):
+            continue
+        value = value.value if isinstance(value, enum.Enum) else value
+        words.append(f"{f.name}={value:g}" if isinstance(value, float) else f"{f.name}={value!r}")
+    return words
+
+
 def describe_config(config: CATConfig) -> str:
     """``keep_ratio=.. start_step=..`` and every other field that differs from its default (the backend aside), as
     keyword arguments one can paste into `CATConfig`.
@@ -407,11 +425,5 @@ def describe_config(config: CATConfig) -> str:
         >>> describe_config(CATConfig(keep_ratio=0.5, start_step=6, context="extrapolate", final_dense_steps=2))
         "keep_ratio=0.5 start_step=6 context='extrapolate' final_dense_steps=2"
     """
-    default, words = CATConfig(), [f"keep_ratio={config.keep_ratio:g}", f"start_step={config.start_step}"]
-    for f in dataclasses.fields(CATConfig):
-        value = getattr(config, f.name)
-        if f.name in ("keep_ratio", "start_step", "backend") or value == getattr(default, f.name):
-            continue
-        value = value.value if isinstance(value, enum.Enum) else value
-        words.append(f"{f.name}={value:g}" if isinstance(value, float) else f"{f.name}={value!r}")
-    return " ".join(words)
+    head = [f"keep_ratio={config.keep_ratio:g}", f"start_step={config.start_step}"]
+    return " ".join(head + changed_fields(config))

@@ -34,8 +34,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from ..config import CATConfig, Selection, describe_config
-from .specs import CONTEXTS, SHORT_KEYS, keyword_fields, keyword_value
+from ..config import CATConfig, Selection, changed_fields
+from .specs import SHORT_KEYS, keyword_fields
 
 
 class Kind(str, enum.Enum):
@@ -130,9 +130,9 @@ class Method:
             name += "-" + hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:6]
         fewer = reference_steps is not None and steps != reference_steps
         name += f"-s{steps}" if fewer else ""
-        others = describe_config(config).split(" ", 2)[2:]  # the fields beyond keep_ratio and start_step
+        others = " ".join(changed_fields(config))
         description = f"{_DESCRIPTIONS[sel]}; keep_ratio {config.keep_ratio:g}, start_step {config.start_step}"
-        description += (f", {others[0]}" if others else "") + (f"; {steps} steps" if fewer else "")
+        description += (f", {others}" if others else "") + (f"; {steps} steps" if fewer else "")
         return cls(
             name=name,
             kind=Kind.CATPRUNE,
@@ -308,7 +308,8 @@ def pareto_methods(steps: int = 28) -> list[Method]:
         fields = keyword_fields(spec.split(":")[1:], spec)
         n = min(steps, scaled(fields.pop("s"), 3))
         fields["start_step"] = min(n - 1, scaled(fields["start_step"], 2))
-        fields["final_dense_steps"] = min(n - fields["start_step"] - 1, round(fields.get("final_dense_steps", 0) * scale))
+        final = round(fields.get("final_dense_steps", 0) * scale)
+        fields["final_dense_steps"] = min(n - fields["start_step"] - 1, final)
         methods.append(Method.catprune(CATConfig(**fields), n, reference_steps=steps))
     return _unique(methods)
 
@@ -399,7 +400,9 @@ def _keyword_method(head: str, args: list[str], item: str, steps: int) -> Method
     fields = keyword_fields(args, item)
     n = fields.pop("s", steps)
     if not isinstance(n, int) or not 2 <= n <= steps:
-        raise ValueError(f"methods: {item!r}: s: expected an int step count in [2, {steps}] (the evaluation's), got {n!r}.")
+        raise ValueError(
+            f"methods: {item!r}: s: expected an int step count in [2, {steps}] (the evaluation's), got {n!r}."
+        )
     fields.setdefault("selection", head)
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(CATConfig)})
     if unknown:
@@ -431,18 +434,14 @@ def method_from_dict(data: dict) -> Method:
 
 
 __all__ = [
-    "CONTEXTS",
     "GROUPS",
     "Kind",
     "Method",
     "PARETO_AT_28",
     "PRESETS",
     "QUICK_SELECTIONS",
-    "SHORT_KEYS",
     "default_methods",
     "estimated_macs_ratio",
-    "keyword_fields",
-    "keyword_value",
     "matched_fewer_steps",
     "matched_steps",
     "method_from_dict",
