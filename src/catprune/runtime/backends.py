@@ -63,7 +63,9 @@ class StepRunner:
         (<Backend.EAGER: 'eager'>, True, False)
     """
 
-    def __init__(self, backend: Backend | str = Backend.EAGER, fuse: bool | None = None, full_capture: bool | None = None):
+    def __init__(
+        self, backend: Backend | str = Backend.EAGER, fuse: bool | None = None, full_capture: bool | None = None
+    ):
         self.backend = Backend.parse(backend, "StepRunner: backend", "Pass e.g. Backend.EAGER.")
         for name, value in (("fuse", fuse), ("full_capture", full_capture)):
             if value is not None and not isinstance(value, bool):

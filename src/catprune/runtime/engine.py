@@ -328,13 +328,9 @@ class Runtime:
         m = info.num_tokens
         with self.adapter.capture(gen.caches, info):
             pass  # allocates every block's cache; the step below fills all of it
-        picks = self._picks(gen, m)
-        order = torch.arange(m, device=info.device)
-        picks.idx.copy_(order.expand_as(picks.idx))
-        picks.idx_rows.copy_(order.expand_as(picks.idx_rows))
-        key = ("pruned", info.signature, m)
-        core = self.runner.compiled(key, lambda: self.adapter.pruned_fn(gen.caches, info))
-        rows = picks.idx_rows
+        rows = gen.buffers.store.buffer("all_rows", (info.batch, m), torch.long, info.device)  # (B, M) every token
+        rows.copy_(torch.arange(m, device=info.device).expand_as(rows))
+        core = self.runner.compiled(("pruned", info.signature, m), lambda: self.adapter.pruned_fn(gen.caches, info))
         return self.runner.run(("capture", info.signature), lambda **t: core(idx=rows, **t), inputs)  # (B, M, P)
 
     def _refresh(self, gen: Generation, original, args, kwargs, info: CallInfo):
