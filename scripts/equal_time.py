@@ -190,7 +190,9 @@ def plot(rows: list[dict], title: str, path: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sweep", action="append", required=True, help="quality_sweep.py --json results (repeatable)")
-    p.add_argument("--bench", action="append", required=True, help="catprune bench --json records, PATH or PATH:CONTEXT (repeatable)")
+    p.add_argument(
+        "--bench", action="append", required=True, help="catprune bench --json records, PATH or PATH:CONTEXT (repeatable)"
+    )
     p.add_argument("--model", default="scenes")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG: PSNR against MACs and against the modelled GPU time")

@@ -73,7 +73,8 @@ def main(argv=None) -> int:
         errors: dict[str, list[float]] = {}
         print(f"gap {gap}: step sigma | " + " | ".join(predictions(x, sigma, v, args.first, gap)))
         for j in range(max(args.first, gap + 1), last):
-            row = {k: float((pred - v[j]).norm() / v[j].norm()) for k, pred in predictions(x, sigma, v, j, gap).items()}
+            rules = predictions(x, sigma, v, j, gap)
+            row = {k: float((pred - v[j]).norm() / v[j].norm()) for k, pred in rules.items()}
             for k, e in row.items():
                 errors.setdefault(k, []).append(e)
             print(f"  {j:3d} {float(sigma[j]):.3f} | " + " | ".join(f"{e:.3f}" for e in row.values()))

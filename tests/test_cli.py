@@ -138,7 +138,8 @@ def test_bench_final_dense_steps_and_schedule(tmp_path, capsys):
     finally:
         sys.path.pop(0)
     ratio = rows_from_record(json.loads(path.read_text()), "fd")[0]["pruned_macs_ratio"]
-    assert ratio == pytest.approx(rows_from_record(json.loads(plain_path.read_text()), "plain")[0]["pruned_macs_ratio"])
+    plain_rows = rows_from_record(json.loads(plain_path.read_text()), "plain")
+    assert ratio == pytest.approx(plain_rows[0]["pruned_macs_ratio"])
     schedule_path = tmp_path / "schedule.json"
     assert main([*common, "--keep-ratio-end", "0.6", "--json", str(schedule_path)]) == 0
     record = json.loads(schedule_path.read_text())
