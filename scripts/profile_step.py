@@ -33,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--replays", type=int, default=5, help="consecutive calls profiled per kind")
     p.add_argument("--keep-ratio", type=float, default=0.3)
     p.add_argument("--start-step", type=int, default=None, help="default 8 on a GPU, 3 on a CPU")
+    p.add_argument("--context", default="reuse", choices=("reuse", "extrapolate"), help="CATConfig.context")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--no-cfg", action="store_true")
     p.add_argument("--dtype", default=None, help="default bfloat16 on a GPU, float32 on a CPU")
@@ -98,13 +99,15 @@ def main(argv=None) -> int:
         replays=args.replays,
         keep_ratio=args.keep_ratio,
         start_step=args.start_step,
+        context=args.context,
         device=args.device,
         kinds={},
     )
     with torch.no_grad():
         for kind in args.kinds:
             report["kinds"][kind] = profile_kind(
-                pipe, kwargs, kind, args.device, args.replays, args.mode, args.stock, args.keep_ratio, args.start_step
+                pipe, kwargs, kind, args.device, args.replays, args.mode, args.stock, args.keep_ratio, args.start_step,
+                {"context": args.context},
             )
     text = format_report(report)
     print(text)

@@ -56,7 +56,7 @@ def _imports(path: Path) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("package", ["algorithm", "runtime"])
+@pytest.mark.parametrize("package", ["algorithm", "kernels", "runtime"])
 def test_lower_layers_import_nothing_above_them(package):
     above = ("adapters", "api", "cli", "bench", "evaluation", "models")
     for path in (SRC / package).glob("*.py"):

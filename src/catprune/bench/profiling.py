@@ -151,21 +151,24 @@ def summarize_kernels(pairs: list[tuple[str, float]], calls: int, top: int = 12)
     }
 
 
-def _setup(pipe, kind: str, mode: str, stock: str, keep_ratio: float, start_step: int) -> tuple[int, Callable]:
-    """Prepare ``pipe`` for ``kind``: the first call index of that kind in a generation, and the undo function."""
+def _setup(pipe, kind: str, mode: str, stock: str, keep_ratio: float, start_step: int, fields: dict | None = None
+           ) -> tuple[int, Callable]:  # fmt: skip
+    """Prepare ``pipe`` for ``kind``: the first call index of that kind in a generation, and the undo function.
+    ``fields``: further `CATConfig` fields (e.g. ``context``) of the catprune kinds."""
     if kind == "stock":
         return 2, install(pipe.transformer, stock)
     keep, start = {"dense": (keep_ratio, DENSE_START), "full": (FULL_SELECTION_KEEP, start_step)}.get(
         kind, (keep_ratio, start_step)
     )
-    catprune.apply(pipe, catprune.CATConfig(keep_ratio=keep, start_step=start, backend=mode))
+    catprune.apply(pipe, catprune.CATConfig(keep_ratio=keep, start_step=start, backend=mode, **(fields or {})))
     return (2 if kind == "dense" else start_step), lambda: catprune.remove(pipe)
 
 
 def profile_kind(pipe, kwargs: dict, kind: str, device, replays: int, mode="eager", stock="eager", keep_ratio=0.3,
-                 start_step=8) -> dict:  # fmt: skip
+                 start_step=8, fields: dict | None = None) -> dict:  # fmt: skip
     """Profile ``replays`` consecutive calls of ``kind`` in one generation (after a warm-up generation), and time
-    the same calls' wall clock in another; returns the kernel summary with ``wall_ms``, ``phases`` and ``macs``."""
+    the same calls' wall clock in another; returns the kernel summary with ``wall_ms``, ``phases`` and ``macs``.
+    ``fields``: further `CATConfig` fields of the catprune kinds (e.g. ``{"context": "extrapolate"}``)."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from . import _StepTimer
@@ -173,7 +176,7 @@ def profile_kind(pipe, kwargs: dict, kind: str, device, replays: int, mode="eage
     if kind not in KINDS:
         raise ValueError(f"profile: kind: expected one of {', '.join(KINDS)}, got {kind!r}.")
     cuda = torch.device(device).type == "cuda"
-    first, undo = _setup(pipe, kind, mode, stock, keep_ratio, start_step)
+    first, undo = _setup(pipe, kind, mode, stock, keep_ratio, start_step, fields)
     calls = dict(kwargs, num_inference_steps=first + replays + 1)
     seed = torch.Generator("cpu")
     collected = {}

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..algorithm import advance_kv_, copy_tokens_, extrapolate_, scatter_tokens_
+from ..algorithm import copy_tokens_
+from ..kernels import forecast_kv_, scatter_rows_
 from .lowprec import SCALE, KVWriter, Workspace, attend_low_precision
 
 if TYPE_CHECKING:
@@ -140,13 +141,12 @@ class KVSlot:
         kv = self.kv
         m = kv.shape[2] - (text[0].shape[1] if text is not None else 0)
         if self.forecast is None:
-            scatter_tokens_(kv[0, :, :m], idx, image[0])  # (B, M, H, hd) fresh keys of the selected tokens
-            scatter_tokens_(kv[1, :, :m], idx, image[1])
+            scatter_rows_(kv[0, :, :m], idx, image[0])  # (B, M, H, hd) fresh keys of the selected tokens
+            scatter_rows_(kv[1, :, :m], idx, image[1])
             out = kv
-        else:
-            advance_kv_(kv[:, :, :m], self.prev, idx, image)  # K0 <- K1, K1 <- fresh at idx
+        else:  # K0 <- K1, K1 <- fresh at idx; the forecast of the others (ratio 0 at idx: fresh) into `out`
             out = self.forecast.working(kv)  # (2, B, M [+ T], H, hd)
-            extrapolate_(out[:, :, :m], kv[:, :, :m], self.prev, self.forecast.ratio)  # ratio 0 at idx: fresh
+            forecast_kv_(kv[:, :, :m], self.prev, out[:, :, :m], self.forecast.ratio, idx, image)
         if text is not None:
             copy_tokens_(out[0, :, m:], text[0])  # (B, T, H, hd)
             copy_tokens_(out[1, :, m:], text[1])

@@ -27,7 +27,7 @@ from ..algorithm import (
 from ..config import Backend, CATConfig, Context, Selection
 from .backends import StepRunner
 from .contract import Adapter, CallInfo
-from .forecast import ContextForecast
+from .forecast import ContextForecast, forecasting
 from .generation import Generation, SignatureBuffers
 from .probe import PipelineProbe
 from .stats import PruneStats, StepRecord
@@ -253,12 +253,12 @@ class Runtime:
         t0, i, m = self.config.start_step, gen.step, info.num_tokens
         if i < t0 - 1 or self._is_final(gen, i):
             if i == t0 - 2 and gen.forecast is not None:  # the reference step also gives the forecast its K0
-                out = self._full_step(gen, original, args, kwargs, info, roll=False)
+                out, tokens = self._filling_step(gen, original, args, kwargs, info, roll=False)
             else:
                 out = self._dense(original, args, kwargs, info)
+                tokens = self.adapter.output_tokens(out, info) if i == t0 - 2 else None
             if i == t0 - 2:
-                tokens = gen.score_view(self.adapter.output_tokens(out, info)).float()  # (S, M, P)
-                gen.reference = gen.buffers.store.put("reference", tokens)
+                gen.reference = gen.buffers.store.put("reference", gen.score_view(tokens).float())  # (S, M, P)
             self._record(gen, info, "dense", m)
             return out
         if i == t0 - 1:
@@ -286,15 +286,20 @@ class Runtime:
             forecast.stamp(self._times(info))
         return out
 
-    def _capture(self, gen: Generation, original, args, kwargs, info: CallInfo):
-        """The last dense step: fill the K/V caches, cluster the tokens and choose the first selection."""
+    def _filling_step(self, gen: Generation, original, args, kwargs, info: CallInfo, roll: bool = True):
+        """A dense step that fills every block's K/V cache (the capture, and the forecast's reference step): the
+        full-selection pruned step where the runner allows it, else the hooked dense forward. Returns the
+        transformer's output and its (B, M, P) tokens."""
         inputs = self._full_capture_inputs(info)
         if inputs is None:
-            out = self._full_step(gen, original, args, kwargs, info)
-            tokens = self.adapter.output_tokens(out, info)  # (B, M, P)
-        else:
-            tokens = self._full_selection(gen, info, inputs)  # (B, M, P)
-            out = self.adapter.build_output(tokens, info)
+            out = self._full_step(gen, original, args, kwargs, info, roll=roll)
+            return out, self.adapter.output_tokens(out, info)  # (B, M, P)
+        tokens = self._full_selection(gen, info, inputs)  # (B, M, P)
+        return self.adapter.build_output(tokens, info), tokens
+
+    def _capture(self, gen: Generation, original, args, kwargs, info: CallInfo):
+        """The last dense step: fill the K/V caches, cluster the tokens and choose the first selection."""
+        out, tokens = self._filling_step(gen, original, args, kwargs, info)
         if self.config.keep_ratio_end is not None and gen.num_steps is None:
             gen.capture_time = self._timestep_value(info.timestep)  # the schedule's progress on a bare transformer
         store = gen.buffers.store
@@ -313,25 +318,31 @@ class Runtime:
         return out
 
     def _full_capture_inputs(self, info: CallInfo) -> dict[str, torch.Tensor] | None:
-        """The step inputs when the capture runs as a full-selection pruned step (`StepRunner.full_capture`), else
-        None: the runner says no, the forecast needs its hooked K0 / K1 roll, a low-precision cache is written by
-        the hooks' quantiser, or the call has inputs only the eager path handles."""
-        config = self.config
-        if not self.runner.full_capture or config.context is not Context.REUSE or config.cache_dtype is not None:
+        """The step inputs when a cache-filling step runs as a full-selection pruned step
+        (`StepRunner.full_capture`), else None: the runner says no, a low-precision cache is written by the hooks'
+        quantiser, or the call has inputs only the eager path handles."""
+        if not self.runner.full_capture or self.config.cache_dtype is not None:
             return None
         return self.adapter.fast_inputs(info)
 
     @torch.no_grad()
     def _full_selection(self, gen: Generation, info: CallInfo, inputs: dict) -> torch.Tensor:
-        """The capture as the pruned step with every token selected: it writes every token's K/V into the caches
-        (allocated by the adapter's capture, whose hooks never run) and returns the (B, M, P) outputs."""
-        m = info.num_tokens
+        """A cache-filling step as the pruned step with every token selected: it writes every token's K/V into the
+        caches (allocated by the adapter's capture, whose hooks never run) and returns the (B, M, P) outputs. With
+        the forecast every token's K0 <- K1 and its times advance too (what the hooked step's roll and stamp do),
+        and every token's forecast ratio is 0: the step attends to the fresh keys / values alone."""
+        m, forecast = info.num_tokens, gen.forecast
         with self.adapter.capture(gen.caches, info):
             pass  # allocates every block's cache; the step below fills all of it
+        if forecast is not None:
+            forecast.prepare(gen.caches)  # K0 and the working buffer, before anything is traced or captured
         rows = gen.buffers.store.buffer("all_rows", (info.batch, m), torch.long, info.device)  # (B, M) every token
         rows.copy_(torch.arange(m, device=info.device).expand_as(rows))
         core = self.runner.compiled(("pruned", info.signature, m), lambda: self.adapter.pruned_fn(gen.caches, info))
-        return self.runner.run(("capture", info.signature), lambda **t: core(idx=rows, **t), inputs)  # (B, M, P)
+        times = {"step_time": self._times(info)} if forecast is not None else {}
+        step = lambda **t: forecasting(core, forecast, rows, **t)  # noqa: E731
+        state = self._forecast_state(gen)
+        return self.runner.run(("capture", info.signature), step, dict(inputs, **times), state=state)  # (B, M, P)
 
     def _refresh(self, gen: Generation, original, args, kwargs, info: CallInfo):
         """A refresh step (``refresh_every``): dense, every cache refilled, every token counted as computed."""
@@ -375,13 +386,8 @@ class Runtime:
         now, forecast = Picks(gen.k, gen.quotas, gen.idx, gen.idx_rows), gen.forecast
         times = {"step_time": self._times(info)} if forecast is not None else {}
 
-        def forward(core, step_time=None, **tensors):  # the block math, between the forecast's begin and commit
-            if forecast is not None:
-                forecast.begin(step_time, now.idx_rows)
-            selected = core(idx=now.idx_rows, **tensors)  # (B, k, P)
-            if forecast is not None:
-                forecast.commit(step_time, now.idx_rows)
-            return selected
+        def forward(core, **tensors):  # the block math, between the forecast's begin and commit
+            return forecasting(core, forecast, now.idx_rows, **tensors)
 
         state = self._forecast_state(gen)
         if inputs is None:  # eager (or a call the static path does not cover)

@@ -53,6 +53,20 @@ class ContextForecast:
                     prev = cache.buffer(part + PREV, image.shape, image.dtype, image.device)
                     bits(prev).copy_(bits(image))
 
+    def prepare(self, caches: list[BufferStore]) -> None:
+        """Before a full-selection step fills the caches (`Runtime._full_selection`): every block's K0 and the
+        shared working buffer allocated, outside any traced or captured region. A K0 allocated here is zeroed with
+        its K1's image rows: the step's K0 <- K1 then copies finite values, and its forecast at ratio 0 is exactly
+        the fresh K1 (garbage in a fresh buffer could hold NaN, and ``NaN * 0`` is NaN)."""
+        for cache in caches:
+            for name in cache.kv_names():
+                kv = cache[name]
+                image = kv[:, :, : self.num_tokens]  # (2, B, M, H, hd)
+                if cache.get(name + PREV) is None:
+                    cache.buffer(name + PREV, image.shape, image.dtype, image.device).zero_()
+                    image.zero_()
+                self.working(kv)
+
     def begin(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Before a pruned step at ``t`` (B,) computing the (B, k) tokens ``idx``: this step's ratios (B, M)."""
         return forecast_ratio_(self.ratio, t, self.t1, self.t0, idx, self.max_ratio)
@@ -70,3 +84,15 @@ class ContextForecast:
 
     def nbytes(self) -> int:
         return self.store.nbytes()
+
+
+def forecasting(core, forecast: ContextForecast | None, rows: torch.Tensor, step_time=None, **tensors):
+    """``core(idx=rows, **tensors)``, the block math of a step computing the (B, k) tokens ``rows``, between the
+    forecast's `ContextForecast.begin` (this step's ratios) and `ContextForecast.commit` (the computed tokens'
+    times advance); just ``core`` without a forecast."""
+    if forecast is not None:
+        forecast.begin(step_time, rows)
+    selected = core(idx=rows, **tensors)  # (B, k, P)
+    if forecast is not None:
+        forecast.commit(step_time, rows)
+    return selected

@@ -1,0 +1,9 @@
+"""Fused GPU kernels (Triton) for the per-step K/V cache work of a pruned step; every kernel has a pure-torch
+equivalent in `catprune.algorithm`, which is what runs on a CPU, without Triton, or with ``CATPRUNE_TRITON=0``.
+
+Nothing here imports Triton until a CUDA tensor asks for a kernel (`available`), so ``import catprune`` stays light.
+"""
+
+from .kv import available, forecast_kv_, scatter_rows_
+
+__all__ = ["available", "forecast_kv_", "scatter_rows_"]

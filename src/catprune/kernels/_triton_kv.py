@@ -1,0 +1,39 @@
+"""The Triton kernels behind `catprune.kernels.kv` (imported only when a CUDA tensor, or Triton's interpreter,
+asks for them). Rows are (heads * head dim) elements with unit stride; offsets are 64-bit."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def extrapolate_rows(k1, k0, out, ratio, B, M, D, s1j, s1b, s1m, s0j, s0b, s0m, soj, sob, som, srb,
+                     BLOCK: tl.constexpr):  # fmt: skip
+    """``out = k1 + (k1 - k0) * ratio`` per (2, B, M) row in float32; ``k1`` unchanged where ``ratio == 0``."""
+    row = tl.program_id(0).to(tl.int64)  # over 2 * B * M rows (keys, then values)
+    m, b, j = row % M, (row // M) % B, row // (M * B)
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = d < D
+    w = tl.load(ratio + b * srb + m)
+    x1 = tl.load(k1 + j * s1j + b * s1b + m * s1m + d, mask=mask)
+    x0 = tl.load(k0 + j * s0j + b * s0b + m * s0m + d, mask=mask).to(tl.float32)
+    y = x1.to(tl.float32) + (x1.to(tl.float32) - x0) * w
+    y = tl.where(w == 0.0, x1, y.to(x1.dtype))
+    tl.store(out + j * soj + b * sob + m * som + d, y, mask=mask)
+
+
+@triton.jit
+def scatter_rows(idx, src, dst, prev, work, K, D, sib, sii, ssb, ssi, sdb, sdm, spb, spm, swb, swm,
+                 ROLL: tl.constexpr, WORK: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """``dst[b, idx[b, i]] = src[b, i]`` per (B, K) row; first ``prev[b, m] = dst[b, m]`` (``ROLL``), and the
+    same row also into ``work`` (``WORK``)."""
+    row = tl.program_id(0).to(tl.int64)  # over B * K selected rows
+    b, i = row // K, row % K
+    m = tl.load(idx + b * sib + i * sii).to(tl.int64)
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = d < D
+    if ROLL:  # K0 <- K1 before K1 <- fresh
+        tl.store(prev + b * spb + m * spm + d, tl.load(dst + b * sdb + m * sdm + d, mask=mask), mask=mask)
+    x = tl.load(src + b * ssb + i * ssi + d, mask=mask).to(dst.dtype.element_ty)
+    tl.store(dst + b * sdb + m * sdm + d, x, mask=mask)
+    if WORK:
+        tl.store(work + b * swb + m * swm + d, x, mask=mask)

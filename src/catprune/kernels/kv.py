@@ -1,0 +1,132 @@
+"""Triton kernels for a pruned step's K/V cache writes: the fresh rows scattered into a block's cache, and the
+context forecast's advance (K0 <- K1, K1 <- fresh) with its extrapolation into the working buffer.
+
+Why: the torch versions (`catprune.algorithm.scatter_tokens_`, `advance_kv_`, `extrapolate_`) run as generic
+element-wise kernels that read an index or a broadcast weight per element (a lerp with a per-token weight ran at a
+third of the H200's bandwidth) and take seven launches per block where these take three. Results equal the torch
+versions bit for bit for the scatters and the advance; the extrapolation is computed in float32 as
+``k1 + (k1 - k0) * r`` (``k1`` exactly where ``r == 0``) where torch's lerp rounds differently (within one unit in
+the last place of the cache dtype).
+
+Used for CUDA tensors whose last two dims (heads, head dim) are contiguous, when Triton imports and the environment
+variable ``CATPRUNE_TRITON`` is not ``0``; everything else takes the torch path. With ``TRITON_INTERPRET=1`` (and
+``CATPRUNE_TRITON=1``) the kernels also run on CPU tensors through Triton's interpreter, which is how the tests
+check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..algorithm import advance_kv_, extrapolate_, scatter_tokens_
+
+
+@functools.cache
+def _triton():
+    """The module of compiled kernels, or None when Triton is missing (a CPU-only torch build)."""
+    try:
+        from . import _triton_kv
+    except ImportError:
+        return None
+    return _triton_kv
+
+
+def _rows_ok(*tensors: torch.Tensor) -> bool:
+    """Every (B, N, H, hd) tensor has contiguous (H, hd) rows and sits where the kernels may run."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    for t in tensors:
+        if t.dim() != 4 or t.stride(3) != 1 or t.stride(2) != t.shape[3]:
+            return False
+        if not (t.is_cuda or (interpret and t.device.type == "cpu")):
+            return False
+    return True
+
+
+def available(*tensors: torch.Tensor) -> bool:
+    """True when the kernels run for these (B, N, H, hd) tensors: Triton imports, ``CATPRUNE_TRITON`` is not
+    ``0`` (on a CPU, under ``TRITON_INTERPRET=1``, it must be ``1``), and every tensor has contiguous (H, hd) rows
+    on a CUDA device.
+
+    Example:
+        >>> available(torch.zeros(1, 2, 2, 4))  # a CPU tensor: the torch path
+        False
+    """
+    flag = os.environ.get("CATPRUNE_TRITON", "")
+    if flag == "0" or not _rows_ok(*tensors):
+        return False
+    if not all(t.is_cuda for t in tensors) and flag != "1":
+        return False
+    return _triton() is not None
+
+
+def _launch_shape(rows: int, width: int) -> tuple[tuple[int, int], int]:
+    block = min(4096, 1 << max(0, (width - 1).bit_length()))  # the next power of two, at most 4096 elements
+    return (rows, -(-width // block)), block
+
+
+def _scatter(idx, src, dst, prev=None, work=None) -> None:
+    kernel = _triton().scatter_rows
+    b, k, heads, hd = src.shape
+    grid, block = _launch_shape(b * k, heads * hd)
+    prev_ = prev if prev is not None else dst
+    work_ = work if work is not None else dst
+    kernel[grid](
+        idx, src, dst, prev_, work_, k, heads * hd, idx.stride(0), idx.stride(1), src.stride(0), src.stride(1),
+        dst.stride(0), dst.stride(1), prev_.stride(0), prev_.stride(1), work_.stride(0), work_.stride(1),
+        ROLL=prev is not None, WORK=work is not None, BLOCK=block,
+    )  # fmt: skip
+
+
+def scatter_rows_(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """In place ``dst[b, idx[b, j]] = src[b, j]`` for a (B, M, H, hd) ``dst`` and (B, k, H, hd) ``src``: the
+    kernel where `available`, else `catprune.algorithm.scatter_tokens_`. Returns ``dst``.
+
+    Example:
+        >>> dst = torch.zeros(1, 3, 1, 2)
+        >>> scatter_rows_(dst, torch.tensor([[2]]), torch.ones(1, 1, 1, 2))[0, :, 0, 0].tolist()
+        [0.0, 0.0, 1.0]
+    """
+    if not available(dst, src):
+        return scatter_tokens_(dst, idx, src)
+    _scatter(idx, src, dst)
+    return dst
+
+
+def forecast_kv_(
+    kv: torch.Tensor,
+    prev: torch.Tensor,
+    out: torch.Tensor,
+    ratio: torch.Tensor,
+    idx: torch.Tensor,
+    fresh: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """One block's context forecast for a pruned step, in place: at the (B, k) computed tokens ``idx``, K0 <- K1
+    and K1 <- ``fresh`` (keys, values, each (B, k, H, hd)); ``out`` (2, B, M, H, hd) receives the fresh values
+    there and ``K1 + (K1 - K0) * ratio`` for every other token (``ratio`` (B, M), 0 at ``idx``). ``kv`` (K1) and
+    ``prev`` (K0) are (2, B, M, H, hd) image rows. Equals `catprune.algorithm.advance_kv_` followed by
+    `extrapolate_` (which run where the kernels do not). Returns ``out``.
+
+    Example:
+        >>> k1, k0 = torch.full((2, 1, 2, 1, 1), 2.0), torch.ones(2, 1, 2, 1, 1)
+        >>> fresh = (torch.full((1, 1, 1, 1), 5.0),) * 2
+        >>> out = forecast_kv_(k1, k0, torch.empty_like(k1), torch.tensor([[0.0, 0.5]]), torch.tensor([[0]]), fresh)
+        >>> out[0].flatten().tolist(), k0[0].flatten().tolist()
+        ([5.0, 2.5], [2.0, 1.0])
+    """
+    parts = [t[j] for t in (kv, prev, out) for j in range(2)]
+    if not available(*parts, *fresh) or ratio.stride(1) != 1:
+        advance_kv_(kv, prev, idx, fresh)
+        return extrapolate_(out, kv, prev, ratio)
+    extrapolate_rows = _triton().extrapolate_rows
+    _, b, m, heads, hd = kv.shape
+    grid, block = _launch_shape(2 * b * m, heads * hd)
+    extrapolate_rows[grid](
+        kv, prev, out, ratio, b, m, heads * hd, *kv.stride()[:3], *prev.stride()[:3], *out.stride()[:3],
+        ratio.stride(0), BLOCK=block,
+    )  # fmt: skip  # before the advance: it reads the old K0 / K1 (at idx the ratio is 0: old K1, overwritten below)
+    for j in range(2):
+        _scatter(idx, fresh[j], kv[j], prev=prev[j], work=out[j])
+    return out

@@ -1,0 +1,108 @@
+"""The Triton kernels of the K/V cache writes (`catprune.kernels`) against the torch functions they replace: the
+scatters and the forecast's advance bit for bit, the extrapolation within rounding and exact where the ratio is 0.
+
+Without a GPU the kernels run through Triton's interpreter in a subprocess (``TRITON_INTERPRET=1``: the variable
+must be set before Triton compiles them); on a CUDA machine also natively in bfloat16, and through a whole forecast
+generation against ``CATPRUNE_TRITON=0``."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from catprune import kernels
+from catprune.algorithm import advance_kv_, extrapolate_, scatter_tokens_
+
+HERE = Path(__file__).resolve().parent
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def compare(device: str, dtype: torch.dtype, tolerance: float) -> None:
+    """Kernels vs torch on random caches with a text tail, fresh rows as strided views of a packed projection."""
+    torch.manual_seed(0)
+    b, m, t, heads, hd, k = 2, 37, 5, 3, 8, 11
+    full = torch.randn(2, b, m + t, heads, hd, device=device).to(dtype)
+    prev = torch.randn(2, b, m, heads, hd, device=device).to(dtype)
+    idx = torch.stack([torch.randperm(m, device=device)[:k] for _ in range(b)])  # (B, k)
+    ratio = torch.rand(b, m, device=device) * 1.5
+    ratio.scatter_(1, idx, 0.0)
+    ratio[1, :4] = 0.0  # unselected tokens without a slope: their K1 exactly
+    packed = torch.randn(b, k, 3, heads, hd, device=device).to(dtype)
+    for fresh in ((packed[:, :, 0], packed[:, :, 1]), (packed[:, :, 1].contiguous(), packed[:, :, 2].contiguous())):
+        assert kernels.available(*(x[j, :, :m] for x in (full,) for j in range(2)), *fresh)
+        kv_a, prev_a, out_a = full.clone(), prev.clone(), torch.zeros_like(full)
+        kv_b, prev_b, out_b = full.clone(), prev.clone(), torch.zeros_like(full)
+        kernels.forecast_kv_(kv_a[:, :, :m], prev_a, out_a[:, :, :m], ratio, idx, fresh)
+        advance_kv_(kv_b[:, :, :m], prev_b, idx, fresh)
+        extrapolate_(out_b[:, :, :m], kv_b[:, :, :m], prev_b, ratio)
+        assert torch.equal(kv_a, kv_b) and torch.equal(prev_a, prev_b)  # K0 / K1 bit for bit, text tail untouched
+        assert torch.equal(out_a[:, :, m:], out_b[:, :, m:])  # the kernel writes image rows only
+        exact = (ratio == 0)[None, :, :, None, None].expand_as(out_a[:, :, :m])
+        assert torch.equal(out_a[:, :, :m][exact], out_b[:, :, :m][exact])  # fresh rows and rows without a slope
+        scale = out_b.float().abs().max()
+        assert (out_a.float() - out_b.float()).abs().max() <= tolerance * scale
+        dst_a, dst_b = full[0].clone(), full[0].clone()
+        kernels.scatter_rows_(dst_a[:, :m], idx, fresh[0])
+        scatter_tokens_(dst_b[:, :m], idx, fresh[0])
+        assert torch.equal(dst_a, dst_b)
+
+
+def test_torch_path_on_a_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("CATPRUNE_TRITON", raising=False)
+    x = torch.zeros(1, 3, 2, 4)
+    assert not kernels.available(x)
+    monkeypatch.setenv("CATPRUNE_TRITON", "0")
+    assert not kernels.available(x)
+    assert not kernels.available(torch.zeros(3, 2, 4))  # not (B, N, H, hd)
+
+
+@pytest.mark.skipif(not _has_triton(), reason="Triton is not installed (a CPU-only torch build)")
+def test_kernels_through_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CATPRUNE_TRITON": "1"}
+    code = (
+        f"import sys; sys.path.insert(0, {str(HERE)!r}); import torch, test_kernels as t; "
+        "t.compare('cpu', torch.float32, 1e-6); t.compare('cpu', torch.float16, 4e-3); print('compared')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and "compared" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _has_triton(), reason="needs CUDA and Triton")
+def test_kernels_on_cuda():
+    compare("cuda", torch.bfloat16, 1e-2)
+    compare("cuda", torch.float32, 1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _has_triton(), reason="needs CUDA and Triton")
+def test_forecast_generation_with_and_without_the_kernels(monkeypatch):
+    import catprune
+    from catprune import CATConfig
+    from catprune.models.testing import tiny_sd3_inputs, tiny_sd3_transformer
+
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("CATPRUNE_TRITON", flag)
+        model = tiny_sd3_transformer().to("cuda")
+        inputs = {n: v.to("cuda") if torch.is_tensor(v) else v for n, v in tiny_sd3_inputs(model, 2, 16, 16).items()}
+        for context in ("reuse", "extrapolate"):
+            catprune.apply(model, CATConfig(keep_ratio=0.4, start_step=3, context=context))
+            x = inputs["hidden_states"]
+            with torch.no_grad():
+                for step, t in enumerate((900.0, 800.0, 700.0, 600.0, 500.0, 400.0)):
+                    v = model(**dict(inputs, hidden_states=x), timestep=torch.full((2,), t, device="cuda"))[0]
+                    x = x - 0.1 * v
+            outs.append(x)
+            catprune.remove(model)
+    triton_reuse, triton_forecast, torch_reuse, torch_forecast = outs
+    assert torch.equal(triton_reuse, torch_reuse)
+    assert torch.allclose(triton_forecast, torch_forecast, atol=1e-4, rtol=1e-4)
