@@ -98,7 +98,7 @@ def test_forecast_generation_with_and_without_the_kernels(monkeypatch):
             catprune.apply(model, CATConfig(keep_ratio=0.4, start_step=3, context=context))
             x = inputs["hidden_states"]
             with torch.no_grad():
-                for step, t in enumerate((900.0, 800.0, 700.0, 600.0, 500.0, 400.0)):
+                for t in (900.0, 800.0, 700.0, 600.0, 500.0, 400.0):
                     v = model(**dict(inputs, hidden_states=x), timestep=torch.full((2,), t, device="cuda"))[0]
                     x = x - 0.1 * v
             outs.append(x)
