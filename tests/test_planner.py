@@ -274,15 +274,17 @@ def test_time_model_reproduces_the_measured_bench_case(preset, measured_loop, me
 @pytest.mark.parametrize(
     "steps, config, measured_loop",
     [
-        (28, dict(keep_ratio=0.3, start_step=8), 1.76),
-        (20, dict(keep_ratio=0.55, start_step=6), 1.34),
-        (20, dict(keep_ratio=0.55, start_step=6, context="extrapolate"), 1.19),
+        (28, dict(keep_ratio=0.3, start_step=8), 1.75),
+        (20, dict(keep_ratio=0.55, start_step=6, final_dense_steps=2), 1.30),
+        (20, dict(keep_ratio=0.55, start_step=6, final_dense_steps=2, context="extrapolate"), 1.25),
+        (18, dict(keep_ratio=0.55, start_step=7, final_dense_steps=2, context="extrapolate"), 1.19),  # not in the data
     ],
 )
 def test_time_model_charges_the_measured_capture_steps(steps, config, measured_loop):
-    """compile+cudagraph on SD3-medium (docs/bench/2026-12-02-h200-sd3-medium-*): the capture is a full-selection
-    step (~1.05 dense steps) with reuse and a hooked eager forward (1.42) with the forecast, which also hooks its
-    reference step; without charging them the forecast case would be predicted 4% fast."""
+    """compile+cudagraph on SD3-medium (docs/bench/2026-12-02-h200-sd3-medium-*triton-kv*, and the last case from
+    ...-k055-s18-t7-forecast.json, a run the tables do not hold): the capture is a full-selection step in both
+    contexts (the forecast's costs a little more: its K0 roll and its extrapolation over every token), and with the
+    forecast the reference step before it is one too; the predictions match the measured loops within 2%."""
     import diffusers
 
     from catprune.models import model_configs
@@ -295,7 +297,7 @@ def test_time_model_charges_the_measured_capture_steps(steps, config, measured_l
     family, key = family_of(model), model_key(model)
     grid, size = token_grid(model, None, family, key, None, None)
     time = TimeModel(select_rows(shipped_tables().step_times, key, "cuda", "compile+cudagraph", size))
-    assert time.for_context("extrapolate").capture_ratio() > 1.3 > time.for_context("reuse").capture_ratio() > 1.0
+    assert 1.1 > time.for_context("extrapolate").capture_ratio() > time.for_context("reuse").capture_ratio() > 1.0
     costs = CostModel(steps, MacsModel(model, grid, text_tokens(family, key)), time)
     _, seconds = costs.cost(steps, CATConfig(**config))
     assert 1 / seconds == pytest.approx(measured_loop, rel=0.02)
