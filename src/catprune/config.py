@@ -53,8 +53,9 @@ class Backend(str, enum.Enum):
     - ``COMPILE``: dense and pruned steps through ``torch.compile`` (static shapes: one graph each).
     - ``CUDAGRAPH``: dense and pruned steps captured once as CUDA graphs and replayed (CUDA only).
     - ``COMPILE_CUDAGRAPH``: compiled kernels captured in CUDA graphs (CUDA only); usually the fastest.
-    The capture step (start_step - 1) always runs eagerly, and calls with ControlNet residuals or LoRA scales fall
-    back to eager.
+    The cache-filling steps (the capture, start_step - 1, and with the forecast the reference step before it) run as
+    full-selection pruned steps through the compile and graph backends (`catprune.runtime.StepRunner`), eagerly
+    with hooks on the eager backend; calls with ControlNet residuals or LoRA scales fall back to eager.
     """
 
     EAGER = "eager"

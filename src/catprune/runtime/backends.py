@@ -50,12 +50,12 @@ class StepRunner:
             backend captures CUDA graphs, where each of them is then one graph replay. ``True`` on the eager
             backend runs the same fused functions without graphs: the way to check the fused logic on a CPU, e.g.
             ``catprune.apply(model, config, runner=StepRunner(Backend.EAGER, fuse=True))``.
-        full_capture: run the capture step (the last dense step, which fills the K/V caches) as the pruned step
-            with every token selected, through this backend, instead of the model's own forward with cache hooks
-            (eager). ``None`` (default): on the compile and graph backends, where the hooked eager forward costs
-            about 1.4 dense steps (measured: 57 vs 40 ms on SD3-medium 1024 px, H200). Not bit-identical to the
-            model's forward (the same math in catprune's block order); with the forecast context or a
-            low-precision cache the hooked forward is used regardless.
+        full_capture: run the capture step (the last dense step, which fills the K/V caches; with the forecast
+            also its reference step) as the pruned step with every token selected, through this backend, instead
+            of the model's own forward with cache hooks (eager). ``None`` (default): on the compile and graph
+            backends, where the hooked eager forward costs about 1.4 dense steps (measured: 57 vs 40 ms on
+            SD3-medium 1024 px, H200). Not bit-identical to the model's forward (the same math in catprune's block
+            order); with a low-precision cache the hooked forward is used regardless.
 
     Example:
         >>> runner = StepRunner("eager", fuse=True)
