@@ -66,6 +66,35 @@ def test_torch_path_on_a_cpu_without_the_interpreter(monkeypatch):
     assert not kernels.available(torch.zeros(3, 2, 4))  # not (B, N, H, hd)
 
 
+def test_a_failing_kernel_falls_back_to_torch_once_with_a_warning(monkeypatch):
+    """A Triton that cannot compile for the GPU must not break generation: one warning, the torch result, and the
+    torch path from then on (checked on CPU tensors with a stand-in kernel module that raises)."""
+    from catprune.kernels import kv as module
+
+    class Broken:
+        def __getattr__(self, name):
+            raise RuntimeError(f"no kernel {name} for this device")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the row checks accept CPU tensors
+    monkeypatch.setenv("CATPRUNE_TRITON", "1")
+    monkeypatch.setattr(module, "_triton", lambda: Broken())
+    monkeypatch.setattr(module, "_FAILED", [])
+    kv, prev = torch.randn(2, 2, 5, 2, 4), torch.randn(2, 2, 5, 2, 4)
+    idx, ratio = torch.tensor([[0, 3], [1, 2]]), torch.full((2, 5), 0.5).scatter_(1, torch.tensor([[0, 3], [1, 2]]), 0.0)
+    fresh = (torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 4))
+    expected_kv, expected_prev, expected = kv.clone(), prev.clone(), torch.empty_like(kv)
+    advance_kv_(expected_kv, expected_prev, idx, fresh)
+    extrapolate_(expected, expected_kv, expected_prev, ratio)
+    assert module.available(kv[0])
+    out = torch.empty_like(kv)
+    with pytest.warns(RuntimeWarning, match="a Triton kernel failed .*no kernel extrapolate_rows.*torch path"):
+        module.forecast_kv_(kv, prev, out, ratio, idx, fresh)
+    assert torch.equal(out, expected) and torch.equal(kv, expected_kv) and torch.equal(prev, expected_prev)
+    assert not module.available(kv[0])  # no second try, no second warning
+    dst = torch.zeros(2, 5, 2, 4)
+    assert torch.equal(module.scatter_rows_(dst, idx, fresh[0]), scatter_tokens_(torch.zeros(2, 5, 2, 4), idx, fresh[0]))
+
+
 @pytest.mark.skipif(not _has_triton(), reason="Triton is not installed (a CPU-only torch build)")
 def test_kernels_through_the_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "CATPRUNE_TRITON": "1"}

@@ -9,7 +9,8 @@ versions bit for bit for the scatters and the advance; the extrapolation is comp
 the last place of the cache dtype).
 
 Used for CUDA tensors whose last two dims (heads, head dim) are contiguous, when Triton imports and the environment
-variable ``CATPRUNE_TRITON`` is not ``0``; everything else takes the torch path. With ``TRITON_INTERPRET=1`` (and
+variable ``CATPRUNE_TRITON`` is not ``0``; everything else takes the torch path, and so does everything after a
+kernel failed to compile or launch (one ``RuntimeWarning`` says why). With ``TRITON_INTERPRET=1`` (and
 ``CATPRUNE_TRITON=1``) the kernels also run on CPU tensors through Triton's interpreter, which is how the tests
 check them without a GPU.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -32,6 +34,25 @@ def _triton():
     except ImportError:
         return None
     return _triton_kv
+
+
+_FAILED: list[str] = []  # why a kernel launch failed (e.g. a GPU Triton cannot compile for): the torch path from then
+
+
+def _launched(launch) -> bool:
+    """Run ``launch()``; False (with one warning, and the torch path for the rest of the process) if it raises."""
+    try:
+        launch()
+    except Exception as e:  # noqa: BLE001  a compile or launch error of Triton's, whatever its type
+        _FAILED.append(f"{type(e).__name__}: {e}")
+        warnings.warn(
+            f"catprune.kernels: a Triton kernel failed ({_FAILED[-1][:300]}); using the torch path from now on. "
+            "Set CATPRUNE_TRITON=0 to skip the kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def _rows_ok(*tensors: torch.Tensor) -> bool:
@@ -55,7 +76,7 @@ def available(*tensors: torch.Tensor) -> bool:
         False
     """
     flag = os.environ.get("CATPRUNE_TRITON", "")
-    if flag == "0" or not _rows_ok(*tensors):
+    if flag == "0" or _FAILED or not _rows_ok(*tensors):
         return False
     if not all(t.is_cuda for t in tensors) and flag != "1":
         return False
@@ -89,9 +110,8 @@ def scatter_rows_(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> to
         >>> scatter_rows_(dst, torch.tensor([[2]]), torch.ones(1, 1, 1, 2))[0, :, 0, 0].tolist()
         [0.0, 0.0, 1.0]
     """
-    if not available(dst, src):
+    if not available(dst, src) or not _launched(lambda: _scatter(idx, src, dst)):
         return scatter_tokens_(dst, idx, src)
-    _scatter(idx, src, dst)
     return dst
 
 
@@ -120,13 +140,18 @@ def forecast_kv_(
     if not available(*parts, *fresh) or ratio.stride(1) != 1:
         advance_kv_(kv, prev, idx, fresh)
         return extrapolate_(out, kv, prev, ratio)
-    extrapolate_rows = _triton().extrapolate_rows
-    _, b, m, heads, hd = kv.shape
-    grid, block = _launch_shape(2 * b * m, heads * hd)
-    extrapolate_rows[grid](
-        kv, prev, out, ratio, b, m, heads * hd, *kv.stride()[:3], *prev.stride()[:3], *out.stride()[:3],
-        ratio.stride(0), BLOCK=block,
-    )  # fmt: skip  # before the advance: it reads the old K0 / K1 (at idx the ratio is 0: old K1, overwritten below)
-    for j in range(2):
-        _scatter(idx, fresh[j], kv[j], prev=prev[j], work=out[j])
+
+    def launch():
+        _, b, m, heads, hd = kv.shape
+        grid, block = _launch_shape(2 * b * m, heads * hd)
+        _triton().extrapolate_rows[grid](
+            kv, prev, out, ratio, b, m, heads * hd, *kv.stride()[:3], *prev.stride()[:3], *out.stride()[:3],
+            ratio.stride(0), BLOCK=block,
+        )  # fmt: skip  # before the advance: it reads the old K0 / K1 (at idx the ratio is 0: old K1, overwritten)
+        for j in range(2):
+            _scatter(idx, fresh[j], kv[j], prev=prev[j], work=out[j])
+
+    if not _launched(launch):  # nothing was written but maybe `out`, which the torch path rewrites
+        advance_kv_(kv, prev, idx, fresh)
+        extrapolate_(out, kv, prev, ratio)
     return out
