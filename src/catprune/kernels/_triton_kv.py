@@ -16,8 +16,8 @@ def extrapolate_rows(k1, k0, out, ratio, B, M, D, s1j, s1b, s1m, s0j, s0b, s0m, 
     w = tl.load(ratio + b * srb + m)
     x1 = tl.load(k1 + j * s1j + b * s1b + m * s1m + d, mask=mask)
     x0 = tl.load(k0 + j * s0j + b * s0b + m * s0m + d, mask=mask).to(tl.float32)
-    y = x1.to(tl.float32) + (x1.to(tl.float32) - x0) * w
-    y = tl.where(w == 0.0, x1, y.to(x1.dtype))
+    x1f = x1.to(tl.float32)
+    y = tl.where(w == 0.0, x1, (x1f + (x1f - x0) * w).to(x1.dtype))
     tl.store(out + j * soj + b * sob + m * som + d, y, mask=mask)
 
 

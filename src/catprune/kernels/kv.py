@@ -56,20 +56,14 @@ def _launched(launch) -> bool:
 
 
 def _rows_ok(*tensors: torch.Tensor) -> bool:
-    """Every (B, N, H, hd) tensor has contiguous (H, hd) rows and sits where the kernels may run."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    for t in tensors:
-        if t.dim() != 4 or t.stride(3) != 1 or t.stride(2) != t.shape[3]:
-            return False
-        if not (t.is_cuda or (interpret and t.device.type == "cpu")):
-            return False
-    return True
+    """Every tensor is (B, N, H, hd) with contiguous (H, hd) rows."""
+    return all(t.dim() == 4 and t.stride(3) == 1 and t.stride(2) == t.shape[3] for t in tensors)
 
 
 def available(*tensors: torch.Tensor) -> bool:
     """True when the kernels run for these (B, N, H, hd) tensors: Triton imports, ``CATPRUNE_TRITON`` is not
-    ``0`` (on a CPU, under ``TRITON_INTERPRET=1``, it must be ``1``), and every tensor has contiguous (H, hd) rows
-    on a CUDA device.
+    ``0``, no kernel failed before, every tensor has contiguous (H, hd) rows and is on a CUDA device (or on the CPU
+    under ``TRITON_INTERPRET=1`` with ``CATPRUNE_TRITON=1``).
 
     Example:
         >>> available(torch.zeros(1, 2, 2, 4))  # a CPU tensor: the torch path
@@ -78,7 +72,8 @@ def available(*tensors: torch.Tensor) -> bool:
     flag = os.environ.get("CATPRUNE_TRITON", "")
     if flag == "0" or _FAILED or not _rows_ok(*tensors):
         return False
-    if not all(t.is_cuda for t in tensors) and flag != "1":
+    cpu_ok = flag == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+    if not all(t.is_cuda or (cpu_ok and t.device.type == "cpu") for t in tensors):
         return False
     return _triton() is not None
 
