@@ -4,6 +4,7 @@ shapes pipelines at 64x64, few prompts, few steps)."""
 import csv
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -648,3 +649,65 @@ def test_scenes_is_registered_with_its_held_out_set_and_identity_scorer():
     assert scores["summary"]["identity_top1"] == 1.0 and scores["per_image"]["identity_top1"] == [1.0] * 5
     wrong = scenes_identity(truth, prompts[1:] + prompts[:1])  # captions of other images
     assert wrong["summary"]["identity_top1"] < 0.5
+
+
+# ------------------------------------------------------------------------------------------------ modelled GPU time
+def test_time_model_flag_parses_and_names_itself_in_errors(capsys):
+    from catprune.cli.main import main
+    from catprune.evaluation.gpu_time import TimeStandIn
+
+    stand_in = TimeStandIn.parse("sd3-medium:cudagraph:512x512")
+    fields = (stand_in.preset, stand_in.backend, stand_in.height, stand_in.width)
+    assert fields == ("sd3-medium", "cudagraph", 512, 512)
+    assert str(stand_in) == "sd3-medium:cudagraph:512x512" and TimeStandIn.parse(str(stand_in)) == stand_in
+    for bad, message in [
+        ("nosuch", "expected a model with step times on cuda with backend compile+cudagraph, got 'nosuch'"),
+        ("sd3-medium:fast", "expected a backend among eager, compile, cudagraph, compile+cudagraph, got 'fast'"),
+        ("sd3-medium:cudagraph:big", "expected the size as HEIGHTxWIDTH"),
+        ("", "expected PRESET[:BACKEND[:HEIGHTxWIDTH]]"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TimeStandIn.parse(bad, who="--time-model")
+        with pytest.raises(SystemExit) as exit_:
+            main(["eval", "--list-methods", "--time-model", bad])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2
+        assert "argument --time-model: " + message in err and "Traceback" not in err
+
+
+def test_equal_time_comparison_on_synthetic_rows():
+    from catprune.evaluation.gpu_time import dense_psnr_at, equal_time_entry
+
+    rows = [dict(r, gpu_time_ratio=r["macs_ratio"]) for r in _synthetic() if r["group"] != "reference"]
+    rows = [dict(r, gpu_speedup=1 / r["gpu_time_ratio"]) for r in rows]
+    assert dense_psnr_at(rows, 0.51) == pytest.approx(27.0 + (0.51 - 0.5) / (15 / 28 - 0.5))
+    assert dense_psnr_at(rows, 0.6) is None  # outside the measured dense runs
+    entry = equal_time_entry(rows, "m", lambda a, b: f"ci {a} {b}")
+    assert entry["status"] == "reported" and entry["detail"].startswith("cat-a0.3-t8: 30.00 dB at 1.96x")
+    assert "ras-a0.3-t8: 29.00 dB" in entry["detail"]  # second best; the ablations (25 dB) third
+    best = "cat-a0.3-t8 against dense-15 (1.87x, at least as slow): +2.00 dB, ci cat-a0.3-t8 dense-15"
+    assert best in entry["detail"]
+    assert equal_time_entry(rows[:2], "m", None)["status"] == "not evaluated"
+
+
+def test_report_with_a_time_model(evaluation, tmp_path):
+    from catprune.evaluation.gpu_time import TimeStandIn
+
+    out, _, _ = evaluation
+    copy = tmp_path / out.name
+    shutil.copytree(out, copy)
+    results = write_report(copy, time_model=TimeStandIn.parse("sd3-medium"), **QUIET)
+    rows = {r["name"]: r for r in results["methods"]}
+    assert rows[f"dense-{STEPS}"]["gpu_speedup"] == 1.0 and rows["dense-3"]["gpu_speedup"] == pytest.approx(2.0)
+    cat = rows[f"cat-a0.5-t{START}"]
+    config = catprune.CATConfig(keep_ratio=0.5, start_step=START)
+    expected = catprune.planner.estimate_as("sd3-medium", config, STEPS, STEPS,
+                                            macs_ratio=cat["macs_ratio"])  # fmt: skip
+    assert cat["gpu_time_ratio"] == pytest.approx(expected.time_ratio)
+    assert cat["macs_ratio"] < cat["gpu_time_ratio"] < 1  # a pruned step realises less than its MACs ratio
+    assert results["time_model"] == "sd3-medium step times (compile+cudagraph, 1024x1024)"
+    assert "at equal modelled GPU time" in results["comparisons"][-1]["criterion"]
+    page = (copy / "report.html").read_text()
+    assert "modelled GPU speed-up" in page
+    if _has_matplotlib():
+        assert (copy / "plots" / "pareto_psnr_gpu.png").is_file()

@@ -386,3 +386,25 @@ def test_a_dense_step_count_between_two_measured_ones_competes_with_interpolated
     worse = Tables.from_dict({"quality": [_quality(6, 20.0), _quality(8, 21.0), _quality(10, 22.0, cat)]})
     plan = catprune.plan(shapes_pipe, 1.4, num_inference_steps=10, tables=worse, device="cpu")
     assert plan.config is not None and plan.expected_quality.psnr_db == pytest.approx(22.0)  # measured CAT wins
+
+
+def test_estimate_as_charges_another_models_step_times(shapes_pipe):
+    """A run of one model (its measured MACs ratio) timed at another model's step times: by hand from one row, and
+    equal to the planner's own estimate for that model where both apply."""
+    row = {**_step_row(5.0), "model": "big", "device": "cuda", "backend": "compile+cudagraph", "capture_ms": 11.0}
+    tables = Tables.from_dict({"step_times": [row]})
+    kwargs = dict(height=128, width=128, tables=tables)
+    config = CATConfig(keep_ratio=0.3, start_step=8)
+    e = catprune.planner.estimate_as("big", config, 28, 28, macs_ratio=(8 + 20 * 0.35) / 28, **kwargs)
+    assert e.time_ratio == pytest.approx((8 + 0.1 + 20 * 0.5) / 28)  # capture 1.1 dense steps, pruned 0.5
+    assert e.macs_ratio == pytest.approx(15 / 28) and "measured step times of big" in e.time_source
+    assert catprune.planner.estimate_as("big", None, 14, 28, **kwargs).time_ratio == 0.5
+    with pytest.raises(ValueError, match="macs_ratio: expected the run's measured MACs ratio"):
+        catprune.planner.estimate_as("big", config, 28, 28, **kwargs)
+    with pytest.raises(ValueError, match=r"preset: expected a model with step times .* got 'small'.*big \(cuda"):
+        catprune.planner.estimate_as("small", None, 14, 28, **kwargs)
+    shapes = catprune.planner.estimate(shapes_pipe, config, 20, 28, device="cuda", backend="cudagraph")
+    same = catprune.planner.estimate_as(
+        "shapes", config, 20, 28, macs_ratio=shapes.macs_ratio, height=128, width=128, backend="cudagraph"
+    )
+    assert same.time_ratio == pytest.approx(shapes.time_ratio) and same.time_source == shapes.time_source

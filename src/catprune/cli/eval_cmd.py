@@ -69,7 +69,24 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up image of every method")
     p.add_argument("--grid-rows", type=positive_int, default=6, help="seeds shown in the image grids (default 6)")
     p.add_argument("--list-methods", action="store_true", help="print the methods that would run, then exit")
+    p.add_argument(
+        "--time-model",
+        type=_time_model,
+        default=None,
+        help="PRESET[:BACKEND[:HEIGHTxWIDTH]]: also charge every dense and catprune run the GPU time it would take "
+        "at that model's measured step times (default backend compile+cudagraph, 1024x1024), e.g. sd3-medium: a "
+        "column, a Pareto plot and a comparison at equal time; for small models whose own GPU times say little",
+    )
     return p
+
+
+def _time_model(text: str):
+    from ..evaluation.gpu_time import TimeStandIn
+
+    try:
+        return TimeStandIn.parse(text, who="")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +132,7 @@ def _table(results: dict) -> str:
         return "-" if value is None else format(value, spec)
 
     lines = [
-        f"{'method':<24} {'group':<12} {'MACs':>6} {'s/img':>8} {'wall x':>7} {'PSNR':>7} {'SSIM':>6} "
+        f"{'method':<24} {'group':<12} {'MACs':>6} {'s/img':>8} {'wall x':>7} {'gpu x':>6} {'PSNR':>7} {'SSIM':>6} "
         f"{'col@cell':>8} {'shape':>6}"
     ]
     for r in results["methods"]:
@@ -125,7 +142,8 @@ def _table(results: dict) -> str:
         psnr = "inf" if r.get("psnr") is None and r.get("psnr_identical") else fmt(r.get("psnr"), "7.2f")
         lines.append(
             f"{r['name']:<24} {r['group']:<12} {fmt(r.get('macs_ratio'), '6.3f')} "
-            f"{fmt(r.get('seconds_per_image'), '8.4f')} {fmt(r.get('wall_speedup'), '7.2f')} {psnr:>7} "
+            f"{fmt(r.get('seconds_per_image'), '8.4f')} {fmt(r.get('wall_speedup'), '7.2f')} "
+            f"{fmt(r.get('gpu_speedup'), '6.2f')} {psnr:>7} "
             f"{fmt(r.get('ssim'), '6.4f')} {fmt(r.get('colour_at_cell'), '8.3f')} {fmt(r.get('shape'), '6.3f')}"
         )
     for check in results["comparisons"]:
@@ -177,7 +195,9 @@ def run(args) -> int:
             score(folder)
     if args.phase in ("all", "score", "report"):
         with _phase("report"):
-            results = write_report(folder, grid_rows=args.grid_rows, command=_command(args))
+            results = write_report(
+                folder, grid_rows=args.grid_rows, command=_command(args), time_model=args.time_model
+            )
         print(_table(results))
         print(f"report: {folder / 'report.html'}")
     return 0

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 from .files import read_json
+from .gpu_time import TimeStandIn, equal_time_entry
 from .methods import GROUPS, Method
 from .metrics import paired_difference
 from .settings import reference_name
@@ -48,8 +49,9 @@ def order(method: Method) -> tuple:
     )
 
 
-def build_rows(out_dir: str | os.PathLike) -> tuple[list[dict], dict]:
-    """One row per method (skipped ones included, with their reason) joining timings, MACs and scores."""
+def build_rows(out_dir: str | os.PathLike, time_model: TimeStandIn | None = None) -> tuple[list[dict], dict]:
+    """One row per method (skipped ones included, with their reason) joining timings, MACs and scores; with
+    ``time_model``, also the modelled GPU time of dense and catprune rows (`gpu_time.TimeStandIn`)."""
     out = Path(out_dir)
     settings, caches, skipped = load_generation(out)
     scores = read_json(out / "scores.json", default={}) or {}
@@ -81,6 +83,8 @@ def build_rows(out_dir: str | os.PathLike) -> tuple[list[dict], dict]:
         if "cached_steps_per_call" in t:
             row["cached_steps_per_generation"] = t["cached_steps_per_call"]
         row.update(method_scores.get(m.name, {}).get("summary", {}))
+        if time_model is not None:
+            time_model.add_to(row, m, settings.steps)
         rows.append(row)
     for name, reason in sorted(skipped.items()):
         rows.append({"name": name, "group": "peer", "status": f"skipped: {reason}", "description": reason})
@@ -255,9 +259,11 @@ def _others(rows, scores, cat, label) -> dict:
     return _entry(crit, None, "; ".join(parts) or "no baseline or peer was run")
 
 
-def comparisons(rows: list[dict], scores: dict) -> list[dict]:
+def comparisons(rows: list[dict], scores: dict, time_model: TimeStandIn | None = None) -> list[dict]:
     """How CAT compares, on the measured rows: adherence against dense, PSNR against dense with fewer steps at
-    equal cost, PSNR against the ablations at the same budget (verdicts), and the baselines and peers (reported).
+    equal cost, PSNR against the ablations at the same budget (verdicts), and the baselines and peers (reported);
+    with ``time_model`` (rows from ``build_rows(..., time_model)``) also every pruned run against dense at equal
+    modelled GPU time (reported).
 
     Example:
         >>> [c["status"] for c in comparisons([], {})]
@@ -277,6 +283,8 @@ def comparisons(rows: list[dict], scores: dict) -> list[dict]:
     for entry in out[:3]:
         entry["status"] = {True: "holds", False: "miss", None: "not evaluated"}[entry["holds"]]
     out[3]["status"] = "reported"
+    if time_model is not None:
+        out.append(equal_time_entry(rows, time_model.label, lambda a, b: ci(paired(scores, a, b))))
     return out
 
 

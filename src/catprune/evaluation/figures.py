@@ -80,9 +80,9 @@ def _pareto_one(plt, points, x_key, x_label, y_key, y_label, path: Path) -> None
     plt.close(fig)
 
 
-def pareto_plots(rows: list[dict], folder: Path) -> dict[str, str]:
-    """Speed-up (wall-clock and MACs) against PSNR-to-dense and against adherence. Returns {title: relative path};
-    empty if matplotlib is missing."""
+def pareto_plots(rows: list[dict], folder: Path, gpu_label: str | None = None) -> dict[str, str]:
+    """Speed-up (wall-clock and MACs; with ``gpu_label``, also the modelled GPU time of `gpu_time`) against
+    PSNR-to-dense and against adherence. Returns {title: relative path}; empty if matplotlib is missing."""
     plt = matplotlib_pyplot()
     if plt is None:
         return {}
@@ -90,10 +90,10 @@ def pareto_plots(rows: list[dict], folder: Path) -> dict[str, str]:
     made = {}
     ok = [r for r in rows if r.get("status") == "ok"]
     for y_key, y_label in (("psnr", "PSNR to dense (dB)"), ("adherence", "adherence (mean of the model's rates)")):
-        for x_key, x_label in (
-            ("wall_speedup", "wall-clock speed-up vs dense"),
-            ("macs_speedup", "MACs speed-up vs dense"),
-        ):
+        axes = [("wall_speedup", "wall-clock speed-up vs dense"), ("macs_speedup", "MACs speed-up vs dense")]
+        if gpu_label is not None:
+            axes.append(("gpu_speedup", f"{gpu_label} vs dense"))
+        for x_key, x_label in axes:
             points = [r for r in ok if r.get(x_key) is not None and _finite(r.get(y_key))]
             if not points:
                 continue

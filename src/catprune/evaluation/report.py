@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import compare, figures
 from .files import read_json, write_json, write_text
+from .gpu_time import TimeStandIn
 from .settings import reference_name
 from .store import load_generation
 
@@ -37,6 +38,8 @@ CSV_COLUMNS = [
     "macs_ratio",
     "macs_speedup",
     "macs_estimated",
+    "gpu_time_ratio",
+    "gpu_speedup",
     "psnr",
     "psnr_identical",
     "ssim",
@@ -56,6 +59,7 @@ TABLE_COLUMNS = [
     ("macs_speedup", "MACs speed-up"),
     ("seconds_per_image", "s / image"),
     ("wall_speedup", "wall speed-up"),
+    ("gpu_speedup", "modelled GPU speed-up"),
     ("psnr", "PSNR dB"),
     ("ssim", "SSIM"),
     ("colour_at_cell", "colour@cell"),
@@ -112,7 +116,7 @@ def _focus(rows: list[dict]) -> tuple[list[str], str]:
     return names + others, " vs ".join(parts) + ", 2x"
 
 
-def _figures(out: Path, settings, rows, complete, indices, log: Log) -> tuple[dict, list[str]]:
+def _figures(out: Path, settings, rows, complete, indices, log: Log, gpu_label=None) -> tuple[dict, list[str]]:
     made: dict[str, dict[str, str]] = {"plots": {}, "grids": {}, "heatmaps": {}}
     notes = []
     if complete:
@@ -128,7 +132,7 @@ def _figures(out: Path, settings, rows, complete, indices, log: Log) -> tuple[di
         notes.append("Pareto plots and heat maps skipped: matplotlib is not installed (pip install 'catprune[eval]').")
     else:
         log("[eval] report: Pareto plots ...")
-        made["plots"] = figures.pareto_plots(rows, out / "plots")
+        made["plots"] = figures.pareto_plots(rows, out / "plots", gpu_label)
         log("[eval] report: selection heat maps ...")
         reference = next((c for c in complete if c.method.is_reference), None)
         made["heatmaps"] = figures.selection_heatmaps(
@@ -138,9 +142,15 @@ def _figures(out: Path, settings, rows, complete, indices, log: Log) -> tuple[di
 
 
 def write_report(
-    out_dir: str | os.PathLike, grid_rows: int = 6, command: str | None = None, log: Log = _print
+    out_dir: str | os.PathLike,
+    grid_rows: int = 6,
+    command: str | None = None,
+    log: Log = _print,
+    time_model: TimeStandIn | None = None,
 ) -> dict:
     """Write results.json, results.csv, report.html, plots/, grids/ and heatmaps/ into the evaluation folder.
+    ``time_model``: charge dense and catprune runs a full-size model's GPU step times too (`gpu_time`): a column,
+    a Pareto plot and a comparison at equal modelled time.
 
     Returns the results dict (also written as results.json).
 
@@ -160,11 +170,12 @@ def write_report(
     """
     out = Path(out_dir)
     settings, caches, skipped = load_generation(out)
-    rows, scores = compare.build_rows(out)
+    rows, scores = compare.build_rows(out, time_model)
     n = settings.num_prompts
     complete = [c for c in sorted(caches, key=lambda c: compare.order(c.method)) if c.complete(n)]
     indices = list(range(min(grid_rows, n)))
-    made, notes = _figures(out, settings, rows, complete, indices, log)
+    gpu_label = None if time_model is None else f"modelled GPU speed-up ({time_model.label})"
+    made, notes = _figures(out, settings, rows, complete, indices, log, gpu_label)
     for status in scores.get("metrics", {}).values():
         if not status.get("available") and status.get("name") != "lpips":
             notes.append(f"{status['name']}: {status['reason']}")
@@ -178,7 +189,8 @@ def write_report(
         "command": command,
         "reference": reference_name(settings),
         "methods": rows,
-        "comparisons": compare.comparisons(rows, scores),
+        "comparisons": compare.comparisons(rows, scores, time_model),
+        "time_model": None if time_model is None else time_model.label,
         "notes": notes,
         "figures": made,
     }

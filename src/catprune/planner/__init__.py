@@ -286,6 +286,51 @@ def estimate(
     return Estimate(steps, config, n, macs, time, setup.costs.time_source(config))
 
 
+def estimate_as(
+    preset: str,
+    config: CATConfig | None,
+    steps: int,
+    num_inference_steps: int = 28,
+    *,
+    macs_ratio: float | None = None,
+    height: int = 1024,
+    width: int = 1024,
+    device: str = "cuda",
+    backend: Backend | str = Backend.COMPILE_CUDAGRAPH,
+    tables: Tables | None = None,
+) -> Estimate:
+    """What running ``steps`` steps with ``config`` would cost on the measured step times of another model,
+    ``preset`` (a `catprune.models.model_configs` name with rows in the tables): the time a small model's mix of
+    steps, pruning and cache fills would take at that model's speed. ``macs_ratio`` is the run's measured total
+    MACs over the dense run of ``num_inference_steps`` steps (it fixes the pruned steps' MACs ratio; required for a
+    pruning ``config``). ``backend`` defaults to ``compile+cudagraph``, whose dense side is the stock model compiled.
+    Raises ValueError when the tables have no step times for ``preset`` on that device and backend.
+
+    Example:
+        >>> from catprune import CATConfig
+        >>> e = estimate_as("sd3-medium", CATConfig(keep_ratio=0.3, start_step=8), 28, 28, macs_ratio=0.512)
+        >>> e.macs_ratio, 1.6 < e.speedup < 1.9
+        (0.512, True)
+    """
+    n, steps = _check_steps(num_inference_steps), _check_steps(steps)
+    tables = tables if tables is not None else shipped_tables()
+    backend = Backend.parse(backend, "catprune.planner.estimate_as: backend", "")
+    device = torch.device(device).type
+    rows = select_rows(tables.step_times, preset, device, backend.value, (int(height), int(width)))
+    if not rows:
+        have = sorted({(r.model, r.device, r.backend) for r in tables.step_times})
+        raise ValueError(
+            f"catprune.planner.estimate_as: preset: expected a model with step times on {device} with backend "
+            f"{backend.value}, got {preset!r}. Measured: {', '.join(f'{m} ({d}, {b})' for m, d, b in have)}."
+        )
+    pruning = config is not None and config.pruning_enabled and steps > config.start_step + config.final_dense_steps
+    if pruning and macs_ratio is None:
+        raise ValueError("catprune.planner.estimate_as: macs_ratio: expected the run's measured MACs ratio, got None.")
+    costs = CostModel(n, None, TimeModel(rows))
+    macs, time = costs.cost(steps, config, macs_ratio)
+    return Estimate(steps, config, n, macs_ratio if pruning else macs, time, costs.time_source(config))
+
+
 def _step_cache_ok(pipe_or_transformer, spec: dict) -> bool:
     from ..stacking import step_cache_support
 
@@ -301,6 +346,7 @@ __all__ = [
     "StepTimeRow",
     "Tables",
     "estimate",
+    "estimate_as",
     "plan",
     "shipped_tables",
 ]

@@ -51,7 +51,7 @@ class CostModel:
     """Costs of candidates against a dense run of ``reference`` steps."""
 
     reference: int
-    macs: MacsModel
+    macs: MacsModel | None  # None: every pruning config comes with its measured macs_ratio
     time: TimeModel
 
     def cost(self, steps: int, config: CATConfig | None, macs_ratio: float | None = None) -> tuple[float, float]:
@@ -65,9 +65,10 @@ class CostModel:
         pruned = steps - dense
         if pruned == 0:
             return steps / n, steps / n
-        m = self.macs.pruned_ratio(config.keep_ratio)
         if macs_ratio is not None:  # e.g. a field the analytic model does not know changes the cost
             m = min(1.0, max(1e-6, (macs_ratio * n - dense) / pruned))
+        else:
+            m = self.macs.pruned_ratio(config.keep_ratio)
         time = self.time.for_context(config.context.value)  # pruned-step times of the config's context, if timed
         fills = 2 if config.context.value == "extrapolate" else 1  # the capture, and the forecast's reference step
         extra = fills * (time.capture_ratio() - 1.0)  # cache-filling steps cost more (or less) than a dense one
