@@ -51,7 +51,10 @@ def _finite(value) -> bool:
 
 
 def _pareto_one(plt, points, x_key, x_label, y_key, y_label, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    """One scatter plot. Dense runs are labelled with their names along their curve; the other runs with numbers
+    whose key (number: name) stands beside the plot, so that runs at nearly the same point stay readable."""
+    others = sorted([r for r in points if r["group"] not in ("fewer steps", "reference")], key=lambda r: -r[x_key])
+    fig, ax = plt.subplots(figsize=(12 if others else 9, 6), dpi=110)
     fewer = sorted([r for r in points if r["group"] in ("fewer steps", "reference")], key=lambda r: r[x_key])
     if len(fewer) > 1:
         ax.plot([r[x_key] for r in fewer], [r[y_key] for r in fewer], "-", color="#bbbbbb", zorder=1)
@@ -60,22 +63,23 @@ def _pareto_one(plt, points, x_key, x_label, y_key, y_label, path: Path) -> None
         if pts:
             xs, ys = [r[x_key] for r in pts], [r[y_key] for r in pts]
             ax.scatter(xs, ys, c=GROUP_COLOURS[group], label=group, s=48, zorder=2)
-    for i, r in enumerate(sorted(points, key=lambda r: (r[x_key], r[y_key]))):
-        dy = (4, -12, 14)[i % 3]  # stagger the labels of points that sit at the same budget
-        ax.annotate(
-            r["name"],
-            (r[x_key], r[y_key]),
-            fontsize=PLOT_FONT["annotation"],
-            xytext=(5, dy),
-            textcoords="offset points",
-        )
+    for r in fewer:
+        ax.annotate(r["name"], (r[x_key], r[y_key]), fontsize=PLOT_FONT["annotation"], xytext=(5, -12),
+                    textcoords="offset points", color="#555555")  # fmt: skip
+    for i, r in enumerate(others, start=1):
+        ax.annotate(str(i), (r[x_key], r[y_key]), fontsize=PLOT_FONT["annotation"], xytext=(4, 3 + 6 * (i % 2)),
+                    textcoords="offset points", color=GROUP_COLOURS[r["group"]])  # fmt: skip
+    if others:
+        key = "\n".join(f"{i}: {r['name']}" for i, r in enumerate(others, start=1))
+        fig.text(0.655, 0.95, key, fontsize=PLOT_FONT["annotation"], va="top", family="monospace")
     ax.set_xlabel(x_label, fontsize=PLOT_FONT["label"])
     ax.set_ylabel(y_label, fontsize=PLOT_FONT["label"])
     ax.tick_params(labelsize=PLOT_FONT["annotation"] + 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=PLOT_FONT["legend"])
-    ax.set_title(f"{y_label.split(' (')[0]} against {x_label.split(' vs')[0]}", fontsize=PLOT_FONT["title"])
-    fig.tight_layout()
+    x_name = x_label.split(" (")[0].split(" vs")[0]  # the axis without the stand-in model's details
+    ax.set_title(f"{y_label.split(' (')[0]} against {x_name}", fontsize=PLOT_FONT["title"])
+    fig.tight_layout(rect=(0, 0, 0.65 if others else 1, 1))
     fig.savefig(path)
     plt.close(fig)
 

@@ -174,7 +174,7 @@ def write_report(
     n = settings.num_prompts
     complete = [c for c in sorted(caches, key=lambda c: compare.order(c.method)) if c.complete(n)]
     indices = list(range(min(grid_rows, n)))
-    gpu_label = None if time_model is None else f"modelled GPU speed-up ({time_model.label})"
+    gpu_label = None if time_model is None else f"modelled GPU speed-up, {time_model.label}"
     made, notes = _figures(out, settings, rows, complete, indices, log, gpu_label)
     for status in scores.get("metrics", {}).values():
         if not status.get("available") and status.get("name") != "lpips":
