@@ -37,3 +37,32 @@ def scatter_rows(idx, src, dst, prev, work, K, D, sib, sii, ssb, ssi, sdb, sdm, 
     tl.store(dst + b * sdb + m * sdm + d, x, mask=mask)
     if WORK:
         tl.store(work + b * swb + m * swm + d, x, mask=mask)
+
+
+@triton.jit
+def quantize_scatter_rows(idx, src, dst, scale, K, D, sib, sii, ssb, ssi, sdb, sdm, scb, scm, BLOCK: tl.constexpr):
+    """``dst[b, idx[b, i]], scale[b, idx[b, i]] = quantise(src[b, i])`` per (B, K) row: an 8-bit float row scaled
+    by its absmax / 448 (the smallest normal float32 at least), as `catprune.algorithm.quantize_rows`. One program
+    holds a whole row (``BLOCK >= D``)."""
+    row = tl.program_id(0).to(tl.int64)  # over B * K selected rows
+    b, i = row // K, row % K
+    m = tl.load(idx + b * sib + i * sii).to(tl.int64)
+    d = tl.arange(0, BLOCK)
+    mask = d < D
+    x = tl.load(src + b * ssb + i * ssi + d, mask=mask, other=0.0).to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1.1754943508222875e-38)
+    q = tl.clamp(x / s, -448.0, 448.0).to(dst.dtype.element_ty)
+    tl.store(dst + b * sdb + m * sdm + d, q, mask=mask)
+    tl.store(scale + b * scb + m * scm, s)
+
+
+@triton.jit
+def dequantize_rows(q, scale, out, B, N, D, sqj, sqb, sqn, ssj, ssb, ssn, soj, sob, son, BLOCK: tl.constexpr):
+    """``out = q * scale`` per (2, B, N) row, rounded once to ``out``'s dtype."""
+    row = tl.program_id(0).to(tl.int64)  # over 2 * B * N rows (keys, then values)
+    n, b, j = row % N, (row // N) % B, row // (N * B)
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = d < D
+    x = tl.load(q + j * sqj + b * sqb + n * sqn + d, mask=mask).to(tl.float32)
+    s = tl.load(scale + j * ssj + b * ssb + n * ssn)
+    tl.store(out + j * soj + b * sob + n * son + d, (x * s).to(out.dtype.element_ty), mask=mask)

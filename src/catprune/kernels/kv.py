@@ -1,5 +1,7 @@
-"""Triton kernels for a pruned step's K/V cache writes: the fresh rows scattered into a block's cache, and the
-context forecast's advance (K0 <- K1, K1 <- fresh) with its extrapolation into the working buffer.
+"""Triton kernels for a pruned step's K/V cache writes: the fresh rows scattered into a block's cache, the
+context forecast's advance (K0 <- K1, K1 <- fresh) with its extrapolation into the working buffer, and for an 8-bit
+cache (`CATConfig.cache_dtype="fp8"`) the fresh rows quantised and scattered in one launch and the cache
+dequantised in one pass.
 
 Why: the torch versions (`catprune.algorithm.scatter_tokens_`, `advance_kv_`, `extrapolate_`) run as generic
 element-wise kernels that read an index or a broadcast weight per element (a lerp with a per-token weight ran at a
@@ -23,7 +25,7 @@ import warnings
 
 import torch
 
-from ..algorithm import advance_kv_, extrapolate_, scatter_tokens_
+from ..algorithm import advance_kv_, dequantize_rows_, extrapolate_, scatter_tokens_
 
 
 @functools.cache
@@ -149,4 +151,57 @@ def forecast_kv_(
     if not _launched(launch):  # nothing was written but maybe `out`, which the torch path rewrites
         advance_kv_(kv, prev, idx, fresh)
         extrapolate_(out, kv, prev, ratio)
+    return out
+
+
+MAX_ROW = 4096  # a quantised row (heads * head dim) one program holds whole; wider rows take the torch path
+
+
+def quantize_scatter_(data: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor, fresh) -> bool:
+    """For a scaled 8-bit cache, in place: ``data[j, b, idx[b, i]]`` <- ``fresh[j][b, i]`` quantised per token row
+    and ``scale[j, b, idx[b, i]]`` <- its scale (``data`` (2, B, M, H, hd), ``scale`` (2, B, M, 1, 1) float32,
+    ``fresh`` keys and values (B, k, H, hd)), as `catprune.algorithm.quantize_rows` and a scatter. Returns False,
+    with nothing written, where the kernel does not run (the caller takes the torch path): no Triton, not CUDA, a
+    row wider than `MAX_ROW`. The 8-bit rounding is the GPU's conversion instruction (round to nearest even, as
+    torch's cast on the GPU)."""
+    heads, hd = data.shape[3:]
+    if heads * hd > MAX_ROW or not available(data[0], data[1], *fresh):
+        return False
+
+    def launch():
+        b, k = idx.shape
+        block = 1 << max(0, (heads * hd - 1).bit_length())
+        for j in range(2):
+            src, dst, sc = fresh[j], data[j], scale[j]
+            _triton().quantize_scatter_rows[(b * k,)](
+                idx, src, dst, sc, k, heads * hd, idx.stride(0), idx.stride(1), src.stride(0), src.stride(1),
+                dst.stride(0), dst.stride(1), sc.stride(0), sc.stride(1), BLOCK=block,
+            )  # fmt: skip
+
+    return _launched(launch)
+
+
+def dequantize_kv_(out: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``out`` (2, B, M, H, hd) <- ``data * scale`` (``data`` in the storage dtype, ``scale`` (2, B, M, 1, 1) or
+    None for a 16-bit cache), one pass and one rounding per element: the kernel where `available`, else
+    `catprune.algorithm.dequantize_rows_`. Returns ``out``.
+
+    Example:
+        >>> q = torch.ones(2, 1, 2, 1, 2, dtype=torch.float8_e4m3fn)
+        >>> dequantize_kv_(torch.empty(2, 1, 2, 1, 2), q, torch.full((2, 1, 2, 1, 1), 0.5))[0, 0, :, 0].tolist()
+        [[0.5, 0.5], [0.5, 0.5]]
+    """
+    if scale is None or not available(out[0], out[1], data[0], data[1]):
+        return dequantize_rows_(out, data, scale)
+
+    def launch():
+        _, b, m, heads, hd = data.shape
+        grid, block = _launch_shape(2 * b * m, heads * hd)
+        _triton().dequantize_rows[grid](
+            data, scale, out, b, m, heads * hd, *data.stride()[:3], *scale.stride()[:3], *out.stride()[:3],
+            BLOCK=block,
+        )  # fmt: skip
+
+    if not _launched(launch):
+        dequantize_rows_(out, data, scale)
     return out

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..algorithm import advance_kv_, bits, dequantize_rows_, quantize_rows, scatter_tokens_
+from ..kernels import dequantize_kv_, quantize_scatter_, scatter_rows_
 
 if TYPE_CHECKING:
     from .contract import BufferStore, KVSlot
@@ -76,20 +77,22 @@ def attend_low_precision(slot: KVSlot, idx: torch.Tensor, image, text=None) -> t
     _, b, m, heads, hd = data.shape
     t = text[0].shape[1] if text is not None else 0
     out = slot.workspace.view("kv", (2, b, m + t, heads, hd), slot.compute, data.device)
-    fresh = [quantize_rows(image[j], data.dtype) for j in range(2)]  # ((B, k, H, hd), (B, k, 1, 1) or None)
     if slot.forecast is None:
-        for j in range(2):
-            scatter_tokens_(bits(data[j]), idx, bits(fresh[j][0]))
-            if scale is not None:
-                scatter_tokens_(scale[j], idx, fresh[j][1])
-        dequantize_rows_(out[:, :, :m], data, scale)
+        if scale is None or not quantize_scatter_(data, scale, idx, image):  # one launch per K / V on CUDA
+            for j in range(2):
+                q, q_scale = quantize_rows(image[j], data.dtype)  # (B, k, H, hd), (B, k, 1, 1) or None
+                scatter_tokens_(bits(data[j]), idx, bits(q))
+                if scale is not None:
+                    scatter_tokens_(scale[j], idx, q_scale)
+        dequantize_kv_(out[:, :, :m], data, scale)
     else:
+        fresh = [quantize_rows(image[j], data.dtype) for j in range(2)]  # ((B, k, H, hd), (B, k, 1, 1) or None)
         advance_kv_(bits(data), bits(slot.prev), idx, (bits(fresh[0][0]), bits(fresh[1][0])))
         if scale is not None:
             advance_kv_(scale, slot.prev_scale, idx, (fresh[0][1], fresh[1][1]))
         _forecast_(slot, out[:, :, :m])
     for j in range(2):
-        scatter_tokens_(out[j, :, :m], idx, image[j])  # the computed tokens attend with their fresh values
+        scatter_rows_(out[j, :, :m], idx, image[j])  # the computed tokens attend with their fresh values
         if text is not None:
             out[j, :, m:].copy_(text[j])  # (B, T, H, hd)
     return out
