@@ -711,3 +711,18 @@ def test_report_with_a_time_model(evaluation, tmp_path):
     assert "modelled GPU speed-up" in page
     if _has_matplotlib():
         assert (copy / "plots" / "pareto_psnr_gpu.png").is_file()
+
+
+def test_printed_table_shows_the_models_own_scores_and_the_gpu_column_only_when_there():
+    from catprune.cli.eval_cmd import _table
+
+    long = "no_clustering-a0.55-t7-526f68-s18"
+    rows = [_row("dense-28", "reference", 28, 1.0, 2.0, None, psnr_identical=4, identity_top1=0.99),
+            _row(long, "ablation", 18, 0.503, 1.0, 31.65, identity_top1=0.987, ssim=0.98)]  # fmt: skip
+    text = _table({"methods": rows, "comparisons": []})
+    head, first, second = text.splitlines()
+    assert "identity" in head and "col@cell" not in head and "gpu x" not in head
+    assert second.startswith(long + " ablation") and second.endswith("0.987") and "31.65" in second
+    assert len(head) == len(first) == len(second)  # aligned however long the names
+    with_gpu = _table({"methods": [dict(r, gpu_speedup=1.9) for r in rows], "comparisons": []})
+    assert "gpu x" in with_gpu.splitlines()[0] and "1.90" in with_gpu.splitlines()[2]

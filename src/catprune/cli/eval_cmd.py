@@ -127,28 +127,39 @@ def _settings(args):
     )
 
 
-def _table(results: dict) -> str:
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
+#: (row key, header, format) of the printed table; the optional ones only when some row has a value
+_COLUMNS = [("macs_ratio", "MACs", "6.3f"), ("seconds_per_image", "s/img", "8.4f"), ("wall_speedup", "wall x", "7.2f")]
+_OPTIONAL = [("gpu_speedup", "gpu x", "6.2f")]
+_SCORES = [("ssim", "SSIM", "6.4f"), ("colour_at_cell", "col@cell", "8.3f"), ("shape", "shape", "6.3f"),
+           ("identity_top1", "identity", "8.3f")]  # fmt: skip
 
-    lines = [
-        f"{'method':<24} {'group':<12} {'MACs':>6} {'s/img':>8} {'wall x':>7} {'gpu x':>6} {'PSNR':>7} {'SSIM':>6} "
-        f"{'col@cell':>8} {'shape':>6}"
-    ]
-    for r in results["methods"]:
+
+def _table(results: dict) -> str:
+    """The results as a text table: the columns the rows have (the model's own adherence scores, the modelled
+    GPU speed-up when `--time-model` was given) and the comparisons under it."""
+    rows = results["methods"]
+    ok = [r for r in rows if r.get("status") == "ok"]
+    present = list(_COLUMNS)
+    present += [c for c in _OPTIONAL if any(r.get(c[0]) is not None for r in ok)]
+    scores = [c for c in _SCORES if any(r.get(c[0]) is not None for r in ok)]
+    name_w = max([24] + [len(r["name"]) for r in rows])
+
+    def cell(value, spec):
+        width = spec.split(".")[0]
+        return f"{'-':>{width}}" if value is None else format(value, spec)
+
+    head = [f"{'method':<{name_w}} {'group':<12}"] + [f"{h:>{f.split('.')[0]}}" for _, h, f in present]
+    head += [f"{'PSNR':>7}"] + [f"{h:>{f.split('.')[0]}}" for _, h, f in scores]
+    lines = [" ".join(head)]
+    for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"{r['name']:<24} {r.get('group', ''):<12} {r.get('status', '')}")
+            lines.append(f"{r['name']:<{name_w}} {r.get('group', ''):<12} {r.get('status', '')}")
             continue
-        psnr = "inf" if r.get("psnr") is None and r.get("psnr_identical") else fmt(r.get("psnr"), "7.2f")
-        lines.append(
-            f"{r['name']:<24} {r['group']:<12} {fmt(r.get('macs_ratio'), '6.3f')} "
-            f"{fmt(r.get('seconds_per_image'), '8.4f')} {fmt(r.get('wall_speedup'), '7.2f')} "
-            f"{fmt(r.get('gpu_speedup'), '6.2f')} {psnr:>7} "
-            f"{fmt(r.get('ssim'), '6.4f')} {fmt(r.get('colour_at_cell'), '8.3f')} {fmt(r.get('shape'), '6.3f')}"
-        )
+        psnr = "inf" if r.get("psnr") is None and r.get("psnr_identical") else cell(r.get("psnr"), "7.2f")
+        parts = [f"{r['name']:<{name_w}} {r['group']:<12}"] + [cell(r.get(k), f) for k, _, f in present]
+        lines.append(" ".join(parts + [f"{psnr:>7}"] + [cell(r.get(k), f) for k, _, f in scores]))
     for check in results["comparisons"]:
-        mark = check["status"].upper()
-        lines.append(f"[{mark}] {check['criterion']}: {check['detail']}")
+        lines.append(f"[{check['status'].upper()}] {check['criterion']}: {check['detail']}")
     return "\n".join(lines)
 
 
