@@ -88,15 +88,18 @@ class TimeStandIn:
         row["gpu_time_ratio"], row["gpu_speedup"] = ratio, 1.0 / ratio
 
 
+def _timed_dense(rows: list[dict]) -> list[dict]:
+    """The scored dense runs with fewer steps that have a modelled time."""
+    return [
+        r for r in rows
+        if r.get("group") == "fewer steps" and r.get("status") == "ok" and r.get("gpu_time_ratio") is not None
+    ]  # fmt: skip
+
+
 def dense_psnr_at(rows: list[dict], time_ratio: float) -> float | None:
     """PSNR of dense with fewer steps, linear between the measured step counts, at a modelled ``time_ratio``;
     None outside their range."""
-    points = sorted(
-        (r["gpu_time_ratio"], r["psnr"])
-        for r in rows
-        if r.get("group") == "fewer steps" and r.get("status") == "ok" and r.get("gpu_time_ratio") is not None
-        and r.get("psnr") is not None
-    )  # fmt: skip
+    points = sorted((r["gpu_time_ratio"], r["psnr"]) for r in _timed_dense(rows) if r.get("psnr") is not None)
     for (t0, p0), (t1, p1) in zip(points, points[1:], strict=False):
         if t0 <= time_ratio <= t1:
             return p0 if t1 == t0 else p0 + (p1 - p0) * (time_ratio - t0) / (t1 - t0)
@@ -122,11 +125,7 @@ def equal_time_entry(rows: list[dict], label: str, ci) -> dict:
         for gain, r, dense in gains[:3]
     ]
     best = gains[0][1]
-    slower = [
-        d for d in rows
-        if d.get("group") == "fewer steps" and d.get("status") == "ok" and d.get("gpu_time_ratio") is not None
-        and d["gpu_time_ratio"] >= best["gpu_time_ratio"] - 1e-9
-    ]  # fmt: skip
+    slower = [d for d in _timed_dense(rows) if d["gpu_time_ratio"] >= best["gpu_time_ratio"] - 1e-9]
     if slower:
         d = min(slower, key=lambda x: x["gpu_time_ratio"])
         parts.append(

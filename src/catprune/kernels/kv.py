@@ -80,8 +80,11 @@ def available(*tensors: torch.Tensor) -> bool:
     return _triton() is not None
 
 
+MAX_BLOCK = 4096  # elements of a row one program handles; a quantised row must fit whole (wider: the torch path)
+
+
 def _launch_shape(rows: int, width: int) -> tuple[tuple[int, int], int]:
-    block = min(4096, 1 << max(0, (width - 1).bit_length()))  # the next power of two, at most 4096 elements
+    block = min(MAX_BLOCK, 1 << max(0, (width - 1).bit_length()))  # the next power of two, at most MAX_BLOCK
     return (rows, -(-width // block)), block
 
 
@@ -154,26 +157,23 @@ def forecast_kv_(
     return out
 
 
-MAX_ROW = 4096  # a quantised row (heads * head dim) one program holds whole; wider rows take the torch path
-
-
 def quantize_scatter_(data: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor, fresh) -> bool:
     """For a scaled 8-bit cache, in place: ``data[j, b, idx[b, i]]`` <- ``fresh[j][b, i]`` quantised per token row
     and ``scale[j, b, idx[b, i]]`` <- its scale (``data`` (2, B, M, H, hd), ``scale`` (2, B, M, 1, 1) float32,
     ``fresh`` keys and values (B, k, H, hd)), as `catprune.algorithm.quantize_rows` and a scatter. Returns False,
     with nothing written, where the kernel does not run (the caller takes the torch path): no Triton, not CUDA, a
-    row wider than `MAX_ROW`. The 8-bit rounding is the GPU's conversion instruction (round to nearest even, as
+    row wider than `MAX_BLOCK`. The 8-bit rounding is the GPU's conversion instruction (round to nearest even, as
     torch's cast on the GPU)."""
     heads, hd = data.shape[3:]
-    if heads * hd > MAX_ROW or not available(data[0], data[1], *fresh):
+    if heads * hd > MAX_BLOCK or not available(data[0], data[1], *fresh):
         return False
 
     def launch():
         b, k = idx.shape
-        block = 1 << max(0, (heads * hd - 1).bit_length())
+        grid, block = _launch_shape(b * k, heads * hd)  # one program per row: (B * k, 1)
         for j in range(2):
             src, dst, sc = fresh[j], data[j], scale[j]
-            _triton().quantize_scatter_rows[(b * k,)](
+            _triton().quantize_scatter_rows[grid](
                 idx, src, dst, sc, k, heads * hd, idx.stride(0), idx.stride(1), src.stride(0), src.stride(1),
                 dst.stride(0), dst.stride(1), sc.stride(0), sc.stride(1), BLOCK=block,
             )  # fmt: skip
