@@ -9,6 +9,7 @@ import torch
 import catprune
 from catprune import Backend, CATConfig
 from catprune.runtime import StepRunner
+from catprune.runtime.lowprec import KVWriter
 
 STEPS = 6
 
@@ -62,14 +63,34 @@ def test_forecast_reference_and_capture_as_full_selection_steps(case):
         assert torch.allclose(full[i : i + 1], alone, atol=1e-4), (full[i] - alone[0]).abs().max()
 
 
-def test_hooked_capture_where_the_full_selection_cannot_stand_in(case):
-    """A low-precision cache (the hooks quantise) keeps the hooked forward: the result equals the runner without
-    full capture bit for bit."""
+@pytest.mark.parametrize("context", ["reuse", "extrapolate"])
+@pytest.mark.parametrize("cache_dtype", ["bf16", "fp8"])
+def test_low_precision_caches_filled_by_the_full_selection_step(case, cache_dtype, context, monkeypatch):
+    """A low-precision cache is quantised by the full-selection capture step itself (no hooked forward): the same
+    phases and cache bytes as the hooked capture, the generation equal to it up to the rounding of the storage
+    (the two captures' K/V differ by float rounding before they are rounded to 8 or 16 bits), a second
+    generation on the same buffers repeats the first, and a batch equals its rows alone."""
     tiny, model, inputs = case
-    config = CATConfig(keep_ratio=0.5, start_step=3, cache_dtype="bf16")
-    without, _ = _run(tiny, model, inputs, config, full_capture=False)
-    with_, _ = _run(tiny, model, inputs, config, full_capture=True)
-    assert torch.equal(with_, without), config
+    config = CATConfig(keep_ratio=0.4, start_step=3, context=context, cache_dtype=cache_dtype, cfg="per_row")
+    writes = []  # the capture hooks' quantised writes
+    write = KVWriter.write_
+    monkeypatch.setattr(KVWriter, "write_", lambda self, j, values: writes.append(j) or write(self, j, values))
+    hooked, view_hooked = _run(tiny, model, inputs, config, full_capture=False)
+    assert writes
+    writes.clear()
+    full, view = _run(tiny, model, inputs, config, full_capture=True)
+    assert not writes  # no hooked forward ran
+    assert [r.phase for r in view.steps] == [r.phase for r in view_hooked.steps]
+    assert view.cache_bytes == view_hooked.cache_bytes
+    assert view.kv_cache_dtype == view_hooked.kv_cache_dtype != torch.float32
+    assert torch.isfinite(full).all()
+    scale = hooked.abs().mean()
+    assert torch.allclose(full, hooked, atol=0.05 * scale, rtol=0.05), (full - hooked).abs().max() / scale
+    again = tiny.denoise(model, inputs, STEPS)
+    assert torch.equal(again, full)
+    for i in range(2):
+        alone, _ = _run(tiny, model, tiny.row(inputs, i), config, full_capture=True)
+        assert torch.allclose(full[i : i + 1], alone, atol=1e-4), (full[i] - alone[0]).abs().max()
 
 
 def test_runner_defaults_and_bad_argument():

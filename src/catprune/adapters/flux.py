@@ -270,7 +270,7 @@ class FluxAdapter(DiffusersAdapter):
             for i, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
                 attn = block.attn
                 shape = (2, b, m + t, attn.heads, attn.head_dim)
-                buf = cache.kv_buffer("attn", shape, info.dtype, attn.to_k.weight.device)
+                buf = cache.kv_buffer("attn", shape, info.dtype, attn.to_k.weight.device, image_tokens=m)
                 offset = 0 if i < double else t  # single blocks: text tokens in front of the image tokens
                 hooks = capture_kv(buf, attn.norm_k, attn.to_v, attn.heads, offset, heads_first=False, rotate=rotate)
                 handles += hooks

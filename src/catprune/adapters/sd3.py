@@ -103,7 +103,7 @@ class SD3Adapter(PatchGridAdapter):
                         continue
                     head_dim = attn.to_k.out_features // attn.heads
                     shape = (2, b, m + tail, attn.heads, head_dim)  # joint attention: text K/V in the tail
-                    buf = cache.kv_buffer(name, shape, info.dtype, attn.to_k.weight.device)
+                    buf = cache.kv_buffer(name, shape, info.dtype, attn.to_k.weight.device, image_tokens=m)
                     key_module = attn.norm_k if attn.norm_k is not None else attn.to_k
                     handles += capture_kv(buf, key_module, attn.to_v, attn.heads)
             yield

@@ -55,7 +55,7 @@ class StepRunner:
             of the model's own forward with cache hooks (eager). ``None`` (default): on the compile and graph
             backends, where the hooked eager forward costs about 1.4 dense steps (measured: 57 vs 40 ms on
             SD3-medium 1024 px, H200). Not bit-identical to the model's forward (the same math in catprune's block
-            order); with a low-precision cache the hooked forward is used regardless.
+            order). A low-precision cache (``CATConfig.cache_dtype``) is quantised in place by that step too.
 
     Example:
         >>> runner = StepRunner("eager", fuse=True)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..algorithm import copy_tokens_
+from ..algorithm import copy_tokens_, is_scaled
 from ..kernels import forecast_kv_, scatter_rows_
 from .lowprec import SCALE, KVWriter, Workspace, attend_low_precision
 
@@ -89,15 +89,23 @@ class BufferStore:
         """Bytes held by all buffers."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    def kv_buffer(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor | KVWriter:
+    def kv_buffer(
+        self, name: str, shape, dtype: torch.dtype, device, image_tokens: int | None = None
+    ) -> torch.Tensor | KVWriter:
         """The K/V cache ``name`` (2, B, M [+ T], H, hd) a capture fills (through `write_image_kv`): the buffer
         itself, or a `KVWriter` into low-precision storage when the store's ``storage`` dtype is narrower than the
-        compute ``dtype`` (a storage as wide as ``dtype`` would save nothing: the buffer is used)."""
+        compute ``dtype`` (a storage as wide as ``dtype`` would save nothing: the buffer is used). The storage
+        (2, B, M, H, hd) of the ``image_tokens`` M (default: every row of ``shape``) and its per-token scales are
+        allocated here, so a full-selection capture step (`Runtime._full_selection`) can write them in place."""
         if self.storage is None or self.storage.itemsize >= dtype.itemsize:
             return self.buffer(name, shape, dtype, device)
         if self.workspace is None:
             self.workspace = Workspace()
         self.compute[name] = dtype
+        image = (*shape[:2], shape[2] if image_tokens is None else image_tokens, *shape[3:])  # (2, B, M, H, hd)
+        self.buffer(name, image, self.storage, device)
+        if is_scaled(self.storage):
+            self.buffer(name + SCALE, (*image[:3], 1, 1), torch.float32, device)  # (2, B, M, 1, 1)
         return KVWriter(self, name)
 
     def kv_names(self) -> list[str]:

@@ -319,9 +319,9 @@ class Runtime:
 
     def _full_capture_inputs(self, info: CallInfo) -> dict[str, torch.Tensor] | None:
         """The step inputs when a cache-filling step runs as a full-selection pruned step
-        (`StepRunner.full_capture`), else None: the runner says no, a low-precision cache is written by the hooks'
-        quantiser, or the call has inputs only the eager path handles."""
-        if not self.runner.full_capture or self.config.cache_dtype is not None:
+        (`StepRunner.full_capture`), else None: the runner says no, or the call has inputs only the eager path
+        handles."""
+        if not self.runner.full_capture:
             return None
         return self.adapter.fast_inputs(info)
 

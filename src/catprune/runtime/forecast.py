@@ -57,15 +57,21 @@ class ContextForecast:
         """Before a full-selection step fills the caches (`Runtime._full_selection`): every block's K0 and the
         shared working buffer allocated, outside any traced or captured region. A K0 allocated here is zeroed with
         its K1's image rows: the step's K0 <- K1 then copies finite values, and its forecast at ratio 0 is exactly
-        the fresh K1 (garbage in a fresh buffer could hold NaN, and ``NaN * 0`` is NaN)."""
+        the fresh K1 (garbage in a fresh buffer could hold NaN, and ``NaN * 0`` is NaN). A low-precision cache gets
+        K0 of its bytes and of its scales and no working buffer (it is rebuilt in the store's `Workspace`)."""
         for cache in caches:
             for name in cache.kv_names():
-                kv = cache[name]
-                image = kv[:, :, : self.num_tokens]  # (2, B, M, H, hd)
-                if cache.get(name + PREV) is None:
-                    cache.buffer(name + PREV, image.shape, image.dtype, image.device).zero_()
-                    image.zero_()
-                self.working(kv)
+                low = name in cache.compute
+                for part in (name, name + SCALE) if low else (name,):
+                    kv = cache.get(part)
+                    if kv is None:
+                        continue  # a 16-bit storage has no scales
+                    image = kv[:, :, : self.num_tokens]  # (2, B, M, H, hd) or its scales (2, B, M, 1, 1)
+                    if cache.get(part + PREV) is None:
+                        bits(cache.buffer(part + PREV, image.shape, image.dtype, image.device)).zero_()
+                        bits(image).zero_()
+                if not low:
+                    self.working(cache[name])
 
     def begin(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Before a pruned step at ``t`` (B,) computing the (B, k) tokens ``idx``: this step's ratios (B, M)."""
