@@ -44,14 +44,8 @@ class ContextForecast:
         """Before a full step refills every K1: ``K0 <- K1`` for every block (allocating K0 on first use); a
         low-precision cache's bytes and scales are copied as they are."""
         for cache in caches:
-            for name in cache.kv_names():
-                for part in (name, name + SCALE):
-                    kv = cache.get(part)
-                    if kv is None:
-                        continue
-                    image = kv[:, :, : self.num_tokens]  # (2, B, M, H, hd) or its scales (2, B, M, 1, 1)
-                    prev = cache.buffer(part + PREV, image.shape, image.dtype, image.device)
-                    bits(prev).copy_(bits(image))
+            for part, image in self._image_parts(cache):
+                bits(cache.buffer(part + PREV, image.shape, image.dtype, image.device)).copy_(bits(image))
 
     def prepare(self, caches: list[BufferStore]) -> None:
         """Before a full-selection step fills the caches (`Runtime._full_selection`): every block's K0 and the
@@ -60,18 +54,22 @@ class ContextForecast:
         the fresh K1 (garbage in a fresh buffer could hold NaN, and ``NaN * 0`` is NaN). A low-precision cache gets
         K0 of its bytes and of its scales and no working buffer (it is rebuilt in the store's `Workspace`)."""
         for cache in caches:
+            for part, image in self._image_parts(cache):
+                if cache.get(part + PREV) is None:
+                    bits(cache.buffer(part + PREV, image.shape, image.dtype, image.device)).zero_()
+                    bits(image).zero_()
             for name in cache.kv_names():
-                low = name in cache.compute
-                for part in (name, name + SCALE) if low else (name,):
-                    kv = cache.get(part)
-                    if kv is None:
-                        continue  # a 16-bit storage has no scales
-                    image = kv[:, :, : self.num_tokens]  # (2, B, M, H, hd) or its scales (2, B, M, 1, 1)
-                    if cache.get(part + PREV) is None:
-                        bits(cache.buffer(part + PREV, image.shape, image.dtype, image.device)).zero_()
-                        bits(image).zero_()
-                if not low:
+                if name not in cache.compute:
                     self.working(cache[name])
+
+    def _image_parts(self, cache: BufferStore):
+        """``(name, image rows)`` of every K/V cache of a block store and of its scales where it has them: (2, B, M,
+        H, hd) or (2, B, M, 1, 1) views."""
+        for name in cache.kv_names():
+            for part in (name, name + SCALE):
+                kv = cache.get(part)
+                if kv is not None:  # only 8-bit storage has scales
+                    yield part, kv[:, :, : self.num_tokens]
 
     def begin(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Before a pruned step at ``t`` (B,) computing the (B, k) tokens ``idx``: this step's ratios (B, M)."""

@@ -52,20 +52,18 @@ class Workspace:
 
 class KVWriter:
     """What a capture hook writes a dense step's image keys / values into when the cache is low-precision (see
-    `contract.write_image_kv`): quantises whole (B, M, H, hd) rows into the store's ``name`` (allocated on the first
-    write, image tokens only) and its scales."""
+    `contract.write_image_kv`): quantises whole (B, M, H, hd) rows into the store's ``name`` (image tokens only)
+    and its scales, both allocated by `BufferStore.kv_buffer`."""
 
     def __init__(self, store: BufferStore, name: str):
         self.store, self.name = store, name
 
     def write_(self, j: int, values: torch.Tensor) -> None:
         """Row ``j`` (0 keys, 1 values) of the cache <- ``values`` (B, M, H, hd), quantised per token."""
-        store, dtype = self.store, self.store.storage
-        q, scale = quantize_rows(values, dtype)
-        data = store.buffer(self.name, (2, *values.shape), dtype, values.device)  # (2, B, M, H, hd)
-        bits(data[j]).copy_(bits(q))
+        q, scale = quantize_rows(values, self.store.storage)
+        bits(self.store[self.name][j]).copy_(bits(q))  # (B, M, H, hd) of (2, B, M, H, hd)
         if scale is not None:
-            store.buffer(self.name + SCALE, (2, *scale.shape), torch.float32, values.device)[j].copy_(scale)
+            self.store[self.name + SCALE][j].copy_(scale)  # (B, M, 1, 1)
 
 
 def attend_low_precision(slot: KVSlot, idx: torch.Tensor, image, text=None) -> torch.Tensor:
