@@ -46,7 +46,7 @@ def test_extrapolate_differs_from_reuse_is_finite_close_and_repeatable(case):
     itemsize = first.element_size()
     k0 = sum(2 * s[1] * 24 * s[3] * s[4] for s in view.kv_cache_shapes) * itemsize  # (2, B, M, H, hd) each
     work = max(2 * s[1] * s[2] * s[3] * s[4] for s in view.kv_cache_shapes) * itemsize
-    assert view.cache_bytes - reuse_bytes == k0 + work + 3 * 2 * 24 * 4  # t1, t0, ratio: (B, M) float32
+    assert view.cache_bytes - reuse_bytes == k0 + work + 3 * 2 * 24 * 4 + 2 * 24  # t1, t0, ratio f32; computed u8
 
 
 def test_batch_of_two_equals_each_sample_alone(case):

@@ -37,12 +37,15 @@ def compare(device: str, dtype: torch.dtype, tolerance: float) -> None:
     ratio = torch.rand(b, m, device=device) * 1.5
     ratio.scatter_(1, idx, 0.0)
     ratio[1, :4] = 0.0  # unselected tokens without a slope: their K1 exactly
+    computed = torch.zeros(b, m, dtype=torch.uint8, device=device).scatter_(1, idx, 1)  # rows the kernel skips
     packed = torch.randn(b, k, 3, heads, hd, device=device).to(dtype)
-    for fresh in ((packed[:, :, 0], packed[:, :, 1]), (packed[:, :, 1].contiguous(), packed[:, :, 2].contiguous())):
+    views = (packed[:, :, 0], packed[:, :, 1]), (packed[:, :, 1].contiguous(), packed[:, :, 2].contiguous())
+    for fresh, skip in ((views[0], None), (views[1], None), (views[0], computed)):
         assert kernels.available(*(x[j, :, :m] for x in (full,) for j in range(2)), *fresh)
-        kv_a, prev_a, out_a = full.clone(), prev.clone(), torch.zeros_like(full)
+        kv_a, prev_a, out_a = full.clone(), prev.clone(), torch.full_like(full, float("nan"))
         kv_b, prev_b, out_b = full.clone(), prev.clone(), torch.zeros_like(full)
-        kernels.forecast_kv_(kv_a[:, :, :m], prev_a, out_a[:, :, :m], ratio, idx, fresh)
+        out_a[:, :, m:] = 0.0  # the text tail, which the kernels leave alone; NaN wherever an image row is not written
+        kernels.forecast_kv_(kv_a[:, :, :m], prev_a, out_a[:, :, :m], ratio, idx, fresh, skip)
         advance_kv_(kv_b[:, :, :m], prev_b, idx, fresh)
         extrapolate_(out_b[:, :, :m], kv_b[:, :, :m], prev_b, ratio)
         assert torch.equal(kv_a, kv_b) and torch.equal(prev_a, prev_b)  # K0 / K1 bit for bit, text tail untouched
@@ -51,6 +54,10 @@ def compare(device: str, dtype: torch.dtype, tolerance: float) -> None:
         assert torch.equal(out_a[:, :, :m][exact], out_b[:, :, :m][exact])  # fresh rows and rows without a slope
         scale = out_b.float().abs().max()
         assert (out_a.float() - out_b.float()).abs().max() <= tolerance * scale
+        kv_a, prev_a, kv_b, prev_b = full.clone(), prev.clone(), full.clone(), prev.clone()
+        assert kernels.advance_kv_rows_(kv_a[:, :, :m], prev_a, idx, fresh).data_ptr() == kv_a.data_ptr()
+        advance_kv_(kv_b[:, :, :m], prev_b, idx, fresh)  # a full-selection step's advance, without the forecast
+        assert torch.equal(kv_a, kv_b) and torch.equal(prev_a, prev_b) and not torch.equal(prev_a, prev)
         dst_a, dst_b = full[0].clone(), full[0].clone()
         kernels.scatter_rows_(dst_a[:, :m], idx, fresh[0])
         scatter_tokens_(dst_b[:, :m], idx, fresh[0])

@@ -6,13 +6,16 @@ import triton.language as tl
 
 
 @triton.jit
-def extrapolate_rows(k1, k0, out, ratio, B, M, D, s1j, s1b, s1m, s0j, s0b, s0m, soj, sob, som, srb,
-                     BLOCK: tl.constexpr):  # fmt: skip
-    """``out = k1 + (k1 - k0) * ratio`` per (2, B, M) row in float32; ``k1`` unchanged where ``ratio == 0``."""
+def extrapolate_rows(k1, k0, out, ratio, skip, B, M, D, s1j, s1b, s1m, s0j, s0b, s0m, soj, sob, som, srb, skb,
+                     SKIP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """``out = k1 + (k1 - k0) * ratio`` per (2, B, M) row in float32; ``k1`` unchanged where ``ratio == 0``. With
+    ``SKIP``, rows where the (B, M) ``skip`` is non-zero are neither read nor written (predicated off)."""
     row = tl.program_id(0).to(tl.int64)  # over 2 * B * M rows (keys, then values)
     m, b, j = row % M, (row // M) % B, row // (M * B)
     d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = d < D
+    if SKIP:  # a row the step computes: the scatter writes its fresh value into `out` after this kernel
+        mask = mask & (tl.load(skip + b * skb + m) == 0)
     w = tl.load(ratio + b * srb + m)
     x1 = tl.load(k1 + j * s1j + b * s1b + m * s1m + d, mask=mask)
     x0 = tl.load(k0 + j * s0j + b * s0b + m * s0m + d, mask=mask).to(tl.float32)

@@ -122,12 +122,17 @@ def forecast_kv_(
     ratio: torch.Tensor,
     idx: torch.Tensor,
     fresh: tuple[torch.Tensor, torch.Tensor],
+    computed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One block's context forecast for a pruned step, in place: at the (B, k) computed tokens ``idx``, K0 <- K1
     and K1 <- ``fresh`` (keys, values, each (B, k, H, hd)); ``out`` (2, B, M, H, hd) receives the fresh values
     there and ``K1 + (K1 - K0) * ratio`` for every other token (``ratio`` (B, M), 0 at ``idx``). ``kv`` (K1) and
     ``prev`` (K0) are (2, B, M, H, hd) image rows. Equals `catprune.algorithm.advance_kv_` followed by
     `extrapolate_` (which run where the kernels do not). Returns ``out``.
+
+    ``computed`` (optional, (B, M) uint8, non-zero exactly at ``idx``): the extrapolation kernel then neither reads
+    nor writes those rows (the fresh values land there anyway), so its memory traffic falls with the keep ratio
+    (to nothing at full selection). The result is the same.
 
     Example:
         >>> k1, k0 = torch.full((2, 1, 2, 1, 1), 2.0), torch.ones(2, 1, 2, 1, 1)
@@ -137,16 +142,18 @@ def forecast_kv_(
         ([5.0, 2.5], [2.0, 1.0])
     """
     parts = [t[j] for t in (kv, prev, out) for j in range(2)]
-    if not available(*parts, *fresh) or ratio.stride(1) != 1:
+    skip_ok = computed is None or computed.stride(1) == 1
+    if not available(*parts, *fresh) or ratio.stride(1) != 1 or not skip_ok:
         advance_kv_(kv, prev, idx, fresh)
         return extrapolate_(out, kv, prev, ratio)
 
     def launch():
         _, b, m, heads, hd = kv.shape
         grid, block = _launch_shape(2 * b * m, heads * hd)
+        skip = computed if computed is not None else ratio  # an unused pointer when not skipping
         _triton().extrapolate_rows[grid](
-            kv, prev, out, ratio, b, m, heads * hd, *kv.stride()[:3], *prev.stride()[:3], *out.stride()[:3],
-            ratio.stride(0), BLOCK=block,
+            kv, prev, out, ratio, skip, b, m, heads * hd, *kv.stride()[:3], *prev.stride()[:3], *out.stride()[:3],
+            ratio.stride(0), skip.stride(0), SKIP=computed is not None, BLOCK=block,
         )  # fmt: skip  # before the advance: it reads the old K0 / K1 (at idx the ratio is 0: old K1, overwritten)
         for j in range(2):
             _scatter(idx, fresh[j], kv[j], prev=prev[j], work=out[j])
@@ -155,6 +162,29 @@ def forecast_kv_(
         advance_kv_(kv, prev, idx, fresh)
         extrapolate_(out, kv, prev, ratio)
     return out
+
+
+def advance_kv_rows_(kv: torch.Tensor, prev: torch.Tensor, idx: torch.Tensor, fresh) -> torch.Tensor:
+    """In place, at the (B, k) tokens ``idx``: K0 <- K1, then K1 <- ``fresh`` (keys, values, each (B, k, H, hd));
+    ``kv`` (K1) and ``prev`` (K0) are (2, B, M, H, hd) image rows. One row kernel per keys / values where
+    `available`, else `catprune.algorithm.advance_kv_`. Returns ``kv``. (A full-selection step of the forecast
+    attends to K1 itself: no working buffer, no extrapolation.)
+
+    Example:
+        >>> k1, k0 = torch.full((2, 1, 2, 1, 1), 2.0), torch.ones(2, 1, 2, 1, 1)
+        >>> fresh = (torch.full((1, 2, 1, 1), 5.0),) * 2
+        >>> out = advance_kv_rows_(k1, k0, torch.tensor([[0, 1]]), fresh)
+        >>> out[0].flatten().tolist(), k0[0].flatten().tolist()
+        ([5.0, 5.0], [2.0, 2.0])
+    """
+    def launch():
+        for j in range(2):
+            _scatter(idx, fresh[j], kv[j], prev=prev[j])
+
+    parts = [t[j] for t in (kv, prev) for j in range(2)]
+    if not available(*parts, *fresh) or not _launched(launch):  # a failure is the first compile: nothing written
+        advance_kv_(kv, prev, idx, fresh)
+    return kv
 
 
 def quantize_scatter_(data: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor, fresh) -> bool:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..algorithm import copy_tokens_, is_scaled
-from ..kernels import forecast_kv_, scatter_rows_
+from ..kernels import advance_kv_rows_, forecast_kv_, scatter_rows_
 from .lowprec import SCALE, KVWriter, Workspace, attend_low_precision
 
 if TYPE_CHECKING:
@@ -152,9 +152,12 @@ class KVSlot:
             scatter_rows_(kv[0, :, :m], idx, image[0])  # (B, M, H, hd) fresh keys of the selected tokens
             scatter_rows_(kv[1, :, :m], idx, image[1])
             out = kv
+        elif idx.shape[1] == m:  # every token computed (a full-selection step): K0 <- K1, K1 <- fresh, attend to K1
+            advance_kv_rows_(kv[:, :, :m], self.prev, idx, image)
+            out = kv
         else:  # K0 <- K1, K1 <- fresh at idx; the forecast of the others (ratio 0 at idx: fresh) into `out`
-            out = self.forecast.working(kv)  # (2, B, M [+ T], H, hd)
-            forecast_kv_(kv[:, :, :m], self.prev, out[:, :, :m], self.forecast.ratio, idx, image)
+            f, out = self.forecast, self.forecast.working(kv)  # out: (2, B, M [+ T], H, hd)
+            forecast_kv_(kv[:, :, :m], self.prev, out[:, :, :m], f.ratio, idx, image, f.computed)
         if text is not None:
             copy_tokens_(out[0, :, m:], text[0])  # (B, T, H, hd)
             copy_tokens_(out[1, :, m:], text[1])

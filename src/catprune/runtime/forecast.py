@@ -33,6 +33,7 @@ class ContextForecast:
         self.t1 = self.store.buffer("t1", shape, torch.float32, device).zero_()  # (B, M) timestep of K1
         self.t0 = self.store.buffer("t0", shape, torch.float32, device).zero_()  # (B, M) timestep of K0
         self.ratio = self.store.buffer("ratio", shape, torch.float32, device).zero_()  # (B, M) this step's r
+        self.computed = self.store.buffer("computed", shape, torch.uint8, device).zero_()  # (B, M) 1 at this idx
         self.num_tokens = num_tokens
         self.max_ratio = max_ratio  # cap of the extrapolation ratio (CATConfig.forecast_max_ratio)
 
@@ -72,7 +73,9 @@ class ContextForecast:
                     yield part, kv[:, :, : self.num_tokens]
 
     def begin(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Before a pruned step at ``t`` (B,) computing the (B, k) tokens ``idx``: this step's ratios (B, M)."""
+        """Before a pruned step at ``t`` (B,) computing the (B, k) tokens ``idx``: this step's ratios (B, M), and
+        ``computed`` (B, M) 1 at ``idx``, 0 elsewhere (the extrapolation kernel skips those rows)."""
+        self.computed.zero_().scatter_(1, idx, 1)
         return forecast_ratio_(self.ratio, t, self.t1, self.t0, idx, self.max_ratio)
 
     def commit(self, t: torch.Tensor, idx: torch.Tensor) -> None:
