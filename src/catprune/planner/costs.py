@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -164,7 +165,7 @@ class TimeModel:
         by_macs: dict[float, list[float]] = {}
         for r in self.rows:
             by_macs.setdefault(round(r.pruned_macs_ratio, 4), []).append(r.pruned_ms / r.dense_ms)
-        return sorted((m, sorted(v)[len(v) // 2]) for m, v in by_macs.items())  # median of repeated cases
+        return sorted((m, statistics.median(v)) for m, v in by_macs.items())  # median of repeated cases
 
     def capture_ratio(self) -> float:
         """Time of a cache-filling full step (the capture; with the forecast also the reference step) over a dense
@@ -176,8 +177,8 @@ class TimeModel:
             >>> TimeModel((StepTimeRow(capture_ms=56.0, **row),)).capture_ratio(), TimeModel().capture_ratio()
             (1.4, 1.0)
         """
-        ratios = sorted(r.capture_ms / r.dense_ms for r in self.rows if r.capture_ms is not None)
-        return ratios[len(ratios) // 2] if ratios else 1.0
+        ratios = [r.capture_ms / r.dense_ms for r in self.rows if r.capture_ms is not None]
+        return statistics.median(ratios) if ratios else 1.0
 
     def step_ratio(self, macs_ratio: float) -> float:
         """Pruned-step time over dense-step time at a pruned-step MACs ratio ``macs_ratio``."""
