@@ -55,8 +55,8 @@ PRESETS = {
         "cat:s=18:k=0.55:t=7:fd=2:ctx=x:sel=no_clustering,cat:s=18:k=0.5:t=8:fd=2:ctx=x:sel=no_clustering,"
         "cat:s=20:k=0.55:t=6:fd=2,cat:s=14:k=0.25:end=0.55:t=4:fd=1:sel=no_clustering",  # best at GPU time 1.87x / 3x
         "cat:s=17:k=0.55:t=6:fd=2:ctx=x:sel=no_clustering",  # best at GPU time 2x with the default magnitude_share
-        "cat:s=17:k=0.45:t=7:fd=3:magnitude_share=0.6:ctx=x:sel=no_clustering,"  # best at GPU time 2x
-        "cat:s=17:k=0.55:t=7:fd=2:magnitude_share=0.85:ctx=x:sel=no_clustering",  # best at MACs 0.48 (1.96x)
+        "cat:s=17:k=0.45:t=8:fd=2:magnitude_share=0.6:ctx=x:sel=no_clustering,"  # best at GPU time 2x
+        "cat:s=17:k=0.55:t=7:fd=2:magnitude_share=0.85:ctx=x:sel=no_clustering",  # best at MACs 0.48 (1.97x)
         "plan:2,plan:3",  # the planner's picks
         "oracle:k=0.3:t=8",  # the decomposition's bound at the paper's operating point
     ),

@@ -276,7 +276,7 @@ def quick_methods(steps: int = 28) -> list[Method]:
 #: (steps, keyword spec) of the `pareto` preset at 28 steps: the rows that measured best per cost on the embedded
 #: models (docs/quality_per_cost.md); scaled to other step counts by `pareto_methods`
 PARETO_AT_28 = (
-    "cat:s=17:k=0.45:t=7:fd=3:magnitude_share=0.6:ctx=x:sel=no_clustering",
+    "cat:s=17:k=0.45:t=8:fd=2:magnitude_share=0.6:ctx=x:sel=no_clustering",
     "cat:s=17:k=0.55:t=7:fd=2:magnitude_share=0.85:ctx=x:sel=no_clustering",
     "cat:s=17:k=0.55:t=6:fd=2:ctx=x:sel=no_clustering",
     "cat:s=18:k=0.55:t=7:fd=2:ctx=x:sel=no_clustering",
