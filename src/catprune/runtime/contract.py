@@ -142,8 +142,9 @@ class KVSlot:
 
     def attend_kv(self, idx: torch.Tensor, image, text=None) -> torch.Tensor:
         """Write this step's fresh (B, k, H, hd) image K/V at ``idx`` (B, k) and (B, T, H, hd) text K/V; return the
-        (2, B, M [+ T], H, hd) keys/values the step attends to: the cache itself (reuse) or the working buffer
-        holding the forecast of the unselected tokens and the fresh values of the others (extrapolate)."""
+        (2, B, M [+ T], H, hd) keys/values the step attends to: the cache itself (reuse, and a full-selection step
+        of the forecast) or the working buffer holding the forecast of the unselected tokens and the fresh values of
+        the others (extrapolate)."""
         if self.compute is not None:
             return attend_low_precision(self, idx, image, text)
         kv = self.kv
