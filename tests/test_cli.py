@@ -152,6 +152,31 @@ def test_bench_final_dense_steps_and_schedule(tmp_path, capsys):
         assert f"argument {flag}" in err and words in err and repr(value) in err
 
 
+def test_bench_bad_numbers_name_the_flag_before_any_model_is_built(monkeypatch, capsys):
+    import catprune.bench
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built for a command that must fail on its flags")
+
+    monkeypatch.setattr(catprune.bench, "build_pipeline", no_build)
+    for flag, value, words in (
+        ("--keep-ratio", "2", "(0, 1]"),
+        ("--steps", "0", "positive integer"),
+        ("--steps", ",", "at least one value"),
+        ("--batch-sizes", "0", "positive integer"),
+        ("--repeats", "0", "positive integer"),
+        ("--sizes", "64", "WxH"),
+    ):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["bench", flag, value])
+        err = capsys.readouterr().err
+        assert f"argument {flag}" in err and words in err and repr(value) in err
+    # in range for argparse, out of range for CATConfig: named by its flag, before the pipeline
+    assert main(["bench", "--preset", "sd3-tiny", "--sizes", "64x64", "--start-step", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "catprune bench: error: --start-step: expected an int >= 2" in err and "CATConfig" not in err
+
+
 def test_bench_times_both_contexts_and_the_rows_name_them(tmp_path, capsys):
     """``--context reuse,extrapolate`` runs one case per context; scripts/cost_rows_from_bench.py carries the context
     into the planner's step-time rows (a record without it is the paper's reuse)."""

@@ -5,19 +5,57 @@ from __future__ import annotations
 import argparse
 import sys
 
-from catprune.cli.options import DTYPE_HELP, dtype_name, non_negative_int
+from catprune.cli.options import DTYPE_HELP, config_error, dtype_name, non_negative_int, positive_int, ratio
+
+#: CATConfig fields -> the ``bench`` flags that set them (config errors name the flag)
+CONFIG_FLAGS = {
+    "keep_ratio": "--keep-ratio",
+    "start_step": "--start-step",
+    "keep_ratio_end": "--keep-ratio-end",
+    "final_dense_steps": "--final-dense-steps",
+    "forecast_max_ratio": "--forecast-max-ratio",
+    "context": "--context",
+    "cache_dtype": "--cache-dtype",
+}
 
 
 def _list(kind):
     def parse(text):
-        return [kind(x) for x in text.split(",") if x]
+        values = [kind(x) for x in text.split(",") if x]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma list of at least one value, got {text!r}")
+        return values
 
     return parse
 
 
 def _size(text):
-    w, h = text.lower().split("x")
-    return int(w), int(h)
+    """One ``--sizes`` item: ``WxH`` in pixels, both positive integers."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected WxH in pixels (comma-separated), e.g. 1024x1024, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def check_cat_options(args) -> None:
+    """The CATConfig of every CAT case ``args`` asks for, validated before any model is built: ValueError naming
+    the flag (``--keep-ratio``, ``--start-step``, ...) when one is out of range."""
+    from catprune import CATConfig
+
+    for context in args.context:
+        for cache_dtype in args.cache_dtype:
+            try:
+                CATConfig(
+                    keep_ratio=args.keep_ratio,
+                    start_step=args.start_step,
+                    keep_ratio_end=args.keep_ratio_end,
+                    final_dense_steps=args.final_dense_steps,
+                    forecast_max_ratio=args.forecast_max_ratio,
+                    context=context,
+                    cache_dtype=cache_dtype,
+                )
+            except (ValueError, TypeError) as exc:
+                raise ValueError(config_error(exc, CONFIG_FLAGS)) from None
 
 
 def cache_dtypes(text: str) -> list[str | None]:
@@ -87,6 +125,7 @@ def cmd_bench(args, time_candidate=None) -> int:
     from catprune.bench import BenchCase, build_pipeline, format_details, format_table, run_case, save_json
     from catprune.bench.baselines import SAME, candidates, check_dense_baseline
 
+    check_cat_options(args)  # before building the models: a bad flag fails fast and names itself
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype))
     check_dense_baseline(
@@ -140,8 +179,8 @@ def cmd_bench(args, time_candidate=None) -> int:
 
 def _add_cat_options(p) -> None:
     """The CATConfig of the CAT side: keep ratio, start step, context and forecast cap."""
-    p.add_argument("--keep-ratio", type=float, default=0.3)
-    p.add_argument("--start-step", type=int, default=8)
+    p.add_argument("--keep-ratio", type=ratio, default=0.3, help="fraction of image tokens recomputed, in (0, 1]")
+    p.add_argument("--start-step", type=positive_int, default=8, help="dense warm-up steps before pruning (>= 2)")
     p.add_argument(
         "--context",
         type=_list(context_name),
@@ -186,8 +225,8 @@ def add_bench(sub):
         "real weights), or sd3-tiny for smoke tests",
     )
     p.add_argument("--sizes", type=_list(_size), default=[(1024, 1024)], help="WxH list, e.g. 1024x1024,512x512")
-    p.add_argument("--steps", type=_list(int), default=[28], help="step counts, e.g. 28,50")
-    p.add_argument("--batch-sizes", type=_list(int), default=[1], help="images per prompt batch, e.g. 1,4")
+    p.add_argument("--steps", type=_list(positive_int), default=[28], help="step counts, e.g. 28,50")
+    p.add_argument("--batch-sizes", type=_list(positive_int), default=[1], help="images per prompt batch, e.g. 1,4")
     p.add_argument("--modes", type=_list(str), default=["eager"], help="eager, compile, cudagraph, compile+cudagraph")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument(
@@ -202,7 +241,7 @@ def add_bench(sub):
         help="real weights: a hub id or a local diffusers pipeline folder of the preset's family",
     )
     _add_cat_options(p)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed generations per case (default 3)")
     p.add_argument("--dtype", type=dtype_name, default="bf16", help=f"model dtype: {DTYPE_HELP}")
     p.add_argument(
         "--no-cfg", action="store_true", help="no classifier-free guidance (batch not doubled; always so for Flux)"
