@@ -8,6 +8,22 @@ import torch
 
 from ..config import Backend
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream() -> torch.cuda.Stream:
+    """The one stream (per device) on which every `GraphedCall` warms up and captures.
+
+    Why one: cuBLAS keeps a workspace (32 MiB on Hopper) for every stream that runs a GEMM, for the life of the
+    process. A new stream per graph left one behind for every graph ever captured, so memory grew with each
+    ``apply`` / ``remove`` cycle; with one stream the workspace is allocated once, outside any graph's pool.
+    """
+    device = torch.cuda.current_device()
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream()
+    return stream
+
 
 class GraphedCall:
     """A function of tensors captured once as a CUDA graph and replayed.
@@ -20,7 +36,7 @@ class GraphedCall:
     def __init__(self, fn, inputs: dict[str, torch.Tensor], pool=None, warmup: int = 2, state=()):
         self.static = {name: t.clone() for name, t in inputs.items()}
         saved = [t.clone() for t in state]  # the warm-up must not advance mutable state
-        side = torch.cuda.Stream()
+        side = _side_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):  # compiles / initialises handles outside the capture
@@ -29,7 +45,7 @@ class GraphedCall:
         for t, value in zip(state, saved, strict=True):
             t.copy_(value)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, stream=side):
             self.output = fn(**self.static)
         self.pool = self.graph.pool()
 
