@@ -149,7 +149,7 @@ def test_static_functions_match_the_eager_paths(case):
     assert torch.equal(static, eager)
 
 
-@pytest.mark.parametrize("selection", ["cat", "ras", "staleness"])
+@pytest.mark.parametrize("selection", ["cat", "ras", "staleness", "drift"])
 def test_fused_step_logic_matches_unfused(case, selection):
     """The graph backends replay one fused step (pruned forward + scatter + staleness + next selection) over
     persistent buffers; the eager fused runner runs that same function, and it equals the unfused eager path."""

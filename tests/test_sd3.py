@@ -108,7 +108,7 @@ def test_stock_pipeline_batch_equals_single_and_non_square():
     assert_batch_equals_single_and_non_square(pipe, _generate, _embeds(2, seed=4), _embeds(2), rows=4)  # 2 x CFG
 
 
-@pytest.mark.parametrize("selection", ["random", "magnitude", "staleness", "no_clustering", "ras"])
+@pytest.mark.parametrize("selection", ["random", "magnitude", "staleness", "no_clustering", "ras", "drift"])
 def test_ablation_and_baseline_selections_keep_the_budget(selection):
     model = tiny_sd3_transformer()
     inputs = tiny_sd3_inputs(model, batch=2, height=8, width=8)

@@ -36,6 +36,11 @@ class Selection(str, enum.Enum):
     - ``RAS``: a region-adaptive baseline in the manner of RAS (Liu et al., 2025): per-token score is the spread
       (std over channels) of the current output, multiplied by ``exp(ras_starvation * age)`` so starved tokens
       come back; the k highest scores are recomputed.
+    - ``DRIFT``: catprune's extension: the k tokens whose reused output is predicted to be furthest from fresh at
+      the next step, ``rate * (age + 1)``: a token's drift rate is how far its output moved between its last two
+      computations, per step between them (`catprune.algorithm.update_rate`). A token left out grows in priority
+      every step, so it comes back without a staleness counter; one whose output did not move at all between its
+      last two computations is recomputed only when the budget has room. No clustering.
     """
 
     CAT = "cat"
@@ -44,6 +49,7 @@ class Selection(str, enum.Enum):
     STALENESS = "staleness"
     NO_CLUSTERING = "no_clustering"
     RAS = "ras"
+    DRIFT = "drift"
 
 
 class Backend(str, enum.Enum):
@@ -162,7 +168,8 @@ class CATConfig:
       the clusters ranked by change: rank 0 gets 3 parts, rank 1 two, every further rank the last value.
     - ``cfg`` (CFGMode, default AUTO): how classifier-free-guidance rows share selections; see `CFGMode`.
     - ``seed`` (int in [0, 2**63 - 1], default 0): seed of the k-means initialisation (and of ``Selection.RANDOM``).
-    - ``selection`` (Selection, default CAT): the token-choice rule; anything but CAT is an ablation / baseline.
+    - ``selection`` (Selection, default CAT): the token-choice rule; CAT is the paper's, DRIFT catprune's extension, the
+      others ablations / baselines.
     - ``ras_starvation`` (float >= 0, default 0.1): starvation weight of ``Selection.RAS`` only.
     - ``backend`` (Backend, default EAGER): execution of the steps (eager, compile, cudagraph, compile+cudagraph).
     - ``context`` (Context, default REUSE): what computed tokens attend to for the tokens a pruned step does not

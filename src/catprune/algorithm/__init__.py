@@ -6,11 +6,13 @@ from .quant import bits, dequantize_rows_, is_scaled, quantize_rows
 from .selection import (
     cluster_quotas,
     cluster_scores,
+    drift_priority,
     ras_priority,
     select_tokens,
     token_change,
     topk_tokens,
     update_age,
+    update_rate,
     update_staleness,
 )
 from .tokens import as_words, copy_tokens_, gather_tokens, scatter_tokens_, token_mask
@@ -36,9 +38,11 @@ __all__ = [
     "scatter_tokens_",
     "select_tokens",
     "ras_priority",
+    "drift_priority",
     "token_change",
     "topk_tokens",
     "token_mask",
     "update_age",
+    "update_rate",
     "update_staleness",
 ]

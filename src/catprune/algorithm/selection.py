@@ -226,3 +226,36 @@ def ras_priority(output: torch.Tensor, age: torch.Tensor, starvation: float) -> 
         [[1.4142135381698608, 0.0]]
     """
     return output.float().std(dim=-1) * torch.exp(starvation * age.float())  # (S, M)
+
+
+def update_rate(rate: torch.Tensor, idx: torch.Tensor, old: torch.Tensor, new: torch.Tensor, age: torch.Tensor):
+    """Per-token drift rate after a step that computed the tokens ``idx``: ``||new - old|| / (age + 1)`` there
+    (the output's change between its last two computations, per step between them), unchanged elsewhere.
+    Returns a new tensor.
+
+    Args:
+        rate: (S, M) float32 drift rates.
+        idx: (S, k) tokens computed by the step.
+        old: (S, k, P) their outputs before the step (from their last computation).
+        new: (S, k, P) their fresh outputs.
+        age: (S, M) steps since each token was last computed, before this step's update (`update_age`).
+
+    Example:
+        >>> rate, age = torch.zeros(1, 3), torch.tensor([[0, 1, 0]])
+        >>> update_rate(rate, torch.tensor([[1]]), torch.zeros(1, 1, 2), torch.tensor([[[3.0, 4.0]]]), age).tolist()
+        [[0.0, 2.5, 0.0]]
+    """
+    gap = age.gather(1, idx).float() + 1.0  # (S, k) steps between the two computations
+    return rate.scatter(1, idx, (new.float() - old.float()).norm(dim=-1) / gap)  # (S, M)
+
+
+def drift_priority(rate: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+    """Predicted drift of every token's reused output at the next step: ``rate * (age + 1)`` (its drift rate per
+    step times the steps since its last computation, counting the next one). `Selection.DRIFT` recomputes the k
+    largest.
+
+    Example:
+        >>> drift_priority(torch.tensor([[1.0, 0.5, 2.0]]), torch.tensor([[0, 3, 0]])).tolist()
+        [[1.0, 2.0, 2.0]]
+    """
+    return rate.float() * (age.float() + 1.0)  # (S, M)

@@ -14,18 +14,15 @@ import torch
 from ..algorithm import (
     cluster_features,
     cluster_quotas,
-    cluster_scores,
     kmeans,
     kmeans_init_uniforms,
-    ras_priority,
     scatter_tokens_,
-    select_tokens,
-    topk_tokens,
     update_age,
     update_staleness,
 )
 from ..config import Backend, CATConfig, Context, Selection
 from .backends import StepRunner
+from .choice import choose_tokens, note_all_computed, note_computed, start_rates
 from .contract import Adapter, CallInfo
 from .forecast import ContextForecast, forecasting
 from .generation import Generation, SignatureBuffers
@@ -308,9 +305,11 @@ class Runtime:
         gen.labels = store.buffer("labels", shape, torch.long, device)  # (S, M)
         gen.staleness = store.buffer("staleness", shape, torch.float32, device)  # (S, M)
         gen.age = store.buffer("age", shape, torch.long, device)  # (S, M)
+        if self.config.selection is Selection.DRIFT:
+            gen.rate = store.buffer("rate", shape, torch.float32, device)  # (S, M)
         gen.rng = torch.Generator(device="cpu").manual_seed(self.config.seed)
         if self.fuse:  # k-means (~250 small kernels) and the first selection as one graph replay
-            mutable = [gen.labels, gen.staleness, gen.age, gen.idx, gen.idx_rows]
+            mutable = [gen.labels, gen.staleness, gen.age, gen.idx, gen.idx_rows, *gen.selection_state()]
             key = ("cluster", info.signature, gen.k)
             self.runner.run(key, lambda **_: self._cluster_and_select(gen, info), {}, mutable)
         else:
@@ -347,7 +346,9 @@ class Runtime:
     def _refresh(self, gen: Generation, original, args, kwargs, info: CallInfo):
         """A refresh step (``refresh_every``): dense, every cache refilled, every token counted as computed."""
         out = self._full_step(gen, original, args, kwargs, info)
-        gen.outputs.copy_(self.adapter.output_tokens(out, info))  # (B, M, P)
+        fresh = self.adapter.output_tokens(out, info)  # (B, M, P)
+        note_all_computed(gen, fresh)
+        gen.outputs.copy_(fresh)
         gen.staleness.mul_(self.config.staleness_decay).add_(1.0)  # f <- gamma * f + 1 for every token
         gen.age.zero_()
         self._use(gen, self._picks(gen, self._k_at(gen, gen.step + 1, info)))
@@ -367,6 +368,7 @@ class Runtime:
             gen.labels.zero_()
         gen.staleness.zero_()
         gen.age.zero_()
+        start_rates(gen)
         self._select_next(gen)
         return gen.idx
 
@@ -408,7 +410,7 @@ class Runtime:
             self._advance(gen, forward(core, **tensors), now, nxt)
             return self.adapter.unpatchify(gen.outputs, info)  # (B, C, H, W)
 
-        mutable = [gen.outputs, gen.staleness, gen.age, nxt.idx, nxt.idx_rows, *state]
+        mutable = [gen.outputs, gen.staleness, gen.age, *gen.selection_state(), nxt.idx, nxt.idx_rows, *state]
         sample = self.runner.run(("step", *key, nxt.k), step, dict(inputs, **times), state=mutable)
         self._use(gen, nxt)  # a graph replay runs no Python: the next step's buffers are chosen here too
         return self.adapter.wrap_sample(sample, info)
@@ -423,6 +425,7 @@ class Runtime:
 
     def _advance(self, gen: Generation, selected: torch.Tensor, now: Picks, nxt: Picks) -> None:
         """After a pruned step: store the fresh outputs, age the staleness, choose the next step's tokens."""
+        note_computed(gen, now.idx, selected)
         scatter_tokens_(gen.outputs, now.idx_rows, selected)  # (B, M, P)
         gen.staleness.copy_(update_staleness(gen.staleness, now.idx, self.config.staleness_decay))
         gen.age.copy_(update_age(gen.age, now.idx))
@@ -431,29 +434,7 @@ class Runtime:
 
     def _select_next(self, gen: Generation) -> torch.Tensor:
         """Choose the next step's tokens into the persistent ``idx`` / ``idx_rows`` buffers (in place)."""
-        config, k = self.config, gen.k
-        current = gen.score_view(gen.outputs)  # (S, M, P)
-        policy = config.selection
-        if policy is Selection.RANDOM:
-            noise = torch.rand(current.shape[1], generator=gen.rng).to(current.device)  # (M,) same for every sample
-            idx = topk_tokens(noise.expand(current.shape[:2]), k)
-        elif policy is Selection.RAS:
-            idx = topk_tokens(ras_priority(current, gen.age, config.ras_starvation), k)
-        else:  # the change-based rules: only they read n_i - n_ref
-            delta = current.float() - gen.reference  # (S, M, P)
-            score = delta.norm(dim=-1)  # (S, M)
-            if policy is Selection.MAGNITUDE:
-                idx = topk_tokens(score, k)
-            else:  # CAT, NO_CLUSTERING (one cluster), STALENESS (no magnitude part)
-                if policy is Selection.CAT:
-                    per_cluster = cluster_scores(delta, gen.labels, gen.num_clusters)  # (S, C)
-                else:
-                    per_cluster = score.new_zeros(score.shape[0], 1)  # (S, 1) a single cluster
-                share = 0.0 if policy is Selection.STALENESS else config.magnitude_share
-                weights = config.cluster_share_weights
-                idx = select_tokens(
-                    score, per_cluster, gen.labels, gen.staleness, k, share, weights, age=gen.age, quotas=gen.quotas
-                )  # (S, k)
+        idx = choose_tokens(self.config, gen)  # (S, k)
         gen.idx.copy_(idx)
         if gen.row_group is not None:
             torch.index_select(gen.idx, 0, gen.row_group, out=gen.idx_rows)  # (B, k)

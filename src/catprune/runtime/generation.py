@@ -63,6 +63,7 @@ class Generation:
     labels: torch.Tensor | None = None  # (S, M) cluster labels
     staleness: torch.Tensor | None = None  # (S, M) f
     age: torch.Tensor | None = None  # (S, M) steps since each token was last computed (tie-break of f)
+    rate: torch.Tensor | None = None  # (S, M) drift rate per step (Selection.DRIFT only)
     idx: torch.Tensor | None = None  # (S, k) selection for the next step
     idx_rows: torch.Tensor | None = None  # (B, k) the same, per batch row
 
@@ -85,6 +86,10 @@ class Generation:
     def caches(self) -> list[BufferStore]:
         """The per-block K/V caches (empty when the generation prunes nothing)."""
         return self.buffers.caches if self.buffers is not None else []
+
+    def selection_state(self) -> list[torch.Tensor]:
+        """The rule-specific buffers a step advances besides outputs, staleness and age (a graph's mutable state)."""
+        return [] if self.rate is None else [self.rate]
 
     def score_view(self, tokens: torch.Tensor) -> torch.Tensor:
         """The rows that score: all, or only the conditional rows when CFG rows share a selection."""
