@@ -9,6 +9,7 @@ timed from the first transformer call to the end of the last one (CUDA events, n
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import statistics
@@ -111,6 +112,7 @@ class BenchCase:
     cache_dtype: str | None = None  # CATConfig.cache_dtype of the CAT side (None: the model's dtype)
     keep_ratio_end: float | None = None  # CATConfig.keep_ratio_end of the CAT side (a keep-ratio schedule)
     final_dense_steps: int = 0  # CATConfig.final_dense_steps of the CAT side
+    selection: str = "cat"  # CATConfig.selection of the CAT side (and of its full-selection step)
 
 
 @dataclass
@@ -268,6 +270,7 @@ def _timed_generations(pipe, kwargs: dict, case: BenchCase, device, generator_se
 
 
 def _run_method(pipe, embeds, case: BenchCase, config, device, generator_seed=0):
+    gc.collect()  # the previous case's garbage (reference cycles holding GPU tensors) must not count in this peak
     catprune.apply(pipe, config)
     kwargs = dict(**embeds, height=case.height, width=case.width, num_inference_steps=case.steps)
     kwargs["output_type"] = "latent"
@@ -322,8 +325,9 @@ def graph_replay_ms(fn, inputs: dict, repeats: int = 20, warmup: int = 3) -> tup
 
 
 def context_fields(case: BenchCase) -> dict:
-    """The `CATConfig` fields of ``case``'s context (the forecast cap only matters with ``extrapolate``)."""
-    return dict(context=case.context, forecast_max_ratio=case.forecast_max_ratio)
+    """The `CATConfig` fields of ``case``'s context (the forecast cap only matters with ``extrapolate``) and its
+    selection rule."""
+    return dict(context=case.context, forecast_max_ratio=case.forecast_max_ratio, selection=case.selection)
 
 
 def run_case(case: BenchCase, pipe=None, entry=None, device=None, dense=None, time_candidate=None) -> BenchResult:

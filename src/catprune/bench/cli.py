@@ -16,6 +16,7 @@ CONFIG_FLAGS = {
     "forecast_max_ratio": "--forecast-max-ratio",
     "context": "--context",
     "cache_dtype": "--cache-dtype",
+    "selection": "--selection",
 }
 
 
@@ -53,6 +54,7 @@ def check_cat_options(args) -> None:
                     forecast_max_ratio=args.forecast_max_ratio,
                     context=context,
                     cache_dtype=cache_dtype,
+                    selection=args.selection,
                 )
             except (ValueError, TypeError) as exc:
                 raise ValueError(config_error(exc, CONFIG_FLAGS)) from None
@@ -70,6 +72,16 @@ def cache_dtypes(text: str) -> list[str | None]:
             f"expected a comma list of {', '.join(choices)}, got {text!r}. Use e.g. none,fp8 to measure both"
         )
     return [None if x == "none" else x for x in values]
+
+
+def selection_name(text: str) -> str:
+    """``--selection``: a `catprune.Selection` value."""
+    from catprune import Selection
+
+    choices = [s.value for s in Selection]
+    if text.strip().lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+    return text.strip().lower()
 
 
 def context_name(text: str) -> str:
@@ -163,6 +175,7 @@ def cmd_bench(args, time_candidate=None) -> int:
                         cache_dtype=cache_dtype,
                         keep_ratio_end=args.keep_ratio_end,
                         final_dense_steps=args.final_dense_steps,
+                        selection=args.selection,
                     )
                     result = run_case(case, pipe, entry, device, dense=dense, time_candidate=time_candidate)
                     if args.dense_baseline != SAME:
@@ -187,6 +200,13 @@ def _add_cat_options(p) -> None:
         default=["reuse"],
         help="CATConfig.context of the pruned steps, a list: reuse (the paper's and the library default), extrapolate "
         "(the K/V forecast), or reuse,extrapolate to time both",
+    )
+    p.add_argument(
+        "--selection",
+        type=selection_name,
+        default="cat",
+        help="CATConfig.selection of the CAT side: cat (the paper's, default), drift, or an ablation / baseline rule "
+        "(no_clustering, staleness, magnitude, random, ras)",
     )
     p.add_argument(
         "--forecast-max-ratio",
