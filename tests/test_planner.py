@@ -279,13 +279,15 @@ def test_time_model_reproduces_the_measured_bench_case(preset, measured_loop, me
         (17, dict(keep_ratio=0.55, start_step=6, final_dense_steps=2, context="extrapolate"), 1.23),
         (20, dict(keep_ratio=0.55, start_step=6, final_dense_steps=2), 1.27),
         (17, dict(keep_ratio=0.45, start_step=7, final_dense_steps=3, context="extrapolate"), 1.20),
+        (28, dict(keep_ratio=0.3, start_step=8, context="extrapolate", selection="drift"), 1.71),
     ],
 )
 def test_time_model_charges_the_measured_capture_steps(steps, config, measured_loop):
     """compile+cudagraph on SD3-medium (docs/bench/2026-12-02-h200-sd3-medium-triton-kv.json for keep 0.3;
     docs/bench/2026-12-03-h200-sd3-medium-k055-t6-forecast-skip.json, …-k055-t6-forecast-full-shortcut.json and
-    …-k045-t7-fd3-forecast.json for the rest): the capture is a full-selection step in both contexts (the
-    forecast's costs a little more: its K0 roll), and with the forecast the reference step before it is one too;
+    …-k045-t7-fd3-forecast.json, …-k03-t8-forecast-drift.json for the rest): the capture is a full-selection step
+    in both contexts, 1.0-1.1 dense steps (the forecast's K0 roll and the reuse capture differ by less than the
+    stock step's run-to-run spread of about 1 ms), and with the forecast the reference step before it is one too;
     the predictions match the measured loops within 2%."""
     import diffusers
 
@@ -299,7 +301,7 @@ def test_time_model_charges_the_measured_capture_steps(steps, config, measured_l
     family, key = family_of(model), model_key(model)
     grid, size = token_grid(model, None, family, key, None, None)
     time = TimeModel(select_rows(shipped_tables().step_times, key, "cuda", "compile+cudagraph", size))
-    assert 1.1 > time.for_context("extrapolate").capture_ratio() > time.for_context("reuse").capture_ratio() > 1.0
+    assert all(1.1 > time.for_context(c).capture_ratio() > 1.0 for c in ("extrapolate", "reuse"))
     costs = CostModel(steps, MacsModel(model, grid, text_tokens(family, key)), time)
     _, seconds = costs.cost(steps, CATConfig(**config))
     assert 1 / seconds == pytest.approx(measured_loop, rel=0.02)
