@@ -57,6 +57,9 @@ PRESETS = {
         "cat:s=17:k=0.55:t=6:fd=2:ctx=x:sel=no_clustering",  # best at GPU time 2x with the default magnitude_share
         "cat:s=17:k=0.45:t=8:fd=2:magnitude_share=0.6:ctx=x:sel=no_clustering,"  # best at GPU time 2x
         "cat:s=17:k=0.55:t=7:fd=2:magnitude_share=0.85:ctx=x:sel=no_clustering",  # best at MACs 0.48 (1.97x)
+        "cat:s=17:k=0.55:t=6:fd=2:ctx=x:sel=drift,cat:s=18:k=0.55:t=7:fd=2:ctx=x:sel=drift,"  # drift: 2x, 1.87x
+        "cat:s=13:k=0.4:t=4:fd=1:ctx=x:sel=drift,cat:s=14:k=0.25:end=0.55:t=4:fd=1:ctx=x:sel=drift,"  # 3x, 2.5x
+        "cat:k=0.3:t=8:ctx=x:sel=drift",  # the paper's budget with the drift rule and the forecast
         "plan:2,plan:3",  # the planner's picks
         "oracle:k=0.3:t=8",  # the decomposition's bound at the paper's operating point
     ),

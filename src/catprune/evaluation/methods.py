@@ -57,6 +57,7 @@ _SELECTION_GROUP = {
     Selection.STALENESS: "ablation",
     Selection.NO_CLUSTERING: "ablation",
     Selection.RAS: "baseline",
+    Selection.DRIFT: "CAT",
 }
 
 _DESCRIPTIONS = {
@@ -66,6 +67,7 @@ _DESCRIPTIONS = {
     Selection.STALENESS: "ablation: the k stalest tokens, no change signal",
     Selection.NO_CLUSTERING: "ablation: the CAT rule with one cluster (no spatial grouping)",
     Selection.RAS: "RAS-style baseline: std of the output x exp(starvation x age), top-k",
+    Selection.DRIFT: "catprune's drift rule: the k largest predicted drifts, rate x (age + 1)",
 }
 
 DEFAULT_KEEP_RATIO = 0.3
@@ -276,6 +278,11 @@ def quick_methods(steps: int = 28) -> list[Method]:
 #: (steps, keyword spec) of the `pareto` preset at 28 steps: the rows that measured best per cost on the embedded
 #: models (docs/quality_per_cost.md); scaled to other step counts by `pareto_methods`
 PARETO_AT_28 = (
+    "cat:s=17:k=0.55:t=6:fd=2:ctx=x:sel=drift",
+    "cat:s=18:k=0.55:t=7:fd=2:ctx=x:sel=drift",
+    "cat:s=13:k=0.4:t=4:fd=1:ctx=x:sel=drift",
+    "cat:s=14:k=0.25:end=0.55:t=4:fd=1:ctx=x:sel=drift",
+    "cat:s=28:k=0.3:t=8:ctx=x:sel=drift",
     "cat:s=17:k=0.45:t=8:fd=2:magnitude_share=0.6:ctx=x:sel=no_clustering",
     "cat:s=17:k=0.55:t=7:fd=2:magnitude_share=0.85:ctx=x:sel=no_clustering",
     "cat:s=17:k=0.55:t=6:fd=2:ctx=x:sel=no_clustering",
