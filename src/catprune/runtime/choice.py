@@ -47,7 +47,8 @@ def choose_tokens(config: CATConfig, gen: Generation) -> torch.Tensor:
         per_cluster = score.new_zeros(score.shape[0], 1)  # (S, 1) a single cluster
     share = 0.0 if policy is Selection.STALENESS else config.magnitude_share
     weights = config.cluster_share_weights
-    return select_tokens(score, per_cluster, gen.labels, gen.staleness, k, share, weights, age=gen.age, quotas=gen.quotas)
+    staleness, age, quotas = gen.staleness, gen.age, gen.quotas
+    return select_tokens(score, per_cluster, gen.labels, staleness, k, share, weights, age=age, quotas=quotas)
 
 
 def start_rates(gen: Generation) -> None:
