@@ -458,3 +458,30 @@ def test_ctrl_c_prints_one_line_exits_130_and_leaves_no_partial_image(tiny_pipel
     assert "Traceback" not in err
     assert out.read_bytes() == b"previous image"  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png"]  # and no temporary file is left
+
+
+def test_generate_selection_context_and_final_dense_steps(tiny_pipeline_dir, tmp_path, capsys):
+    """``--selection``, ``--context`` and ``--final-dense-steps`` reach the CATConfig of a single image and of a
+    batch run (its settings, hence its fingerprint); ``--speedup`` refuses them; a bad value names the flag."""
+    out = tmp_path / "drift.png"
+    flags = ["--selection", "drift", "--context", "extrapolate", "--final-dense-steps", "1"]
+    assert main(["generate", "a large red circle at the center", "--model", tiny_pipeline_dir, "--steps", "6",
+                 "--start-step", "2", *flags, "--out", str(out), "--json"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    report = json.loads(text[text.index("{") :])
+    config = report["config"]
+    assert (config["selection"], config["context"], config["final_dense_steps"]) == ("drift", "extrapolate", 1)
+    assert report["pruned_steps"] == 3  # 6 steps: 2 warm-up, 3 pruned, 1 final dense
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small blue square at the top left\n")
+    assert main(["generate", "--prompts", str(prompts), "--model", tiny_pipeline_dir, "--steps", "4",
+                 "--start-step", "2", *flags, "--out", str(tmp_path / "run"), "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["settings"]["catprune"]["selection"] == "drift"
+    assert manifest["settings"]["catprune"]["final_dense_steps"] == 1
+    assert main(["generate", "a red circle", "--speedup", "2", "--final-dense-steps", "2"]) == 2
+    assert "cannot be combined with --final-dense-steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "a red circle", "--final-dense-steps", "-1"])
+    assert "argument --final-dense-steps" in capsys.readouterr().err

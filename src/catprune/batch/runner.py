@@ -60,6 +60,9 @@ class BatchOptions:
     steps: int = 28
     keep_ratio: float = 0.3
     start_step: int = 8
+    selection: str = "cat"
+    context: str = "reuse"
+    final_dense_steps: int = 0
     seed: int = 0
     height: int | None = None
     width: int | None = None
@@ -105,7 +108,15 @@ class BatchOptions:
         import catprune
 
         extra = {"backend": self.backend} if self.backend is not None else {}
-        return catprune.CATConfig(keep_ratio=self.keep_ratio, start_step=self.start_step, seed=self.seed, **extra)
+        return catprune.CATConfig(
+            keep_ratio=self.keep_ratio,
+            start_step=self.start_step,
+            selection=self.selection,
+            context=self.context,
+            final_dense_steps=self.final_dense_steps,
+            seed=self.seed,
+            **extra,
+        )
 
     def settings(self) -> dict:
         """The settings that decide the images (JSON-serialisable); their hash is the run fingerprint."""

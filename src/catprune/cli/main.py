@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+from catprune.config import Context, Selection
 from catprune.models import DEFAULT_MODEL, EXAMPLE_CAPTIONS
 
 from .options import (
@@ -22,6 +23,7 @@ from .options import (
     config_error,
     dtype_name,
     finite_float,
+    non_negative_int,
     positive_int,
     ratio,
     resolve_device,
@@ -31,7 +33,15 @@ from .options import (
 from .speedup import check_speedup_flags, planned_config
 
 #: CATConfig fields -> the ``generate`` flags that set them (config errors name the flag)
-CONFIG_FLAGS = {"keep_ratio": "--keep-ratio", "start_step": "--start-step", "seed": "--seed", "backend": "--backend"}
+CONFIG_FLAGS = {
+    "keep_ratio": "--keep-ratio",
+    "start_step": "--start-step",
+    "seed": "--seed",
+    "backend": "--backend",
+    "selection": "--selection",
+    "context": "--context",
+    "final_dense_steps": "--final-dense-steps",
+}
 DEFAULT_REPEATS = 3
 DEFAULT_OUT = "outputs/catprune.png"
 NOISY_SPREAD = 0.20  # timings whose (max - min) exceeds this share of the median are called too noisy to trust
@@ -160,6 +170,11 @@ def _nothing_pruned_reason(config, steps: int) -> str | None:
             f"--start-step {config.start_step} >= --steps {steps}: the first {config.start_step} steps are dense "
             "warm-up, so no step is left to prune"
         )
+    if config.start_step >= steps - config.final_dense_steps:
+        return (
+            f"--start-step {config.start_step} + --final-dense-steps {config.final_dense_steps} >= --steps {steps}: "
+            "every step is dense warm-up or a final dense step"
+        )
     return None
 
 
@@ -264,7 +279,13 @@ def cmd_generate(args) -> int:
     device = resolve_device(args.device)
     try:
         config = catprune.CATConfig(
-            keep_ratio=args.keep_ratio, start_step=args.start_step, seed=args.seed, backend=args.backend
+            keep_ratio=args.keep_ratio,
+            start_step=args.start_step,
+            seed=args.seed,
+            backend=args.backend,
+            selection=args.selection,
+            context=args.context,
+            final_dense_steps=args.final_dense_steps,
         )
     except (ValueError, TypeError) as exc:
         raise CLIError(config_error(exc, CONFIG_FLAGS)) from None
@@ -383,11 +404,32 @@ def _add_generate(sub):
     )
     p.add_argument("--start-step", type=positive_int, default=8, help="dense warm-up steps before pruning starts")
     p.add_argument(
+        "--selection",
+        choices=[s.value for s in Selection],
+        default=Selection.CAT.value,
+        help="which tokens a pruned step recomputes: cat (the paper's rule), drift (catprune's: the largest predicted "
+        "drift of a reused output; use with --context extrapolate), or an ablation / baseline rule",
+    )
+    p.add_argument(
+        "--context",
+        choices=[c.value for c in Context],
+        default=Context.REUSE.value,
+        help="what the recomputed tokens attend to for the others: reuse (their last keys / values, the paper's) or "
+        "extrapolate (a per-token forecast of them)",
+    )
+    p.add_argument(
+        "--final-dense-steps",
+        type=non_negative_int,
+        default=0,
+        help="the last n steps run dense (every token recomputed)",
+    )
+    p.add_argument(
         "--speedup",
         type=finite_float,
         default=None,
         help="let catprune.plan choose steps, keep ratio and start step for this speed-up over dense --steps; "
-        "prints its choice and why (not with --keep-ratio / --start-step / --dense / --compare)",
+        "prints its choice and why (not with --keep-ratio / --start-step / --selection / --context / "
+        "--final-dense-steps / --dense / --compare)",
     )
     p.add_argument("--seed", type=seed, default=0, help="generator seed (also the k-means seed), in [0, 2**63 - 1]")
     p.add_argument("--height", type=positive_int, default=None, help="image height in pixels (model default)")

@@ -25,6 +25,9 @@ def check_speedup_flags(args) -> None:
         for flag, given in (
             ("--keep-ratio", args.keep_ratio != default.keep_ratio),
             ("--start-step", args.start_step != default.start_step),
+            ("--selection", args.selection != default.selection.value),
+            ("--context", args.context != default.context.value),
+            ("--final-dense-steps", args.final_dense_steps != default.final_dense_steps),
             ("--dense", args.dense),
             ("--compare", args.compare),
             ("--prompts", args.prompts is not None),
