@@ -13,17 +13,17 @@ import time
 import uuid
 from pathlib import Path
 
-from catprune.config import Context, Selection
 from catprune.models import DEFAULT_MODEL, EXAMPLE_CAPTIONS
 
 from .options import (
     DTYPE_HELP,
+    RULE_FLAGS,
     CLIError,
+    add_rule_options,
     check_output_file,
     config_error,
     dtype_name,
     finite_float,
-    non_negative_int,
     positive_int,
     ratio,
     resolve_device,
@@ -33,15 +33,8 @@ from .options import (
 from .speedup import check_speedup_flags, planned_config
 
 #: CATConfig fields -> the ``generate`` flags that set them (config errors name the flag)
-CONFIG_FLAGS = {
-    "keep_ratio": "--keep-ratio",
-    "start_step": "--start-step",
-    "seed": "--seed",
-    "backend": "--backend",
-    "selection": "--selection",
-    "context": "--context",
-    "final_dense_steps": "--final-dense-steps",
-}
+CONFIG_FLAGS = {"keep_ratio": "--keep-ratio", "start_step": "--start-step", "seed": "--seed", "backend": "--backend"}
+CONFIG_FLAGS |= RULE_FLAGS
 DEFAULT_REPEATS = 3
 DEFAULT_OUT = "outputs/catprune.png"
 NOISY_SPREAD = 0.20  # timings whose (max - min) exceeds this share of the median are called too noisy to trust
@@ -161,6 +154,18 @@ def _save_images(images, out: Path) -> list[Path]:
     return paths
 
 
+def _cat_config(args):
+    """The CATConfig the flags describe; a CLIError naming the flag when a value is out of range."""
+    import catprune
+
+    fields = dict(keep_ratio=args.keep_ratio, start_step=args.start_step, seed=args.seed, backend=args.backend)
+    fields.update(selection=args.selection, context=args.context, final_dense_steps=args.final_dense_steps)
+    try:
+        return catprune.CATConfig(**fields)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(config_error(exc, CONFIG_FLAGS)) from None
+
+
 def _nothing_pruned_reason(config, steps: int) -> str | None:
     """Why a generation of ``steps`` steps with ``config`` prunes no step (None when it prunes)."""
     if not config.pruning_enabled:
@@ -277,18 +282,7 @@ def cmd_generate(args) -> int:
         )
     out = check_output_file(args.out if args.out is not None else DEFAULT_OUT)
     device = resolve_device(args.device)
-    try:
-        config = catprune.CATConfig(
-            keep_ratio=args.keep_ratio,
-            start_step=args.start_step,
-            seed=args.seed,
-            backend=args.backend,
-            selection=args.selection,
-            context=args.context,
-            final_dense_steps=args.final_dense_steps,
-        )
-    except (ValueError, TypeError) as exc:
-        raise CLIError(config_error(exc, CONFIG_FLAGS)) from None
+    config = _cat_config(args)
     if (
         config.backend.value in ("cudagraph", "compile+cudagraph")
         and not args.dense
@@ -403,26 +397,7 @@ def _add_generate(sub):
         "--keep-ratio", type=ratio, default=0.3, help="fraction of image tokens recomputed per pruned step, in (0, 1]"
     )
     p.add_argument("--start-step", type=positive_int, default=8, help="dense warm-up steps before pruning starts")
-    p.add_argument(
-        "--selection",
-        choices=[s.value for s in Selection],
-        default=Selection.CAT.value,
-        help="which tokens a pruned step recomputes: cat (the paper's rule), drift (catprune's: the largest predicted "
-        "drift of a reused output; use with --context extrapolate), or an ablation / baseline rule",
-    )
-    p.add_argument(
-        "--context",
-        choices=[c.value for c in Context],
-        default=Context.REUSE.value,
-        help="what the recomputed tokens attend to for the others: reuse (their last keys / values, the paper's) or "
-        "extrapolate (a per-token forecast of them)",
-    )
-    p.add_argument(
-        "--final-dense-steps",
-        type=non_negative_int,
-        default=0,
-        help="the last n steps run dense (every token recomputed)",
-    )
+    add_rule_options(p)
     p.add_argument(
         "--speedup",
         type=finite_float,

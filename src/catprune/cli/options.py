@@ -178,3 +178,34 @@ def config_error(exc: Exception, flags: dict[str, str]) -> str:
     for field, name in flags.items():  # "Pass e.g. seed=0." -> "Pass e.g. --seed 0."
         message = re.sub(rf"\b{field}=", f"{name} ", message)
     return message
+
+
+#: CATConfig fields of `add_rule_options` -> their flags (config errors name the flag)
+RULE_FLAGS = {"selection": "--selection", "context": "--context", "final_dense_steps": "--final-dense-steps"}
+
+
+def add_rule_options(p: argparse.ArgumentParser) -> None:
+    """``--selection``, ``--context`` and ``--final-dense-steps`` of ``generate``: one value each (the CATConfig
+    fields of those names)."""
+    from catprune.config import Context, Selection
+
+    p.add_argument(
+        "--selection",
+        choices=[s.value for s in Selection],
+        default=Selection.CAT.value,
+        help="which tokens a pruned step recomputes: cat (the paper's rule), drift (catprune's: the largest predicted "
+        "drift of a reused output; use with --context extrapolate), or an ablation / baseline rule",
+    )
+    p.add_argument(
+        "--context",
+        choices=[c.value for c in Context],
+        default=Context.REUSE.value,
+        help="what the recomputed tokens attend to for the others: reuse (their last keys / values, the paper's) or "
+        "extrapolate (a per-token forecast of them)",
+    )
+    p.add_argument(
+        "--final-dense-steps",
+        type=non_negative_int,
+        default=0,
+        help="the last n steps run dense (every token recomputed)",
+    )
