@@ -485,3 +485,15 @@ def test_generate_selection_context_and_final_dense_steps(tiny_pipeline_dir, tmp
     with pytest.raises(SystemExit):
         main(["generate", "a red circle", "--final-dense-steps", "-1"])
     assert "argument --final-dense-steps" in capsys.readouterr().err
+
+
+def test_bench_too_large_size_names_the_flag_before_timing(tmp_path, capsys):
+    """A size beyond what the preset's transformer places (SD3's pos_embed_max_size) fails before the first case
+    with the limit in pixels and the flag; nothing is timed or written."""
+    path = tmp_path / "bench.json"
+    rc = main(["bench", "--preset", "sd3-tiny", "--sizes", "64x64,4096x4096", "--steps", "4", "--start-step", "2",
+               "--repeats", "1", "--json", str(path)])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--sizes: expected at most 256 pixels per side for --preset sd3-tiny" in err and "got 4096x4096" in err
+    assert not path.exists() and "Traceback" not in err

@@ -129,6 +129,22 @@ def dense_baseline(text: str) -> str:
     return text
 
 
+def check_sizes(pipe, sizes, preset: str) -> None:
+    """``--sizes`` against the largest image the preset's transformer places (SD3's ``pos_embed_max_size``), before
+    anything is timed: ValueError naming the flag and the limit in pixels."""
+    config = pipe.transformer.config
+    limit = getattr(config, "pos_embed_max_size", None)
+    if limit is None:
+        return
+    pixels = limit * getattr(config, "patch_size", 1) * getattr(pipe, "vae_scale_factor", 8)
+    for width, height in sizes:
+        if max(width, height) > pixels:
+            raise ValueError(
+                f"--sizes: expected at most {pixels} pixels per side for --preset {preset} (its transformer places "
+                f"at most {limit} patches per side), got {width}x{height}. Pass a smaller size."
+            )
+
+
 def cmd_bench(args, time_candidate=None) -> int:
     """Run the cases of ``args``; ``time_candidate`` (``name -> seconds per step``) ranks ``--dense-baseline best``'s
     candidates instead of timing them (tests)."""
@@ -145,6 +161,7 @@ def cmd_bench(args, time_candidate=None) -> int:
     )  # before building the models: a CUDA-only baseline on a CPU fails fast
     candidates(device, tuple(args.dense_candidates or ()))
     pipe, entry = build_pipeline(args.preset, device, dtype, weights=args.weights, text_encoders=args.text_encoders)
+    check_sizes(pipe, args.sizes, args.preset)
     results = []
     for width, height in args.sizes:
         for batch in args.batch_sizes:
