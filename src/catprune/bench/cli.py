@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from catprune.cli.options import DTYPE_HELP, config_error, dtype_name, non_negative_int, positive_int, ratio
+from catprune.cli.options import (
+    DTYPE_HELP,
+    config_error,
+    dtype_name,
+    non_negative_int,
+    positive_int,
+    ratio,
+    selection_name,
+)
 
 #: CATConfig fields -> the ``bench`` flags that set them (config errors name the flag)
 CONFIG_FLAGS = {
@@ -72,16 +80,6 @@ def cache_dtypes(text: str) -> list[str | None]:
             f"expected a comma list of {', '.join(choices)}, got {text!r}. Use e.g. none,fp8 to measure both"
         )
     return [None if x == "none" else x for x in values]
-
-
-def selection_name(text: str) -> str:
-    """``--selection``: a `catprune.Selection` value."""
-    from catprune import Selection
-
-    choices = [s.value for s in Selection]
-    if text.strip().lower() not in choices:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
-    return text.strip().lower()
 
 
 def context_name(text: str) -> str:

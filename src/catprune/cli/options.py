@@ -180,6 +180,16 @@ def config_error(exc: Exception, flags: dict[str, str]) -> str:
     return message
 
 
+def selection_name(text: str) -> str:
+    """``--selection`` (``generate`` and ``bench``): a `catprune.Selection` value."""
+    from catprune.config import Selection
+
+    choices = [s.value for s in Selection]
+    if text.strip().lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+    return text.strip().lower()
+
+
 #: CATConfig fields of `add_rule_options` -> their flags (config errors name the flag)
 RULE_FLAGS = {"selection": "--selection", "context": "--context", "final_dense_steps": "--final-dense-steps"}
 
@@ -191,7 +201,7 @@ def add_rule_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "--selection",
-        choices=[s.value for s in Selection],
+        type=selection_name,
         default=Selection.CAT.value,
         help="which tokens a pruned step recomputes: cat (the paper's rule), drift (catprune's: the largest predicted "
         "drift of a reused output; use with --context extrapolate), or an ablation / baseline rule",
