@@ -57,7 +57,6 @@ def test_drift_selects_the_largest_predicted_drift_of_the_observed_outputs():
         checked += 1
         rows = torch.arange(2).unsqueeze(1)
         fresh = outputs[step][rows, expected]  # (B, k, P)
-        assert torch.equal(outputs[step][rows, expected], fresh)
         rate[rows, expected] = (fresh - last[rows, expected]).norm(dim=-1) / (age[rows, expected] + 1)
         last[rows, expected] = fresh
         age += 1
