@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from catprune import CATConfig
 from catprune.evaluation import specs
+from catprune.evaluation.methods import PARETO_AT_28
 
 #: the selection rule's knobs in row names (``-ms0.5`` = magnitude_share 0.5), so rows that differ only there differ
 TUNING_KEYS = {
@@ -49,17 +50,10 @@ PRESETS = {
         "cat:k=0.36:t=5:ctx=x,cat:k=0.3:t=7:ctx=x",  # forecast just under MACs 0.5 (what the planner can pick for 2x)
         "cat:k=0.3:t=8:cap=1:ctx=x,cat:k=0.38:t=6:cap=1:ctx=x",  # forecast cap 1.0 (the library default is 0.5)
         "cat:k=0.5:t=8:end=0.15:ctx=x,cat:k=0.2:t=8:rf=7:ctx=x",  # keep-ratio schedule, refresh steps (MACs ~0.5)
-        "cat:s=20:k=0.5:t=8:ctx=x,cat:s=20:k=0.5:t=6:ctx=x",  # fewer steps and pruning (MACs ~0.5)
-        "cat:s=20:k=0.6:t=6:ctx=r,cat:s=18:k=0.7:t=5:ctx=r",  # fewer steps and pruning with reuse (MACs ~0.54)
+        "cat:s=20:k=0.5:t=8:ctx=x",  # fewer steps and pruning (MACs ~0.5; s=20 k=0.5 t=6 with the mixes below)
+        "cat:s=18:k=0.7:t=5:ctx=r",  # fewer steps and pruning with reuse (MACs ~0.54; s=20 k=0.6 t=6 below)
         "cat:k=0.2:t=4:ctx=x,cat:k=0.15:t=5:ctx=x,cat:s=18:k=0.3:t=5:ctx=x,cat:s=16:k=0.4:t=4:ctx=x,cat:s=14:k=0.5:t=4:ctx=x",  # MACs ~0.33
-        "cat:s=18:k=0.55:t=7:fd=2:ctx=x:sel=no_clustering,cat:s=18:k=0.5:t=8:fd=2:ctx=x:sel=no_clustering,"
-        "cat:s=20:k=0.55:t=6:fd=2,cat:s=14:k=0.25:end=0.55:t=4:fd=1:sel=no_clustering",  # best at GPU time 1.87x / 3x
-        "cat:s=17:k=0.55:t=6:fd=2:ctx=x:sel=no_clustering",  # best at GPU time 2x with the default magnitude_share
-        "cat:s=17:k=0.45:t=8:fd=2:magnitude_share=0.6:ctx=x:sel=no_clustering,"  # best at GPU time 2x
-        "cat:s=17:k=0.55:t=7:fd=2:magnitude_share=0.85:ctx=x:sel=no_clustering",  # best at MACs 0.48 (1.97x)
-        "cat:s=17:k=0.55:t=6:fd=2:ctx=x:sel=drift,cat:s=18:k=0.55:t=7:fd=2:ctx=x:sel=drift,"  # drift: 2x, 1.87x
-        "cat:s=13:k=0.4:t=4:fd=1:ctx=x:sel=drift,cat:s=14:k=0.25:end=0.55:t=4:fd=1:ctx=x:sel=drift,"  # 3x, 2.5x
-        "cat:k=0.3:t=8:ctx=x:sel=drift",  # the paper's budget with the drift rule and the forecast
+        ",".join(PARETO_AT_28),  # the mixes that measured best per cost (evaluation.methods.PARETO_AT_28)
         "plan:2,plan:3",  # the planner's picks
         "oracle:k=0.3:t=8",  # the decomposition's bound at the paper's operating point
     ),

@@ -41,6 +41,10 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 FINGERPRINT_KEYS = ("model", "catprune", "steps", "guidance_scale", "height", "width", "dtype", "seed", "batch_size")
 
 
+#: the `CATConfig` fields a run sets from its flags of the same names (`generate`'s single image does the same)
+CONFIG_FIELDS = ("keep_ratio", "start_step", "selection", "context", "final_dense_steps", "seed")
+
+
 @dataclass
 class BatchOptions:
     """The settings of a batch run (the ``catprune generate --prompts`` flags). ``model`` defaults to the embedded
@@ -108,15 +112,7 @@ class BatchOptions:
         import catprune
 
         extra = {"backend": self.backend} if self.backend is not None else {}
-        return catprune.CATConfig(
-            keep_ratio=self.keep_ratio,
-            start_step=self.start_step,
-            selection=self.selection,
-            context=self.context,
-            final_dense_steps=self.final_dense_steps,
-            seed=self.seed,
-            **extra,
-        )
+        return catprune.CATConfig(**{name: getattr(self, name) for name in CONFIG_FIELDS}, **extra)
 
     def settings(self) -> dict:
         """The settings that decide the images (JSON-serialisable); their hash is the run fingerprint."""

@@ -157,9 +157,9 @@ def _save_images(images, out: Path) -> list[Path]:
 def _cat_config(args):
     """The CATConfig the flags describe; a CLIError naming the flag when a value is out of range."""
     import catprune
+    from catprune.batch.runner import CONFIG_FIELDS
 
-    fields = dict(keep_ratio=args.keep_ratio, start_step=args.start_step, seed=args.seed, backend=args.backend)
-    fields.update(selection=args.selection, context=args.context, final_dense_steps=args.final_dense_steps)
+    fields = dict({name: getattr(args, name) for name in CONFIG_FIELDS}, backend=args.backend)
     try:
         return catprune.CATConfig(**fields)
     except (ValueError, TypeError) as exc:
