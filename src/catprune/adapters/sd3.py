@@ -11,7 +11,15 @@ from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 from ..algorithm import gather_tokens
 from ..runtime.contract import BufferStore, CallInfo
 from .common import PatchGridAdapter, cached_attention, capture_kv, removing, require_processors
+from .lanes import Lanes
 from .ops import gated_add, linear_macs, modulate
+
+
+def _modulation(block, temb):
+    """A JointTransformerBlock's image-stream modulation from ``temb`` (B, D): its 6 (9 with dual attention)
+    (B, D) shifts, scales and gates."""
+    emb = block.norm1.linear(block.norm1.silu(temb))  # (B, 6D) or (B, 9D)
+    return emb.chunk(9 if block.use_dual_attention else 6, dim=1)
 
 
 def _qkv(x, heads: int, head_dim: int, to_q, to_k, to_v, norm_q, norm_k):
@@ -39,6 +47,8 @@ class SD3Adapter(PatchGridAdapter):
     model_classes = (SD3Transformer2DModel,)
     family = "SD3 / SD3.5 (SD3Transformer2DModel)"
     lora_argument = "joint_attention_kwargs"
+    #: run the text stream of a pruned step on a second CUDA stream (`Lanes`); no effect on a CPU
+    two_lanes = True
 
     # ---------------------------------------------------------------- checks
     def validate_model(self) -> None:
@@ -131,50 +141,97 @@ class SD3Adapter(PatchGridAdapter):
     def pruned_core(
         self, caches, idx, m, hidden_states, encoder_hidden_states, pooled_projections, timestep, controlnet=None
     ):
-        """SD3Transformer2DModel.forward over the (B, k) selected tokens ``idx``; returns their outputs (B, k, P)."""
+        """SD3Transformer2DModel.forward over the (B, k) selected tokens ``idx``; returns their outputs (B, k, P).
+
+        The text stream runs on its own CUDA stream between the joint attentions (`Lanes`, when ``self.two_lanes``
+        and the inputs are on a GPU): the same kernels in the same order within each stream."""
         model = self.model
         x = model.pos_embed(hidden_states)  # (B, M, D)
         x = gather_tokens(x, idx)  # (B, k, D)  # CAT: gather the selected tokens
         temb = model.time_text_embed(timestep, pooled_projections)  # (B, D)
         ctx = model.context_embedder(encoder_hidden_states)  # (B, T, D)
         blocks = model.transformer_blocks
+        lanes = Lanes.for_device(x.device, self.two_lanes)
+        lanes.fork(temb, ctx)
+        text = self._text_in(blocks[0], ctx, temb)
+        mods = [None, _modulation(blocks[1], temb) if len(blocks) > 1 else None]  # this block's and the next's
+        lanes.back()
         for index, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
-            ctx, x = self._block(block, cache.slot("attn"), cache.slot("attn2"), x, ctx, temb, idx)
+            after, later = (blocks[i] if i < len(blocks) else None for i in (index + 1, index + 2))
+            x, ctx, text, ahead = self._block(block, after, later, cache, x, ctx, temb, text, mods[0], idx, lanes)
+            mods = [mods[1], ahead]
             if controlnet is not None and block.context_pre_only is False:
                 interval = len(blocks) / len(controlnet)
                 x = x + gather_tokens(controlnet[int(index / interval)], idx)  # (B, k, D)  # CAT: gather
+        lanes.finish()
         x = model.norm_out(x, temb)  # (B, k, D)
         return model.proj_out(x)  # (B, k, P)
 
-    def _block(self, block, kv, kv2, x, ctx, temb, idx):
-        # JointTransformerBlock.forward with the image stream restricted to the selected tokens. Same math, fewer
-        # memory passes: every `a * (1 + s) + b` modulation and `x + g * y` gated residual is one addcmul kernel
-        # (docs/design.md decision 15).
-        emb = block.norm1.linear(block.norm1.silu(temb))  # (B, 6D) or (B, 9D) with dual attention
+    def _block(self, block, after, later, cache, x, ctx, temb, text, mod, idx, lanes):
+        """JointTransformerBlock.forward with the image stream restricted to the selected tokens; on the text lane,
+        the text stream's half after the attention, the text Q/K/V of the block ``after`` and the image modulation
+        of the block ``later`` (the one after that). ``mod``: this block's image modulation if computed early. Same
+        math, fewer memory passes: every `a * (1 + s) + b` modulation and `x + g * y` gated residual is one addcmul
+        kernel (docs/design.md decision 15). Returns the image tokens, the text tokens, ``after``'s text inputs and
+        ``later``'s modulation. (Blocks, not their indices, are the arguments: torch.compile would compile the
+        function again for every index.)"""
+        if mod is None:
+            mod = _modulation(block, temb)
         if block.use_dual_attention:
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift2, scale2, gate_msa2 = emb.chunk(9, 1)
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift2, scale2, gate_msa2 = mod
         else:
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)  # (B, D) each
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod  # (B, D) each
         normed = block.norm1.norm(x)  # (B, k, D)
         nx = modulate(normed, shift_msa, scale_msa)  # CAT: fused modulation
-        nctx, c_gates = self._norm1_context(block, ctx, temb)
-
-        img_out, ctx_out = self._attention(block.attn, kv, nx, nctx, idx)  # CAT: cached attention
-        x = gated_add(x, gate_msa, img_out)  # (B, k, D)  # CAT: fused residual
+        attn = block.attn
+        b, k, _ = x.shape
+        heads = attn.heads
+        head_dim = attn.to_q.out_features // heads
+        q, key, value = _qkv(nx, heads, head_dim, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
+        (qc, kc, vc), c_gates = text
+        lanes.meet(qc, kc, vc)
+        q = torch.cat([q, qc], dim=1)  # (B, k + T, H, hd)
+        out = cached_attention(cache.slot("attn"), idx, q, (key, value), (kc, vc))  # CAT: cached attention
+        out = out.reshape(b, -1, heads * head_dim).to(q.dtype)  # (B, k + T, D)
+        img, txt = out[:, :k], out[:, k:]
+        ahead = None
+        if block.context_pre_only:
+            ctx, text = None, None
+        else:
+            lanes.fork(txt)
+            ctx = self._text_out(block, ctx, attn.to_add_out(txt), c_gates)  # (B, T, D) text stream stays dense
+            text = self._text_in(after, ctx, temb) if after is not None else None
+            if later is not None:  # read by the image lane after the next meet, held until the block after that
+                ahead = _modulation(later, temb)
+            lanes.back()
+        x = gated_add(x, gate_msa, attn.to_out[1](attn.to_out[0](img)))  # (B, k, D)  # CAT: fused residual
         if block.use_dual_attention:
+            kv2 = cache.slot("attn2")
             img_out2, _ = self._attention(block.attn2, kv2, modulate(normed, shift2, scale2), None, idx)  # CAT: cached
             x = gated_add(x, gate_msa2, img_out2)  # CAT: fused residual
-
         x = gated_add(x, gate_mlp, block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp)))  # (B, k, D)  # CAT: fused
+        return x, ctx, text, ahead
 
-        if block.context_pre_only:
-            return None, x
+    @classmethod
+    def _text_in(cls, block, ctx, temb):
+        """The text stream up to the attention: its (B, T, H, hd) queries, keys and values and its later gates."""
+        attn = block.attn
+        heads = attn.heads
+        nctx, c_gates = cls._norm1_context(block, ctx, temb)
+        qkv = _qkv(
+            nctx, heads, attn.add_q_proj.out_features // heads, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+            attn.norm_added_q, attn.norm_added_k,
+        )
+        return qkv, c_gates
+
+    @staticmethod
+    def _text_out(block, ctx, ctx_out, c_gates):
+        """The text stream after the attention (``ctx_out``: its projected attention output)."""
         c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_gates
-        ctx = gated_add(ctx, c_gate_msa, ctx_out)  # (B, T, D) text stream stays dense  # CAT: fused residual
-        ctx = gated_add(  # CAT: fused modulation and residual
+        ctx = gated_add(ctx, c_gate_msa, ctx_out)  # (B, T, D)  # CAT: fused residual
+        return gated_add(  # CAT: fused modulation and residual
             ctx, c_gate_mlp, block.ff_context(modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
         )
-        return ctx, x
 
     @staticmethod
     def _norm1_context(block, ctx, temb):
@@ -189,30 +246,15 @@ class SD3Adapter(PatchGridAdapter):
 
     @staticmethod
     def _attention(attn, kv, x, ctx, idx):
-        """Selected queries (+ text queries) over all image keys (fresh at idx, cached elsewhere) + text keys.
-
-        ``kv``: the block's `KVSlot` over its (2, B, M + T, H, hd) cache; this writes the fresh K/V of the selected
-        tokens and this step's text K/V into it in place, so attention reads one buffer without concatenation.
-        """
+        """Selected queries over all image keys (fresh at idx, cached elsewhere): the image-only second attention
+        of SD3.5's dual-attention blocks. ``kv``: the block's `KVSlot` over its (2, B, M, H, hd) cache."""
         b, k, _ = x.shape
         heads = attn.heads
         head_dim = attn.to_q.out_features // heads
         q, key, value = _qkv(x, heads, head_dim, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
-        text = None
-        if ctx is not None:  # the text stream's own projections (B, T, H, hd)
-            qc, kc, vc = _qkv(
-                ctx, heads, head_dim, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q,
-                attn.norm_added_k,
-            )
-            text = (kc, vc)
-            q = torch.cat([q, qc], dim=1)  # (B, k + T, H, hd)
-        out = cached_attention(kv, idx, q, (key, value), text)  # (B, k + T, H, hd)  # CAT: cached attention
-        out = out.reshape(b, -1, heads * head_dim).to(q.dtype)  # (B, k + T, D)
-        img, txt = out[:, :k], out[:, k:]
-        if ctx is not None and not attn.context_pre_only:
-            txt = attn.to_add_out(txt)
-        img = attn.to_out[1](attn.to_out[0](img))  # (B, k, D)
-        return img, txt
+        out = cached_attention(kv, idx, q, (key, value))  # (B, k, H, hd)  # CAT: cached attention
+        out = out.reshape(b, -1, heads * head_dim).to(q.dtype)  # (B, k, D)
+        return attn.to_out[1](attn.to_out[0](out)), None
 
     # ---------------------------------------------------------------- cost model
     def macs(self, info: CallInfo, computed_tokens: int) -> int:
