@@ -27,6 +27,15 @@ def _has_triton() -> bool:
     return True
 
 
+def _six_steps(model, inputs: dict) -> torch.Tensor:
+    """Six Euler-like steps of ``model`` on CUDA from ``inputs`` (batch 2): the final latents."""
+    x = inputs["hidden_states"]
+    with torch.no_grad():
+        for t in (900.0, 800.0, 700.0, 600.0, 500.0, 400.0):
+            x = x - 0.1 * model(**dict(inputs, hidden_states=x), timestep=torch.full((2,), t, device="cuda"))[0]
+    return x
+
+
 def compare(device: str, dtype: torch.dtype, tolerance: float) -> None:
     """Kernels vs torch on random caches with a text tail, fresh rows as strided views of a packed projection."""
     torch.manual_seed(0)
@@ -169,11 +178,7 @@ def test_forecast_generation_with_and_without_the_kernels(monkeypatch):
         inputs = {n: v.to("cuda") if torch.is_tensor(v) else v for n, v in tiny_sd3_inputs(model, 2, 16, 16).items()}
         for context, cache in (("reuse", None), ("extrapolate", None), ("reuse", "fp8")):
             catprune.apply(model, CATConfig(keep_ratio=0.4, start_step=3, context=context, cache_dtype=cache))
-            x = inputs["hidden_states"]
-            with torch.no_grad():
-                for t in (900.0, 800.0, 700.0, 600.0, 500.0, 400.0):
-                    v = model(**dict(inputs, hidden_states=x), timestep=torch.full((2,), t, device="cuda"))[0]
-                    x = x - 0.1 * v
+            x = _six_steps(model, inputs)
             outs.append(x)
             catprune.remove(model)
     triton_reuse, triton_forecast, triton_fp8, torch_reuse, torch_forecast, torch_fp8 = outs
@@ -198,11 +203,7 @@ def test_graph_backend_matches_eager_on_cuda(context):
     for backend in ("eager", "cudagraph"):
         catprune.apply(model, CATConfig(keep_ratio=0.4, start_step=3, context=context, backend=backend))
         for generation in range(2):
-            x = inputs["hidden_states"]
-            with torch.no_grad():
-                for t in (900.0, 800.0, 700.0, 600.0, 500.0, 400.0):
-                    v = model(**dict(inputs, hidden_states=x), timestep=torch.full((2,), t, device="cuda"))[0]
-                    x = x - 0.1 * v
+            x = _six_steps(model, inputs)
             outs[backend, generation] = x
         catprune.remove(model)
     scale = outs["eager", 0].abs().mean()
@@ -227,10 +228,7 @@ def test_apply_remove_cycles_leave_no_gpu_memory_behind(selection):
 
     def cycle():
         catprune.apply(model, CATConfig(keep_ratio=0.4, start_step=3, backend="cudagraph", selection=selection))
-        x = inputs["hidden_states"]
-        with torch.no_grad():
-            for t in (900.0, 800.0, 700.0, 600.0, 500.0, 400.0):
-                x = x - 0.1 * model(**dict(inputs, hidden_states=x), timestep=torch.full((2,), t, device="cuda"))[0]
+        x = _six_steps(model, inputs)
         catprune.remove(model)
         del x
         gc.collect()
@@ -259,11 +257,7 @@ def test_text_lane_on_its_own_stream_changes_no_bit(backend, monkeypatch):
         monkeypatch.setattr(SD3Adapter, "two_lanes", two)
         catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=2, backend=backend))
         for generation in range(3):
-            x = inputs["hidden_states"]
-            with torch.no_grad():
-                for t in (900.0, 800.0, 700.0, 600.0, 500.0, 400.0):
-                    v = model(**dict(inputs, hidden_states=x), timestep=torch.full((2,), t, device="cuda"))[0]
-                    x = x - 0.1 * v
+            x = _six_steps(model, inputs)
             outs[two, generation] = x
         catprune.remove(model)
     assert all(torch.equal(outs[True, g], outs[False, 0]) for g in range(3))
