@@ -1,0 +1,91 @@
+"""`adapters.lanes.Lanes` bookkeeping without a GPU: the waits each call makes, which stream is current, and how long
+a tensor handed from one lane to the other stays referenced (a tensor freed too early would let the caching
+allocator give its memory to the writer lane while the reader may still run). The real streams are checked on CUDA
+by tests/test_kernels.py (SD3 with and without the lane, bit for bit)."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from catprune.adapters.lanes import Lanes
+
+
+class FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits {other.name}")
+
+
+@pytest.fixture
+def streams(monkeypatch):
+    log = []
+    main, side = FakeStream("main", log), FakeStream("side", log)
+    current = {"stream": main}
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: current["stream"])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: current.update(stream=s))
+    return main, side, current, log
+
+
+def alive(ref):
+    gc.collect()
+    return ref() is not None
+
+
+def test_waits_and_current_stream(streams):
+    main, side, current, log = streams
+    lanes = Lanes(side)
+    lanes.fork()
+    assert current["stream"] is side and log == ["side waits main"]
+    lanes.back()
+    assert current["stream"] is main and log == ["side waits main"]  # back does not wait
+    lanes.meet()
+    assert current["stream"] is main and log[-1] == "main waits side"
+    lanes.fork()
+    lanes.back()
+    lanes.finish()
+    assert current["stream"] is main and log[-1] == "main waits side" and lanes.main is None
+
+
+def test_handed_tensors_live_until_the_lanes_meet_again(streams):
+    _, side, _, _ = streams
+    lanes = Lanes(side)
+    image = torch.zeros(3)  # an image-lane tensor the text lane reads
+    to_side = weakref.ref(image)
+    lanes.fork(image)
+    del image
+    lanes.back()
+    assert alive(to_side)  # the text lane may still be reading it
+    text = torch.ones(3)  # a text-lane tensor the image lane reads
+    to_main = weakref.ref(text)
+    lanes.meet(text)
+    del text
+    assert not alive(to_side)  # the image lane waited for the text lane: its memory may be reused
+    assert alive(to_main)  # the image lane may still be reading it
+    lanes.fork()
+    assert not alive(to_main)  # the text lane now runs after the image lane's reads
+    lanes.back()
+    kept = torch.ones(2)
+    last = weakref.ref(kept)
+    lanes.meet(kept)
+    del kept
+    lanes.finish()
+    assert not alive(last) and lanes.main is None
+
+
+def test_off_and_cpu_lanes_do_nothing(monkeypatch):
+    def fail(*_):
+        raise AssertionError("a lane that is off must not touch CUDA streams")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", fail)
+    monkeypatch.setattr(torch.cuda, "set_stream", fail)
+    for lanes in (Lanes.off(), Lanes.for_device(torch.device("cpu")), Lanes.for_device("cuda", enabled=False)):
+        x = torch.zeros(1)
+        lanes.fork(x)
+        lanes.back()
+        lanes.meet(x)
+        lanes.finish()
+        assert lanes.side is None and not lanes._to_side and not lanes._to_main
