@@ -6,6 +6,7 @@ shrinks from the full-selection to the pruned step against the MACs ratio) and w
 
 Usage (GPU):
     python scripts/profile_step.py --preset sd3-medium --mode cudagraph --replays 5 --json $OUT/profile.json
+    python scripts/profile_step.py --preset sd3-medium --mode compile --kinds pruned --operators   # which op is which
 On a CPU it runs the tiny preset (sd3-tiny at 64x64, fp32) unless told otherwise.
 """
 
@@ -39,6 +40,11 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="default bfloat16 on a GPU, float32 on a CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--operators", action="store_true",
+        help="also list the operators with the most self time, by input shapes (which eager op launched a kernel; "
+        "use --mode eager or compile: kernels replayed from a CUDA graph belong to no operator)",
+    )
     args = p.parse_args(argv)
     args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cpu = torch.device(args.device).type == "cpu"
@@ -80,6 +86,10 @@ def format_report(report: dict) -> str:
         lines.append(f"top {kind} (ms per step, launches per step):")
         for name, ms, _, launches in rows[kind]["top"][:10]:
             lines.append(f"  {ms:8.3f} {launches:6.1f}  {name[:100]}")
+        if rows[kind].get("operators"):
+            lines.append(f"top {kind} operators (self ms per step, calls per step, input shapes):")
+            for name, shapes, ms, count in rows[kind]["operators"]:
+                lines.append(f"  {ms:8.3f} {count:6.1f}  {name[:40]:<40} {shapes[:100]}")
     return "\n".join(lines)
 
 
@@ -107,7 +117,7 @@ def main(argv=None) -> int:
         for kind in args.kinds:
             report["kinds"][kind] = profile_kind(
                 pipe, kwargs, kind, args.device, args.replays, args.mode, args.stock, args.keep_ratio, args.start_step,
-                {"context": args.context},
+                {"context": args.context}, operators=args.operators,
             )
     text = format_report(report)
     print(text)

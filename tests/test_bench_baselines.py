@@ -159,7 +159,7 @@ def test_kernel_names_fall_into_their_category(name, category):
 def test_profile_step_cpu_path_categories_sum_to_the_total(tmp_path):
     path = tmp_path / "profile.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "profile_step.py"), "--device", "cpu", "--kinds", "stock,pruned",
-           "--replays", "2", "--json", str(path)]  # fmt: skip
+           "--replays", "2", "--json", str(path), "--operators"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -172,3 +172,7 @@ def test_profile_step_cpu_path_categories_sum_to_the_total(tmp_path):
     assert report["kinds"]["pruned"]["phases"] == ["pruned", "pruned"]
     assert report["kinds"]["pruned"]["tokens_computed"] == round(0.3 * 16 * 16)
     assert "GEMM" in out.stdout and "wall - kernels" in out.stdout
+    ops = report["kinds"]["pruned"]["operators"]  # [name, input shapes, ms per call, occurrences per call]
+    assert ops and "top pruned operators" in out.stdout
+    assert all(a[2] >= b[2] > 0 for a, b in zip(ops, ops[1:], strict=False))  # by self time, largest first
+    assert any(name in ("aten::addmm", "aten::mm", "aten::linear") for name, *_ in ops)  # the GEMMs are there

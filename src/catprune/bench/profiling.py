@@ -151,6 +151,28 @@ def summarize_kernels(pairs: list[tuple[str, float]], calls: int, top: int = 12)
     }
 
 
+def top_operators(averages, cuda: bool, calls: int, top: int = 15) -> list[list]:
+    """The operators with the most self time, grouped by input shapes, from ``prof.key_averages(
+    group_by_input_shape=True)``: ``[name, input shapes, ms per call, occurrences per call]``. Device time on a GPU
+    (a kernel counts for the operator that launched it: eager operators and the extern calls of compiled code;
+    Triton kernels of compiled code and kernels replayed from a CUDA graph belong to no operator), CPU time on a CPU.
+
+    Example:
+        >>> from types import SimpleNamespace as E
+        >>> rows = [E(key="aten::cat", input_shapes=[[2, 3]], self_device_time_total=3000.0, count=4)]
+        >>> top_operators(rows, cuda=True, calls=2)
+        [['aten::cat', '[[2, 3]]', 1.5, 2.0]]
+    """
+    rows = []
+    for e in averages:
+        if e.key.startswith("ProfilerStep"):
+            continue
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0:
+            rows.append([e.key, str(e.input_shapes), us / 1e3 / calls, e.count / calls])
+    return sorted(rows, key=lambda r: -r[2])[:top]
+
+
 def _setup(pipe, kind: str, mode: str, stock: str, keep_ratio: float, start_step: int, fields: dict | None = None
            ) -> tuple[int, Callable]:  # fmt: skip
     """Prepare ``pipe`` for ``kind``: the first call index of that kind in a generation, and the undo function.
@@ -165,10 +187,11 @@ def _setup(pipe, kind: str, mode: str, stock: str, keep_ratio: float, start_step
 
 
 def profile_kind(pipe, kwargs: dict, kind: str, device, replays: int, mode="eager", stock="eager", keep_ratio=0.3,
-                 start_step=8, fields: dict | None = None) -> dict:  # fmt: skip
+                 start_step=8, fields: dict | None = None, operators: bool = False) -> dict:  # fmt: skip
     """Profile ``replays`` consecutive calls of ``kind`` in one generation (after a warm-up generation), and time
     the same calls' wall clock in another; returns the kernel summary with ``wall_ms``, ``phases`` and ``macs``.
-    ``fields``: further `CATConfig` fields of the catprune kinds (e.g. ``{"context": "extrapolate"}``)."""
+    ``fields``: further `CATConfig` fields of the catprune kinds (e.g. ``{"context": "extrapolate"}``).
+    ``operators``: also record input shapes and return the `top_operators` under ``"operators"``."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from . import _StepTimer
@@ -189,8 +212,12 @@ def profile_kind(pipe, kwargs: dict, kind: str, device, replays: int, mode="eage
         wall = timer.steps()[first : first + replays]
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         when = schedule(skip_first=first, wait=0, warmup=1, active=replays, repeat=1)
-        ready = lambda prof: collected.update(pairs=timed_events(prof.events(), cuda))  # noqa: E731
-        with profile(activities=activities, schedule=when, on_trace_ready=ready) as prof:
+        def ready(prof):
+            collected.update(pairs=timed_events(prof.events(), cuda))
+            if operators:
+                collected.update(ops=top_operators(prof.key_averages(group_by_input_shape=True), cuda, replays))
+
+        with profile(activities=activities, schedule=when, on_trace_ready=ready, record_shapes=operators) as prof:
             def step(*_):
                 if cuda:  # the previous call's kernels finish inside its own window, not the next one's
                     torch.cuda.synchronize(device)
@@ -211,4 +238,6 @@ def profile_kind(pipe, kwargs: dict, kind: str, device, replays: int, mode="eage
         tokens_computed=records[0].computed if records else None,
         macs=records[0].macs if records else None,
     )
+    if operators:
+        out["operators"] = collected.get("ops", [])
     return out
