@@ -89,3 +89,13 @@ def test_off_and_cpu_lanes_do_nothing(monkeypatch):
         lanes.meet(x)
         lanes.finish()
         assert lanes.side is None and not lanes._to_side and not lanes._to_main
+
+
+def test_two_lanes_only_on_the_current_cuda_device(monkeypatch):
+    import catprune.adapters.lanes as lanes_module
+
+    side = FakeStream("side", [])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(lanes_module, "_text_stream", lambda device: side if device.index == 0 else None)
+    assert Lanes.for_device("cuda").side is side and Lanes.for_device("cuda:0").side is side
+    assert Lanes.for_device("cuda:1").side is None  # another device than the current one: one lane

@@ -55,9 +55,15 @@ class Lanes:
     @staticmethod
     @torch.compiler.disable
     def for_device(device: torch.device, enabled: bool = True) -> Lanes:
-        """Two lanes on a CUDA ``device`` when ``enabled``, else one (`off`)."""
+        """Two lanes on a CUDA ``device`` when ``enabled`` and it is the current device, else one (`off`): streams
+        are per device, and switching the current stream of another device would also switch the current device."""
         device = torch.device(device)
-        return Lanes(_text_stream(device) if enabled and device.type == "cuda" else None)
+        if not enabled or device.type != "cuda":
+            return Lanes(None)
+        current = torch.cuda.current_device()
+        if device.index is not None and device.index != current:
+            return Lanes(None)
+        return Lanes(_text_stream(torch.device("cuda", current)))
 
     @staticmethod
     def off() -> Lanes:
