@@ -99,3 +99,21 @@ def test_two_lanes_only_on_the_current_cuda_device(monkeypatch):
     monkeypatch.setattr(lanes_module, "_text_stream", lambda device: side if device.index == 0 else None)
     assert Lanes.for_device("cuda").side is side and Lanes.for_device("cuda:0").side is side
     assert Lanes.for_device("cuda:1").side is None  # another device than the current one: one lane
+
+
+def test_a_step_that_fails_on_the_text_lane_gives_the_caller_its_stream_back(streams):
+    """The runtime runs each step under `keeping_stream`: when a step raises after an adapter switched to its
+    second stream (a failure between `Lanes.fork` and `Lanes.back`), the caller's stream is current again and the
+    error still propagates; a step that succeeds or fails on the caller's stream changes nothing."""
+    from catprune.runtime.backends import keeping_stream
+
+    main, side, current, _ = streams
+    with pytest.raises(RuntimeError, match="text lane"), keeping_stream("cuda"):
+        Lanes(side).fork()
+        raise RuntimeError("out of memory on the text lane")
+    assert current["stream"] is main
+    with keeping_stream("cuda"):
+        current["stream"] = side  # no error: whatever the body leaves stays
+    assert current["stream"] is side
+    with keeping_stream("cpu"):  # not CUDA: no stream is read
+        pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,19 @@ def _side_stream() -> torch.cuda.Stream:
     if stream is None:
         stream = _SIDE_STREAMS[device] = torch.cuda.Stream()
     return stream
+
+
+@contextlib.contextmanager
+def keeping_stream(device):
+    """On a CUDA ``device``: when the body raises after switching the current stream (an adapter's second stream,
+    `adapters.lanes.Lanes`), make the caller's stream current again before the error propagates."""
+    stream = torch.cuda.current_stream(device) if torch.device(device).type == "cuda" else None
+    try:
+        yield
+    except BaseException:
+        if stream is not None and torch.cuda.current_stream(device) != stream:
+            torch.cuda.set_stream(stream)
+        raise
 
 
 class GraphedCall:

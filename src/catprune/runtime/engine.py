@@ -21,7 +21,7 @@ from ..algorithm import (
     update_staleness,
 )
 from ..config import Backend, CATConfig, Context, Selection
-from .backends import StepRunner
+from .backends import StepRunner, keeping_stream
 from .choice import choose_tokens, note_all_computed, note_computed, start_rates
 from .contract import Adapter, CallInfo
 from .forecast import ContextForecast, forecasting
@@ -216,7 +216,8 @@ class Runtime:
             self.generation = self._new_generation(info, memo)
         gen = self.generation
         try:
-            out = self._step(gen, original, args, kwargs, info)
+            with keeping_stream(info.device):  # a step that fails on an adapter's second stream
+                out = self._step(gen, original, args, kwargs, info)
         except BaseException:
             gen.broken = True  # the next call starts a new generation
             raise
