@@ -96,7 +96,7 @@ def test_two_lanes_only_on_the_current_cuda_device(monkeypatch):
 
     side = FakeStream("side", [])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(lanes_module, "_text_stream", lambda device: side if device.index == 0 else None)
+    monkeypatch.setattr(lanes_module, "device_stream", lambda role, index: side if index == 0 else None)
     assert Lanes.for_device("cuda").side is side and Lanes.for_device("cuda:0").side is side
     assert Lanes.for_device("cuda:1").side is None  # another device than the current one: one lane
 

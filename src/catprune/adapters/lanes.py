@@ -20,16 +20,7 @@ from __future__ import annotations
 
 import torch
 
-_TEXT_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _text_stream(device: torch.device) -> torch.cuda.Stream:
-    """One text-lane stream per device for the process (cuBLAS keeps a workspace per stream: one, not one a call)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _TEXT_STREAMS.get(index)
-    if stream is None:
-        stream = _TEXT_STREAMS[index] = torch.cuda.Stream(index)
-    return stream
+from ..runtime.backends import device_stream
 
 
 class Lanes:
@@ -63,7 +54,7 @@ class Lanes:
         current = torch.cuda.current_device()
         if device.index is not None and device.index != current:
             return Lanes(None)
-        return Lanes(_text_stream(torch.device("cuda", current)))
+        return Lanes(device_stream("text lane", current))
 
     @staticmethod
     def off() -> Lanes:

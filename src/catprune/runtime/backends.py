@@ -9,20 +9,21 @@ import torch
 
 from ..config import Backend
 
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_STREAMS: dict[tuple[str, int], torch.cuda.Stream] = {}
 
 
-def _side_stream() -> torch.cuda.Stream:
-    """The one stream (per device) on which every `GraphedCall` warms up and captures.
+def device_stream(role: str, index: int | None = None) -> torch.cuda.Stream:
+    """The one stream of ``role`` on CUDA device ``index`` (default: the current device), for the process's life.
 
-    Why one: cuBLAS keeps a workspace (32 MiB on Hopper) for every stream that runs a GEMM, for the life of the
-    process. A new stream per graph left one behind for every graph ever captured, so memory grew with each
-    ``apply`` / ``remove`` cycle; with one stream the workspace is allocated once, outside any graph's pool.
+    Why one per role: cuBLAS keeps a workspace (32 MiB on Hopper) for every stream that runs a GEMM, for the life of
+    the process. A new stream per graph left one behind for every graph ever captured, so memory grew with each
+    ``apply`` / ``remove`` cycle; with one stream per role the workspace is allocated once. Roles: ``"graphs"``
+    (where every `GraphedCall` warms up and captures) and ``"text lane"`` (`adapters.lanes.Lanes`).
     """
-    device = torch.cuda.current_device()
-    stream = _SIDE_STREAMS.get(device)
+    index = torch.cuda.current_device() if index is None else index
+    stream = _STREAMS.get((role, index))
     if stream is None:
-        stream = _SIDE_STREAMS[device] = torch.cuda.Stream()
+        stream = _STREAMS[role, index] = torch.cuda.Stream(index)
     return stream
 
 
@@ -50,7 +51,7 @@ class GraphedCall:
     def __init__(self, fn, inputs: dict[str, torch.Tensor], pool=None, warmup: int = 2, state=()):
         self.static = {name: t.clone() for name, t in inputs.items()}
         saved = [t.clone() for t in state]  # the warm-up must not advance mutable state
-        side = _side_stream()
+        side = device_stream("graphs")
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):  # compiles / initialises handles outside the capture
