@@ -20,7 +20,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, Fl
 from ..algorithm import gather_tokens
 from ..runtime.contract import BufferStore, CallInfo
 from .common import DiffusersAdapter, cached_attention, capture_kv, removing, sample_of
-from .ops import describe, gated_add, linear_macs, modulate
+from .ops import describe, feed_forward, gated_add, gelu_linear, linear_macs, modulate
 
 _NAME = "FluxTransformer2DModel.forward"
 
@@ -41,6 +41,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # (B, S, H, hd / 2) each
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)  # (B, S, H, hd)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def _mlp_in(block, x: torch.Tensor) -> torch.Tensor:
+    """A FluxSingleTransformerBlock's MLP input ``act_mlp(proj_mlp(x))``: one GEMM with a GELU epilogue where
+    `gelu_linear` fuses (the block's activation is ``nn.GELU(approximate="tanh")``)."""
+    act = block.act_mlp
+    if type(act) is not torch.nn.GELU:
+        return act(block.proj_mlp(x))
+    return gelu_linear(block.proj_mlp, x, act.approximate)
 
 
 def _ids_2d(ids: torch.Tensor) -> torch.Tensor:
@@ -389,11 +398,11 @@ class FluxAdapter(DiffusersAdapter):
         txt_out = attn.to_add_out(out[:, :t].contiguous())  # (B, T, D)
 
         x = gated_add(x, gate_msa, img_out)  # (B, k, D)  # CAT: fused residual
-        x = gated_add(x, gate_mlp, block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp)))  # CAT: fused
+        x = gated_add(x, gate_mlp, feed_forward(block.ff, modulate(block.norm2(x), shift_mlp, scale_mlp)))  # CAT: fused
 
         ctx = gated_add(ctx, c_gate_msa, txt_out)  # (B, T, D) text stream stays dense  # CAT: fused residual
         ctx = gated_add(  # CAT: fused modulation and residual
-            ctx, c_gate_mlp, block.ff_context(modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
+            ctx, c_gate_mlp, feed_forward(block.ff_context, modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
         )
         if ctx.dtype == torch.float16:
             ctx = ctx.clip(-65504, 65504)
@@ -405,7 +414,7 @@ class FluxAdapter(DiffusersAdapter):
         hd = attn.head_dim
         shift, scale, gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)  # (B, D) each
         ns = modulate(block.norm.norm(stream), shift, scale)  # (B, T + k, D)  # CAT: fused modulation
-        mlp = block.act_mlp(block.proj_mlp(ns))  # (B, T + k, F)
+        mlp = _mlp_in(block, ns)  # (B, T + k, F)
         q = attn.norm_q(attn.to_q(ns).unflatten(-1, (-1, hd)))  # (B, T + k, H, hd)
         key = attn.norm_k(attn.to_k(ns).unflatten(-1, (-1, hd)))
         value = attn.to_v(ns).unflatten(-1, (-1, hd))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 
 def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -35,6 +36,65 @@ def gated_add(x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor) -> to
     if gate.dim() == 2:
         gate = gate[:, None]  # (B, 1, D)
     return torch.addcmul(x, gate, y)  # (B, N, D)
+
+
+def fuses_gelu(linear: torch.nn.Module, approximate: str, x: torch.Tensor) -> bool:
+    """True when `gelu_linear` runs ``linear`` and its GELU as one GEMM: a plain ``nn.Linear`` with a bias (not a
+    LoRA wrapper), the tanh approximation, a 16-bit CUDA input. Not on a CPU: ``torch._addmm_activation`` computes
+    the exact GELU there, not the tanh approximation. Not in float32: there the epilogue's GELU measured a mean
+    error 3.6 times that of GEMM then GELU (1.2e-6 against 3.2e-7 on an H200), while in bfloat16 it is the more
+    accurate of the two (one rounding fewer).
+
+    Example:
+        >>> fuses_gelu(torch.nn.Linear(4, 8), "tanh", torch.zeros(2, 4))  # a CPU input
+        False
+    """
+    plain = type(linear) is torch.nn.Linear and linear.bias is not None
+    return plain and approximate == "tanh" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def gelu_linear(linear: torch.nn.Module, x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """``F.gelu(linear(x), approximate=approximate)``; where `fuses_gelu`, one GEMM with a bias-and-GELU epilogue
+    (cuBLASLt through ``torch._addmm_activation``) instead of a GEMM and an elementwise pass over its output (in a
+    transformer block the largest activation: 4 times the width). Same math, one rounding to the output dtype
+    fewer: the GELU reads the float32 accumulator, not the rounded pre-activation.
+
+    x: (..., D_in); returns (..., D_out).
+
+    Example:
+        >>> lin = torch.nn.Linear(3, 2)
+        >>> x = torch.randn(4, 3)
+        >>> torch.equal(gelu_linear(lin, x, "tanh"), F.gelu(lin(x), approximate="tanh"))
+        True
+    """
+    if not fuses_gelu(linear, approximate, x):
+        return F.gelu(linear(x), approximate=approximate)
+    rows = x.reshape(-1, x.shape[-1])  # (N, D_in)
+    out = torch._addmm_activation(linear.bias, rows, linear.weight.t(), use_gelu=True)  # (N, D_out)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def feed_forward(ff: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``ff(x)`` for a diffusers ``FeedForward``; when its first layer is diffusers' ``GELU`` (projection, then
+    GELU), that layer runs through `gelu_linear`. Any other activation (GEGLU, a LoRA-wrapped projection, ...) runs
+    the module as it is.
+
+    Example:
+        >>> from diffusers.models.attention import FeedForward
+        >>> ff = FeedForward(4, activation_fn="gelu-approximate")
+        >>> x = torch.randn(1, 2, 4)
+        >>> torch.equal(feed_forward(ff, x), ff(x))
+        True
+    """
+    from diffusers.models.activations import GELU
+
+    first = ff.net[0]
+    if type(first) is not GELU or not fuses_gelu(first.proj, first.approximate, x):
+        return ff(x)
+    x = gelu_linear(first.proj, x, first.approximate)
+    for module in ff.net[1:]:
+        x = module(x)
+    return x
 
 
 @contextlib.contextmanager

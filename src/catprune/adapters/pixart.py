@@ -19,7 +19,7 @@ from diffusers.models.transformers.pixart_transformer_2d import PixArtTransforme
 from ..algorithm import gather_tokens
 from ..runtime.contract import BufferStore, CallInfo
 from .common import PatchGridAdapter, cached_attention, capture_kv, removing, require_processors, sdpa
-from .ops import describe, gated_add, linear_macs, modulate
+from .ops import describe, feed_forward, gated_add, linear_macs, modulate
 
 _NAME = "PixArtTransformer2DModel.forward"
 
@@ -278,7 +278,7 @@ class PixArtAdapter(PatchGridAdapter):
         attn_out = self._self_attention(block.attn1, kv, nx, idx, self_bias)  # (B, k, D)  # CAT: cached attention
         x = gated_add(x, gate_msa, attn_out)  # (B, k, D)  # CAT: fused residual
         x = gated_add(x, None, self._cross_attention(block.attn2, x, ctx, cross_bias))  # no norm, no gate: PixArt
-        ff_out = block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp))  # (B, k, D)  # CAT: fused modulation
+        ff_out = feed_forward(block.ff, modulate(block.norm2(x), shift_mlp, scale_mlp))  # (B, k, D)  # CAT: fused
         return gated_add(x, gate_mlp, ff_out)  # (B, k, D)  # CAT: fused residual
 
     @staticmethod

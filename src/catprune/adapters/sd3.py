@@ -12,7 +12,7 @@ from ..algorithm import gather_tokens
 from ..runtime.contract import BufferStore, CallInfo
 from .common import PatchGridAdapter, cached_attention, capture_kv, removing, require_processors
 from .lanes import Lanes
-from .ops import gated_add, linear_macs, modulate
+from .ops import feed_forward, gated_add, linear_macs, modulate
 
 
 def _modulation(block, temb):
@@ -209,7 +209,7 @@ class SD3Adapter(PatchGridAdapter):
             kv2 = cache.slot("attn2")
             img_out2, _ = self._attention(block.attn2, kv2, modulate(normed, shift2, scale2), None, idx)  # CAT: cached
             x = gated_add(x, gate_msa2, img_out2)  # CAT: fused residual
-        x = gated_add(x, gate_mlp, block.ff(modulate(block.norm2(x), shift_mlp, scale_mlp)))  # (B, k, D)  # CAT: fused
+        x = gated_add(x, gate_mlp, feed_forward(block.ff, modulate(block.norm2(x), shift_mlp, scale_mlp)))  # CAT: fused
         return x, ctx, text, ahead
 
     @classmethod
@@ -230,7 +230,7 @@ class SD3Adapter(PatchGridAdapter):
         c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_gates
         ctx = gated_add(ctx, c_gate_msa, ctx_out)  # (B, T, D)  # CAT: fused residual
         return gated_add(  # CAT: fused modulation and residual
-            ctx, c_gate_mlp, block.ff_context(modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
+            ctx, c_gate_mlp, feed_forward(block.ff_context, modulate(block.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
         )
 
     @staticmethod
