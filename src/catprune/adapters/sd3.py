@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
@@ -15,10 +16,11 @@ from .lanes import Lanes
 from .ops import feed_forward, gated_add, linear_macs, modulate
 
 
-def _modulation(block, temb):
-    """A JointTransformerBlock's image-stream modulation from ``temb`` (B, D): its 6 (9 with dual attention)
-    (B, D) shifts, scales and gates."""
-    emb = block.norm1.linear(block.norm1.silu(temb))  # (B, 6D) or (B, 9D)
+def _modulation(block, act):
+    """A JointTransformerBlock's image-stream modulation from ``act`` = SiLU(temb) (B, D): its 6 (9 with dual
+    attention) (B, D) shifts, scales and gates. (Every block's modulation starts with the SiLU of the same temb:
+    the pruned step computes it once.)"""
+    emb = block.norm1.linear(act)  # (B, 6D) or (B, 9D)
     return emb.chunk(9 if block.use_dual_attention else 6, dim=1)
 
 
@@ -152,13 +154,14 @@ class SD3Adapter(PatchGridAdapter):
         ctx = model.context_embedder(encoder_hidden_states)  # (B, T, D)
         blocks = model.transformer_blocks
         lanes = Lanes.for_device(x.device, self.two_lanes)
-        lanes.fork(temb, ctx)
-        text = self._text_in(blocks[0], ctx, temb)
-        mods = [None, _modulation(blocks[1], temb) if len(blocks) > 1 else None]  # this block's and the next's
+        act = F.silu(temb)  # (B, D) every block's norm1 / norm1_context SiLU, once
+        lanes.fork(act, ctx)
+        text = self._text_in(blocks[0], ctx, act)
+        mods = [None, _modulation(blocks[1], act) if len(blocks) > 1 else None]  # this block's and the next's
         lanes.back()
         for index, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
             after, later = (blocks[i] if i < len(blocks) else None for i in (index + 1, index + 2))
-            x, ctx, text, ahead = self._block(block, after, later, cache, x, ctx, temb, text, mods[0], idx, lanes)
+            x, ctx, text, ahead = self._block(block, after, later, cache, x, ctx, act, text, mods[0], idx, lanes)
             mods = [mods[1], ahead]
             if controlnet is not None and block.context_pre_only is False:
                 interval = len(blocks) / len(controlnet)
@@ -167,7 +170,7 @@ class SD3Adapter(PatchGridAdapter):
         x = model.norm_out(x, temb)  # (B, k, D)
         return model.proj_out(x)  # (B, k, P)
 
-    def _block(self, block, after, later, cache, x, ctx, temb, text, mod, idx, lanes):
+    def _block(self, block, after, later, cache, x, ctx, act, text, mod, idx, lanes):
         """JointTransformerBlock.forward with the image stream restricted to the selected tokens; on the text lane,
         the text stream's half after the attention, the text Q/K/V of the block ``after`` and the image modulation
         of the block ``later`` (the one after that). ``mod``: this block's image modulation if computed early. Same
@@ -176,7 +179,7 @@ class SD3Adapter(PatchGridAdapter):
         ``later``'s modulation. (Blocks, not their indices, are the arguments: torch.compile would compile the
         function again for every index.)"""
         if mod is None:
-            mod = _modulation(block, temb)
+            mod = _modulation(block, act)
         if block.use_dual_attention:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift2, scale2, gate_msa2 = mod
         else:
@@ -200,9 +203,9 @@ class SD3Adapter(PatchGridAdapter):
         else:
             lanes.fork(txt)
             ctx = self._text_out(block, ctx, attn.to_add_out(txt), c_gates)  # (B, T, D) text stream stays dense
-            text = self._text_in(after, ctx, temb) if after is not None else None
+            text = self._text_in(after, ctx, act) if after is not None else None
             if later is not None:  # read by the image lane after the next meet, held until the block after that
-                ahead = _modulation(later, temb)
+                ahead = _modulation(later, act)
             lanes.back()
         x = gated_add(x, gate_msa, attn.to_out[1](attn.to_out[0](img)))  # (B, k, D)  # CAT: fused residual
         if block.use_dual_attention:
@@ -213,11 +216,11 @@ class SD3Adapter(PatchGridAdapter):
         return x, ctx, text, ahead
 
     @classmethod
-    def _text_in(cls, block, ctx, temb):
+    def _text_in(cls, block, ctx, act):
         """The text stream up to the attention: its (B, T, H, hd) queries, keys and values and its later gates."""
         attn = block.attn
         heads = attn.heads
-        nctx, c_gates = cls._norm1_context(block, ctx, temb)
+        nctx, c_gates = cls._norm1_context(block, ctx, act)
         qkv = _qkv(
             nctx, heads, attn.add_q_proj.out_features // heads, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
             attn.norm_added_q, attn.norm_added_k,
@@ -234,14 +237,14 @@ class SD3Adapter(PatchGridAdapter):
         )
 
     @staticmethod
-    def _norm1_context(block, ctx, temb):
+    def _norm1_context(block, ctx, act):
         """The text stream's first norm and modulation (AdaLayerNormZero, or AdaLayerNormContinuous in the last
         block): the modulated text and the remaining gates / shifts / scales (None in the last block)."""
         norm = block.norm1_context
         if block.context_pre_only:  # AdaLayerNormContinuous: (scale, shift) order, silu output cast to x's dtype
-            scale, shift = norm.linear(norm.silu(temb).to(ctx.dtype)).chunk(2, dim=1)
+            scale, shift = norm.linear(act.to(ctx.dtype)).chunk(2, dim=1)
             return modulate(norm.norm(ctx), shift, scale), None  # CAT: fused modulation
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = norm.linear(norm.silu(temb)).chunk(6, dim=1)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = norm.linear(act).chunk(6, dim=1)
         return modulate(norm.norm(ctx), shift, scale), (gate, shift_mlp, scale_mlp, gate_mlp)  # CAT: fused
 
     @staticmethod
