@@ -163,6 +163,40 @@ def test_fused_step_logic_matches_unfused(case, selection):
     assert torch.equal(tiny.denoise(model, inputs, STEPS), fused)  # persistent buffers are reset between generations
 
 
+class _TracingRunner(StepRunner):
+    """The eager fused runner with the selection traced by dynamo as a compile backend would (whole function, no
+    graph break: ``fullgraph``; backend ``eager``: no code generation), recording the keys it is asked for."""
+
+    def __init__(self):
+        super().__init__(Backend.EAGER, fuse=True)
+        self.keys = []
+
+    def compiled(self, key, make_fn):
+        self.keys.append(key)
+        if key[0] != "select":
+            return super().compiled(key, make_fn)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(make_fn(), backend="eager", fullgraph=True)
+        return self._compiled[key]
+
+
+@pytest.mark.parametrize("selection", ["cat", "no_clustering", "staleness", "magnitude", "ras", "drift"])
+def test_selection_runs_through_the_runner_and_traces_whole(case, selection):
+    """On the compile backends the next step's selection is one compiled function per k (`StepRunner.compiled`,
+    key ``("select", signature, k)``); traced whole, it chooses the same tokens as the eager rule."""
+    tiny, model, inputs = case
+    torch._dynamo.reset()  # one trace per rule in this process, far from the recompile limit
+    config = CATConfig(keep_ratio=0.3, start_step=3, selection=selection)
+    catprune.apply(model, config)
+    eager = tiny.denoise(model, inputs, STEPS)
+    runner = _TracingRunner()
+    catprune.apply(model, config, runner=runner)
+    assert torch.equal(tiny.denoise(model, inputs, STEPS), eager)
+    select_keys = [key for key in runner.keys if key[0] == "select"]
+    k = catprune.stats(model).steps[-1].computed
+    assert select_keys and all(key[2] == k for key in select_keys)
+
+
 def test_size_and_batch_changes_start_a_new_generation(case):
     tiny, model, inputs = case
     catprune.apply(model, CATConfig(keep_ratio=0.3, start_step=2))

@@ -8,6 +8,8 @@ CPU generator, which is why that rule is never fused.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..algorithm import (
@@ -23,32 +25,63 @@ from ..config import CATConfig, Selection
 from .generation import Generation
 
 
-def choose_tokens(config: CATConfig, gen: Generation) -> torch.Tensor:
-    """The next step's ``gen.k`` tokens per selection group, (S, k) int64 sorted ascending."""
+def choose_tokens(config: CATConfig, gen: Generation, select=None) -> torch.Tensor:
+    """The next step's ``gen.k`` tokens per selection group, (S, k) int64 sorted ascending. ``select``: the
+    `selection_fn` of this generation to run (e.g. compiled), else one is built; unused by `Selection.RANDOM`."""
     k = gen.k
-    current = gen.score_view(gen.outputs)  # (S, M, P)
+    if config.selection is Selection.RANDOM:
+        m, device = gen.outputs.shape[1], gen.outputs.device
+        noise = torch.rand(m, generator=gen.rng).to(device)  # (M,) same for every sample
+        return topk_tokens(noise.expand(gen.staleness.shape), k)
+    select = select if select is not None else selection_fn(config, k, gen.num_clusters)
+    return select(**selection_inputs(gen))
+
+
+def selection_inputs(gen: Generation) -> dict[str, torch.Tensor | None]:
+    """The tensors a `selection_fn` reads, by name, from the generation's buffers."""
+    return dict(
+        outputs=gen.outputs, score_rows=gen.score_rows, reference=gen.reference, labels=gen.labels,
+        staleness=gen.staleness, age=gen.age, quotas=gen.quotas, rate=gen.rate,
+    )  # fmt: skip
+
+
+def selection_fn(config: CATConfig, k: int, num_clusters: int) -> Callable[..., torch.Tensor]:
+    """The selection rule of ``config`` (any but `Selection.RANDOM`) for ``k`` tokens as a function of tensors
+    only (`selection_inputs`): what the runner compiles on the compile backends (about 80 small kernels in eager,
+    most of them elementwise, gathers and scatters that inductor fuses around the sorts).
+
+    Example:
+        >>> import catprune
+        >>> select = selection_fn(catprune.CATConfig(selection="magnitude"), 1, 1)
+        >>> outputs, reference = torch.tensor([[[0.0], [3.0]]]), torch.zeros(1, 2, 1)
+        >>> select(outputs, None, reference, None, None, None, None, None).tolist()
+        [[1]]
+    """
     policy = config.selection
     if policy is Selection.RANDOM:
-        noise = torch.rand(current.shape[1], generator=gen.rng).to(current.device)  # (M,) same for every sample
-        return topk_tokens(noise.expand(current.shape[:2]), k)
-    if policy is Selection.RAS:
-        return topk_tokens(ras_priority(current, gen.age, config.ras_starvation), k)
-    if policy is Selection.DRIFT:
-        return topk_tokens(drift_priority(gen.rate, gen.age), k)
-    # the change-based rules: only they read n_i - n_ref
-    delta = current.float() - gen.reference  # (S, M, P)
-    score = delta.norm(dim=-1)  # (S, M)
-    if policy is Selection.MAGNITUDE:
-        return topk_tokens(score, k)
-    # CAT, NO_CLUSTERING (one cluster), STALENESS (no magnitude part)
-    if policy is Selection.CAT:
-        per_cluster = cluster_scores(delta, gen.labels, gen.num_clusters)  # (S, C)
-    else:
-        per_cluster = score.new_zeros(score.shape[0], 1)  # (S, 1) a single cluster
+        raise ValueError("selection_fn: Selection.RANDOM draws from a CPU generator; use choose_tokens.")
     share = 0.0 if policy is Selection.STALENESS else config.magnitude_share
-    weights = config.cluster_share_weights
-    staleness, age, quotas = gen.staleness, gen.age, gen.quotas
-    return select_tokens(score, per_cluster, gen.labels, staleness, k, share, weights, age=age, quotas=quotas)
+    weights, starvation = config.cluster_share_weights, config.ras_starvation
+
+    def select(outputs, score_rows, reference, labels, staleness, age, quotas, rate) -> torch.Tensor:
+        current = outputs if score_rows is None else outputs[score_rows]  # (S, M, P) the rows that score
+        if policy is Selection.RAS:
+            return topk_tokens(ras_priority(current, age, starvation), k)
+        if policy is Selection.DRIFT:
+            return topk_tokens(drift_priority(rate, age), k)
+        # the change-based rules: only they read n_i - n_ref
+        delta = current.float() - reference  # (S, M, P)
+        score = delta.norm(dim=-1)  # (S, M)
+        if policy is Selection.MAGNITUDE:
+            return topk_tokens(score, k)
+        # CAT, NO_CLUSTERING (one cluster), STALENESS (no magnitude part)
+        if policy is Selection.CAT:
+            per_cluster = cluster_scores(delta, labels, num_clusters)  # (S, C)
+        else:
+            per_cluster = score.new_zeros(score.shape[0], 1)  # (S, 1) a single cluster
+        return select_tokens(score, per_cluster, labels, staleness, k, share, weights, age=age, quotas=quotas)
+
+    return select
 
 
 def start_rates(gen: Generation) -> None:

@@ -22,7 +22,7 @@ from ..algorithm import (
 )
 from ..config import Backend, CATConfig, Context, Selection
 from .backends import StepRunner, keeping_stream
-from .choice import choose_tokens, note_all_computed, note_computed, start_rates
+from .choice import choose_tokens, note_all_computed, note_computed, selection_fn, start_rates
 from .contract import Adapter, CallInfo
 from .forecast import ContextForecast, forecasting
 from .generation import Generation, SignatureBuffers
@@ -435,7 +435,12 @@ class Runtime:
 
     def _select_next(self, gen: Generation) -> torch.Tensor:
         """Choose the next step's tokens into the persistent ``idx`` / ``idx_rows`` buffers (in place)."""
-        idx = choose_tokens(self.config, gen)  # (S, k)
+        config = self.config
+        select = None
+        if config.selection is not Selection.RANDOM:  # compiled on the compile backends (one function per k)
+            key = ("select", gen.signature, gen.k)
+            select = self.runner.compiled(key, lambda: selection_fn(config, gen.k, gen.num_clusters))
+        idx = choose_tokens(config, gen, select)  # (S, k)
         gen.idx.copy_(idx)
         if gen.row_group is not None:
             torch.index_select(gen.idx, 0, gen.row_group, out=gen.idx_rows)  # (B, k)
