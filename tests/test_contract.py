@@ -6,6 +6,7 @@ cases stay in ``test_<family>.py``.
 """
 
 import inspect
+import logging
 
 import pytest
 import torch
@@ -195,6 +196,32 @@ def test_selection_runs_through_the_runner_and_traces_whole(case, selection):
     select_keys = [key for key in runner.keys if key[0] == "select"]
     k = catprune.stats(model).steps[-1].computed
     assert select_keys and all(key[2] == k for key in select_keys)
+
+
+def test_a_keep_ratio_schedule_runs_every_k_compiled(monkeypatch):
+    """A schedule has one k per pruned step, each a new compiled version of the same functions; more of them than
+    torch.compile's default recompile limit (8) still all run compiled (`runtime.backends.with_recompile_room`)."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", **kw))  # tracing, no codegen
+    torch._dynamo.reset()
+    hits = []
+
+    class Hits(logging.Handler):
+        def emit(self, record):
+            if "recompile_limit" in record.getMessage():
+                hits.append(record.getMessage())
+
+    handler, dynamo_log = Hits(), logging.getLogger("torch._dynamo")
+    dynamo_log.addHandler(handler)
+    tiny = load(FAMILIES[0].tiny)()
+    model = tiny.transformer()
+    try:
+        catprune.apply(model, CATConfig(keep_ratio=0.1, keep_ratio_end=0.9, start_step=3, backend="compile"))
+        tiny.denoise(model, tiny.inputs(model, batch=2, height=16, width=16), 20)
+    finally:
+        dynamo_log.removeHandler(handler)
+    ks = {r.computed for r in catprune.stats(model).steps if r.phase == "pruned"}
+    assert len(ks) > 8 and not hits
 
 
 def test_size_and_batch_changes_start_a_new_generation(case):

@@ -40,6 +40,27 @@ def keeping_stream(device):
         raise
 
 
+RECOMPILE_ROOM = 128  # compiled versions per function catprune's compiled steps may reach (torch's default: 8)
+
+
+def with_recompile_room(compiled: Callable) -> Callable:
+    """``compiled`` (a ``torch.compile`` result), called with torch.compile's per-function recompile limit raised
+    to at least `RECOMPILE_ROOM` for the duration of the call only.
+
+    Why: every key of `StepRunner.compiled` (a shape signature, a k) compiles the same Python functions again, and
+    so do the functions torch.compile resumes after each graph break (the cached attention). Under a keep-ratio
+    schedule there is one k per pruned step; past the default limit (8 versions of one function) torch.compile
+    would silently run the remaining steps' blocks eagerly. The user's own compiled functions keep their limit."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+
+    def call(*args, **kwargs):
+        with config.patch(**{name: max(getattr(config, name), RECOMPILE_ROOM)}):
+            return compiled(*args, **kwargs)
+
+    return call
+
+
 class GraphedCall:
     """A function of tensors captured once as a CUDA graph and replayed.
 
@@ -129,7 +150,7 @@ class StepRunner:
         if fn is None:
             fn = make_fn()
             if self.uses_compile:
-                fn = torch.compile(fn, dynamic=False)
+                fn = with_recompile_room(torch.compile(fn, dynamic=False))
             self._compiled[key] = fn
         return fn
 
