@@ -114,13 +114,26 @@ def categorize(name: str) -> str:
 
 def timed_events(events, cuda: bool) -> list[tuple[str, float]]:
     """``(name, microseconds)`` of the profiled work, with no double counting: device kernels (and memcpy /
-    memset) on a GPU; operators' self CPU time on a CPU (the profiler's step markers left out)."""
+    memset) on a GPU; operators' self CPU time on a CPU. Left out: the profiler's step markers and, on a GPU, the
+    ranges that code annotates on the device timeline around its kernels (torch.compile's ``## Call
+    CompiledFxGraph ... ##``), which would count those kernels twice.
+
+    Example:
+        >>> from types import SimpleNamespace as E
+        >>> gpu = torch.autograd.DeviceType.CUDA
+        >>> span = lambda us: E(elapsed_us=lambda: us)
+        >>> events = [E(name="gemm", device_type=gpu, time_range=span(5.0), is_user_annotation=False),
+        ...           E(name="## Call CompiledFxGraph abc ##", device_type=gpu, time_range=span(9.0))]
+        >>> timed_events(events, cuda=True)
+        [('gemm', 5.0)]
+    """
     out = []
     for e in events:
         if e.name.startswith("ProfilerStep"):  # the schedule's step ranges (also shown on the device timeline)
             continue
         on_device = e.device_type != torch.autograd.DeviceType.CPU
-        if cuda and on_device:
+        annotation = e.name.startswith("## ") or getattr(e, "is_user_annotation", False)
+        if cuda and on_device and not annotation:
             out.append((e.name, e.time_range.elapsed_us()))
         elif not cuda and not on_device:
             out.append((e.name, e.self_cpu_time_total))
