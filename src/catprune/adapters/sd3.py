@@ -210,7 +210,7 @@ class SD3Adapter(PatchGridAdapter):
         x = gated_add(x, gate_msa, attn.to_out[1](attn.to_out[0](img)))  # (B, k, D)  # CAT: fused residual
         if block.use_dual_attention:
             kv2 = cache.slot("attn2")
-            img_out2, _ = self._attention(block.attn2, kv2, modulate(normed, shift2, scale2), None, idx)  # CAT: cached
+            img_out2 = self._attention(block.attn2, kv2, modulate(normed, shift2, scale2), idx)  # CAT: cached
             x = gated_add(x, gate_msa2, img_out2)  # CAT: fused residual
         x = gated_add(x, gate_mlp, feed_forward(block.ff, modulate(block.norm2(x), shift_mlp, scale_mlp)))  # CAT: fused
         return x, ctx, text, ahead
@@ -248,16 +248,17 @@ class SD3Adapter(PatchGridAdapter):
         return modulate(norm.norm(ctx), shift, scale), (gate, shift_mlp, scale_mlp, gate_mlp)  # CAT: fused
 
     @staticmethod
-    def _attention(attn, kv, x, ctx, idx):
+    def _attention(attn, kv, x, idx):
         """Selected queries over all image keys (fresh at idx, cached elsewhere): the image-only second attention
-        of SD3.5's dual-attention blocks. ``kv``: the block's `KVSlot` over its (2, B, M, H, hd) cache."""
+        of SD3.5's dual-attention blocks, projected out: (B, k, D). ``kv``: the block's `KVSlot` over its
+        (2, B, M, H, hd) cache."""
         b, k, _ = x.shape
         heads = attn.heads
         head_dim = attn.to_q.out_features // heads
         q, key, value = _qkv(x, heads, head_dim, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
         out = cached_attention(kv, idx, q, (key, value))  # (B, k, H, hd)  # CAT: cached attention
         out = out.reshape(b, -1, heads * head_dim).to(q.dtype)  # (B, k, D)
-        return attn.to_out[1](attn.to_out[0](out)), None
+        return attn.to_out[1](attn.to_out[0](out))
 
     # ---------------------------------------------------------------- cost model
     def macs(self, info: CallInfo, computed_tokens: int) -> int:
