@@ -1,9 +1,10 @@
 """Device probe for the pruned-step implementation (speed targets): per-step replay times of variants, one profile.
 
 Times single transformer calls (SD3-medium config, random weights, bf16, 1024x1024, CFG batch 2, keep 0.3) as
-CUDA-graph replays, median of 30, for: the stock dense step; the pruned step as implemented now ("addcmul");
-the previous implementation ("unfused", kept here for the comparison); each eager-in-graph and under torch.compile;
-plus "regional" (torch.compile of each block function, cache writes inside). Prints a table last.
+CUDA-graph replays, median of 30, for: the stock dense step and the pruned step as implemented now ("addcmul"),
+each eager-in-graph and under torch.compile, plus "regional" (torch.compile of each block function, cache writes
+inside). Prints a table last. (The block before the addcmul rewrite, "unfused", was compared here until the block
+took the text lane; docs/measurements.md keeps its numbers.)
 
 Usage: python scripts/probe_fastpath.py --out $OUT
 """
@@ -20,31 +21,6 @@ from catprune.adapters import BufferStore, adapter_for
 from catprune.adapters.sd3 import SD3Adapter
 from catprune.bench import build_pipeline, graph_replay_ms
 from catprune.evaluation.machine import cuda_sync
-
-
-def unfused_block(self, block, kv, kv2, x, ctx, temb, idx):
-    """The pruned block before the addcmul rewrite (mul + add kernels, as in diffusers' block)."""
-    if block.use_dual_attention:
-        nx, gate_msa, shift_mlp, scale_mlp, gate_mlp, nx2, gate_msa2 = block.norm1(x, emb=temb)
-    else:
-        nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(x, emb=temb)
-    if block.context_pre_only:
-        nctx = block.norm1_context(ctx, temb)
-    else:
-        nctx, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(ctx, emb=temb)
-    img_out, ctx_out = self._attention(block.attn, kv, nx, nctx, idx)
-    x = x + gate_msa.unsqueeze(1) * img_out
-    if block.use_dual_attention:
-        img_out2, _ = self._attention(block.attn2, kv2, nx2, None, idx)
-        x = x + gate_msa2.unsqueeze(1) * img_out2
-    nx = block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-    x = x + gate_mlp.unsqueeze(1) * block.ff(nx)
-    if block.context_pre_only:
-        return None, x
-    ctx = ctx + c_gate_msa.unsqueeze(1) * ctx_out
-    nctx = block.norm2_context(ctx) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-    ctx = ctx + c_gate_mlp.unsqueeze(1) * block.ff_context(nctx)
-    return ctx, x
 
 
 def main():
@@ -85,10 +61,8 @@ def main():
 
         variants = [("dense", "eager", lambda: dense)]
         variants += [("pruned addcmul", "eager", lambda: pruned_with(fused_block))]
-        variants += [("pruned unfused", "eager", lambda: pruned_with(unfused_block))]
         variants += [("dense", "compile", lambda: torch.compile(dense, dynamic=False))]
         variants += [("pruned addcmul", "compile", lambda: torch.compile(pruned_with(fused_block), dynamic=False))]
-        variants += [("pruned unfused", "compile", lambda: torch.compile(pruned_with(unfused_block), dynamic=False))]
 
         def regional():
             compiled = torch.compile(fused_block, dynamic=False)
