@@ -25,15 +25,14 @@ from ..config import CATConfig, Selection
 from .generation import Generation
 
 
-def choose_tokens(config: CATConfig, gen: Generation, select=None) -> torch.Tensor:
+def choose_tokens(config: CATConfig, gen: Generation, select: Callable[..., torch.Tensor] | None) -> torch.Tensor:
     """The next step's ``gen.k`` tokens per selection group, (S, k) int64 sorted ascending. ``select``: the
-    `selection_fn` of this generation to run (e.g. compiled), else one is built; unused by `Selection.RANDOM`."""
-    k = gen.k
+    rule's `selection_fn` for ``gen.k`` (as the runner built it, e.g. compiled); None for `Selection.RANDOM`, which
+    draws from the generation's CPU generator here instead."""
     if config.selection is Selection.RANDOM:
         m, device = gen.outputs.shape[1], gen.outputs.device
         noise = torch.rand(m, generator=gen.rng).to(device)  # (M,) same for every sample
-        return topk_tokens(noise.expand(gen.staleness.shape), k)
-    select = select if select is not None else selection_fn(config, k, gen.num_clusters)
+        return topk_tokens(noise.expand(gen.staleness.shape), gen.k)
     return select(**selection_inputs(gen))
 
 
