@@ -69,6 +69,11 @@ def gelu_linear(linear: torch.nn.Module, x: torch.Tensor, approximate: str) -> t
     """
     if not fuses_gelu(linear, approximate, x):
         return F.gelu(linear(x), approximate=approximate)
+    return _fused_gelu_linear(linear, x)
+
+
+def _fused_gelu_linear(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The one-GEMM path of `gelu_linear`, for a ``linear`` and ``x`` that `fuses_gelu` accepted."""
     rows = x.reshape(-1, x.shape[-1])  # (N, D_in)
     out = torch._addmm_activation(linear.bias, rows, linear.weight.t(), use_gelu=True)  # (N, D_out)
     return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -91,7 +96,7 @@ def feed_forward(ff: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     first = ff.net[0]
     if type(first) is not GELU or not fuses_gelu(first.proj, first.approximate, x):
         return ff(x)
-    x = gelu_linear(first.proj, x, first.approximate)
+    x = _fused_gelu_linear(first.proj, x)
     for module in ff.net[1:]:
         x = module(x)
     return x
