@@ -14,7 +14,7 @@ import torch
 
 from ..algorithm import copy_tokens_, is_scaled
 from ..kernels import advance_kv_rows_, forecast_kv_, scatter_rows_
-from .lowprec import SCALE, KVWriter, Workspace, attend_low_precision
+from .lowprec import SCALE, KVWriter, attend_low_precision
 
 if TYPE_CHECKING:
     from .forecast import ContextForecast
@@ -60,11 +60,10 @@ class BufferStore:
         ([0, 1, 2, 3], 56)
     """
 
-    def __init__(self, forecast=None, storage: torch.dtype | None = None, workspace: Workspace | None = None):
+    def __init__(self, forecast=None, storage: torch.dtype | None = None):
         self.tensors: dict[str, torch.Tensor] = {}
         self.forecast = forecast  # the signature's shared `ContextForecast` when a block cache forecasts, else None
         self.storage = storage  # K/V cache storage dtype (CATConfig.cache_dtype), None: the compute dtype
-        self.workspace = workspace  # the signature's shared `Workspace` (low-precision caches are rebuilt there)
         self.compute: dict[str, torch.dtype] = {}  # compute dtype of each low-precision K/V cache
 
     def buffer(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -99,8 +98,6 @@ class BufferStore:
         allocated here, so a full-selection capture step (`Runtime._full_selection`) can write them in place."""
         if self.storage is None or self.storage.itemsize >= dtype.itemsize:
             return self.buffer(name, shape, dtype, device)
-        if self.workspace is None:
-            self.workspace = Workspace()
         self.compute[name] = dtype
         image = (*shape[:2], shape[2] if image_tokens is None else image_tokens, *shape[3:])  # (2, B, M, H, hd)
         self.buffer(name, image, self.storage, device)
@@ -122,7 +119,7 @@ class BufferStore:
         if name not in self.compute:
             return KVSlot(kv, prev, forecast)
         scale, prev_scale = self.tensors.get(name + SCALE), self.tensors.get(name + SCALE + PREV)
-        return KVSlot(kv, prev, forecast, scale, prev_scale, self.compute[name], self.workspace)
+        return KVSlot(kv, prev, forecast, scale, prev_scale, self.compute[name])
 
 
 @dataclass
@@ -130,7 +127,7 @@ class KVSlot:
     """One attention's cache in one block: ``kv`` (K1, image tokens first, text tail), ``prev`` (K0 of the image
     tokens, (2, B, M, H, hd)) and the shared forecast; ``prev`` / ``forecast`` None: plain reuse. A low-precision
     cache (``compute`` set) has no tail, per-token ``scale`` / ``prev_scale`` (2, B, M, 1, 1) for 8-bit storage,
-    and is rebuilt in ``compute`` dtype in the ``workspace`` at use (`lowprec.attend_low_precision`)."""
+    and is rebuilt in ``compute`` dtype at use (`lowprec.attend_low_precision`)."""
 
     kv: torch.Tensor
     prev: torch.Tensor | None = None
@@ -138,7 +135,6 @@ class KVSlot:
     scale: torch.Tensor | None = None
     prev_scale: torch.Tensor | None = None
     compute: torch.dtype | None = None
-    workspace: Workspace | None = None
 
     def attend_kv(self, idx: torch.Tensor, image, text=None) -> torch.Tensor:
         """Write this step's fresh (B, k, H, hd) image K/V at ``idx`` (B, k) and (B, T, H, hd) text K/V; return the

@@ -53,7 +53,7 @@ class ContextForecast:
         shared working buffer allocated, outside any traced or captured region. A K0 allocated here is zeroed with
         its K1's image rows: the step's K0 <- K1 then copies finite values, and its forecast at ratio 0 is exactly
         the fresh K1 (garbage in a fresh buffer could hold NaN, and ``NaN * 0`` is NaN). A low-precision cache gets
-        K0 of its bytes and of its scales and no working buffer (it is rebuilt in the store's `Workspace`)."""
+        K0 of its bytes and of its scales and no working buffer (it is rebuilt in a temporary of each step)."""
         for cache in caches:
             for part, image in self._image_parts(cache):
                 if cache.get(part + PREV) is None:

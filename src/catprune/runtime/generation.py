@@ -8,7 +8,6 @@ import torch
 
 from .contract import BufferStore
 from .forecast import ContextForecast
-from .lowprec import Workspace
 from .stats import PruneStats, StepRecord
 
 
@@ -17,17 +16,15 @@ class SignatureBuffers:
     pointing at them across generations. ``caches``: one K/V store per block; ``store``: the runtime's own tensors
     (reference, outputs, labels, staleness, age, selection, CFG row maps, quotas, k-means uniforms); ``forecast``:
     the shared state of ``Context.EXTRAPOLATE`` (None with ``Context.REUSE``); ``storage``: the K/V caches' storage
-    dtype (``CATConfig.cache_dtype``, None: the compute dtype) and ``workspace`` the buffer they are rebuilt in."""
+    dtype (``CATConfig.cache_dtype``, None: the compute dtype)."""
 
     def __init__(self, num_blocks: int, forecast: ContextForecast | None = None, storage: torch.dtype | None = None):
         self.forecast = forecast
-        self.workspace = Workspace() if storage is not None else None
-        self.caches = [BufferStore(forecast, storage, self.workspace) for _ in range(num_blocks)]
+        self.caches = [BufferStore(forecast, storage) for _ in range(num_blocks)]
         self.store = BufferStore()
 
     def nbytes(self) -> int:
         extra = self.forecast.nbytes() if self.forecast is not None else 0
-        extra += self.workspace.nbytes() if self.workspace is not None else 0
         return sum(c.nbytes() for c in self.caches) + self.store.nbytes() + extra
 
 
@@ -106,9 +103,8 @@ class Generation:
 
     def cache_bytes(self) -> int:
         """Bytes of the caches a pruned step reads: per-block K/V (and K0 when forecasting), the forecast's working
-        buffer and times, the workspace low-precision caches are rebuilt in, the output cache and the reference."""
+        buffer and times, the output cache and the reference. (A low-precision cache is rebuilt for its attention
+        in a temporary of the step, as a dense step's keys/values are: not counted.)"""
         total = self.kv_cache_bytes()
         total += self.forecast.nbytes() if self.forecast is not None else 0
-        workspace = self.buffers.workspace if self.buffers is not None else None
-        total += workspace.nbytes() if workspace is not None else 0
         return total + sum(t.numel() * t.element_size() for t in (self.outputs, self.reference) if t is not None)
