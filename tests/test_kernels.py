@@ -71,6 +71,15 @@ def compare(device: str, dtype: torch.dtype, tolerance: float) -> None:
         kernels.scatter_rows_(dst_a[:, :m], idx, fresh[0])
         scatter_tokens_(dst_b[:, :m], idx, fresh[0])
         assert torch.equal(dst_a, dst_b)
+        text = (packed[:, :t, 2], packed[:, 1 : t + 1, 0])  # (B, T, H, hd) strided views
+        for cache, tail in ((full, text), (full[:, :, :m], None)):  # with a text tail and without one
+            kv_a, kv_b = cache.clone(), cache.clone()
+            assert kernels.write_step_kv_(kv_a, idx, fresh, tail)
+            for j in range(2):
+                scatter_tokens_(kv_b[j, :, :m], idx, fresh[j])
+                if tail is not None:
+                    kv_b[j, :, m:].copy_(tail[j])
+            assert torch.equal(kv_a, kv_b) and not torch.equal(kv_a, cache)
 
 
 def compare_fp8(device: str, dtype: torch.dtype) -> None:

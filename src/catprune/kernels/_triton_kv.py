@@ -43,6 +43,32 @@ def scatter_rows(idx, src, dst, prev, work, K, D, sib, sii, ssb, ssi, sdb, sdm, 
 
 
 @triton.jit
+def write_step_rows(idx, ik, iv, tk, tv, kv, B, K, T, M, D, sib, sii, sikb, siki, sivb, sivi, stkb, stkt, stvb, stvt,
+                    skj, skb, skm, BLOCK: tl.constexpr):  # fmt: skip
+    """A reuse step's cache writes in one launch: ``kv[j, b, idx[b, i]] = image_j[b, i]`` (image keys ``ik`` /
+    values ``iv``, (B, K) rows) and ``kv[j, b, M + t] = text_j[b, t]`` (text ``tk`` / ``tv``, (B, T) rows), per
+    (2, B, K + T) row."""
+    row = tl.program_id(0).to(tl.int64)  # over 2 * B * (K + T) rows: keys, then values; per batch row K then T
+    per = K + T
+    r, b, j = row % per, (row // per) % B, row // (per * B)
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = d < D
+    if r < K:
+        m = tl.load(idx + b * sib + r * sii).to(tl.int64)
+        if j == 0:
+            x = tl.load(ik + b * sikb + r * siki + d, mask=mask)
+        else:
+            x = tl.load(iv + b * sivb + r * sivi + d, mask=mask)
+    else:
+        m = M + r - K
+        if j == 0:
+            x = tl.load(tk + b * stkb + (r - K) * stkt + d, mask=mask)
+        else:
+            x = tl.load(tv + b * stvb + (r - K) * stvt + d, mask=mask)
+    tl.store(kv + j * skj + b * skb + m * skm + d, x.to(kv.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def quantize_scatter_rows(idx, src, dst, scale, K, D, sib, sii, ssb, ssi, sdb, sdm, scb, scm, BLOCK: tl.constexpr):
     """``dst[b, idx[b, i]], scale[b, idx[b, i]] = quantise(src[b, i])`` per (B, K) row: an 8-bit float row scaled
     by its absmax / 448 (the smallest normal float32 at least), as `catprune.algorithm.quantize_rows`. One program

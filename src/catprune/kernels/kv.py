@@ -1,4 +1,5 @@
-"""Triton kernels for a pruned step's K/V cache writes: the fresh rows scattered into a block's cache, the
+"""Triton kernels for a pruned step's K/V cache writes: the fresh rows scattered into a block's cache (with the
+text tail, one launch for keys and values: `write_step_kv_`), the
 context forecast's advance (K0 <- K1, K1 <- fresh) with its extrapolation into the working buffer, and for an 8-bit
 cache (`CATConfig.cache_dtype="fp8"`) the fresh rows quantised and scattered in one launch and the cache
 dequantised in one pass.
@@ -113,6 +114,34 @@ def scatter_rows_(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> to
     if not available(dst, src) or not _launched(lambda: _scatter(idx, src, dst)):
         return scatter_tokens_(dst, idx, src)
     return dst
+
+
+def write_step_kv_(kv: torch.Tensor, idx: torch.Tensor, image, text=None) -> bool:
+    """A reuse step's writes into a block's cache ``kv`` (2, B, M [+ T], H, hd), in place and in one launch: the
+    fresh (B, k, H, hd) image keys / values ``image`` at ``idx`` (B, k) and the (B, T, H, hd) text keys / values
+    ``text`` into the tail (None: no tail), the bytes of `scatter_rows_` and `catprune.algorithm.copy_tokens_`.
+    Returns False, with nothing written, where the kernel does not run (the caller takes those paths).
+
+    Why one launch: on the CUDA-graph backends a pruned step runs ~40 kernels per block, and these four small row
+    copies sat on the image stream's path to the attention as four launches (SD3-medium's pruned step, same-process
+    A/B on an H200: 14.71 -> 14.58 ms at 1024 px, 6.31 -> 6.20 ms at 512 px, bit-identical)."""
+    tensors = [kv[0], kv[1], *image, *(text or ())]
+    heads, hd = kv.shape[3:]
+    if not available(*tensors) or any(t.dtype != image[0].dtype for t in tensors[2:]):
+        return False
+
+    def launch():
+        b, k = idx.shape
+        t = text[0].shape[1] if text is not None else 0
+        tk, tv = text if text is not None else image  # T == 0: never read
+        grid, block = _launch_shape(2 * b * (k + t), heads * hd)
+        _triton().write_step_rows[grid](
+            idx, image[0], image[1], tk, tv, kv, b, k, t, kv.shape[2] - t, heads * hd, idx.stride(0), idx.stride(1),
+            image[0].stride(0), image[0].stride(1), image[1].stride(0), image[1].stride(1), tk.stride(0),
+            tk.stride(1), tv.stride(0), tv.stride(1), *kv.stride()[:3], BLOCK=block,
+        )  # fmt: skip
+
+    return _launched(launch)
 
 
 def forecast_kv_(

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..algorithm import copy_tokens_, is_scaled
-from ..kernels import advance_kv_rows_, forecast_kv_, scatter_rows_
+from ..kernels import advance_kv_rows_, forecast_kv_, scatter_rows_, write_step_kv_
 from .lowprec import SCALE, KVWriter, attend_low_precision
 
 if TYPE_CHECKING:
@@ -146,6 +146,8 @@ class KVSlot:
         kv = self.kv
         m = kv.shape[2] - (text[0].shape[1] if text is not None else 0)
         if self.forecast is None:
+            if write_step_kv_(kv, idx, image, text):  # one launch on CUDA
+                return kv
             scatter_rows_(kv[0, :, :m], idx, image[0])  # (B, M, H, hd) fresh keys of the selected tokens
             scatter_rows_(kv[1, :, :m], idx, image[1])
             out = kv
