@@ -1,8 +1,7 @@
 """Triton kernels for a pruned step's K/V cache writes: the fresh rows scattered into a block's cache (with the
-text tail, one launch for keys and values: `write_step_kv_`), the
-context forecast's advance (K0 <- K1, K1 <- fresh) with its extrapolation into the working buffer, and for an 8-bit
-cache (`CATConfig.cache_dtype="fp8"`) the fresh rows quantised and scattered in one launch and the cache
-dequantised in one pass.
+text tail, keys and values in one launch: `write_step_kv_`), the context forecast's advance (K0 <- K1, K1 <- fresh)
+with its extrapolation into the working buffer, and for an 8-bit cache (`CATConfig.cache_dtype="fp8"`) the fresh
+rows quantised and scattered in one launch and the cache dequantised in one pass.
 
 Why: the torch versions (`catprune.algorithm.scatter_tokens_`, `advance_kv_`, `extrapolate_`) run as generic
 element-wise kernels that read an index or a broadcast weight per element (a lerp with a per-token weight ran at a
