@@ -3,6 +3,8 @@ graph backends), checked on a CPU through the fused eager runner over every mode
 same step as the hooked dense forward up to float rounding, the same generation after it, and the paths that keep
 the hooked forward."""
 
+import functools
+
 import pytest
 import torch
 
@@ -93,8 +95,32 @@ def test_low_precision_caches_filled_by_the_full_selection_step(case, cache_dtyp
         assert torch.allclose(full[i : i + 1], alone, atol=1e-4), (full[i] - alone[0]).abs().max()
 
 
+@pytest.mark.parametrize("context", ["reuse", "extrapolate"])
+def test_dense_steps_run_as_full_selection_steps(case, context, monkeypatch):
+    """With `full_capture` every dense step of a pruning generation without the forecast (those before the capture
+    too) is the full-selection step: the model's own forward never runs. With the forecast only the reference and
+    capture steps are (the earlier dense steps leave its K0 / K1 and times alone)."""
+    tiny, model, inputs = case
+    forwards, forward = [], type(model).forward
+
+    @functools.wraps(forward)
+    def counting(self, *args, **kwargs):
+        forwards.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", counting)
+    config = CATConfig(keep_ratio=0.4, start_step=4, context=context, forecast_max_ratio=1.0)
+    _, view = _run(tiny, model, inputs, config, full_capture=True)
+    assert [r.phase for r in view.steps] == ["dense"] * 3 + ["capture", "pruned", "pruned"]
+    assert len(forwards) == (0 if context == "reuse" else 2)  # extrapolate: steps 0 and 1, before the reference
+
+
 def test_runner_defaults_and_bad_argument():
     assert StepRunner("compile").full_capture and StepRunner("compile+cudagraph").full_capture
     assert not StepRunner("eager").full_capture and not StepRunner("eager", fuse=True).full_capture
     with pytest.raises(TypeError, match="StepRunner: full_capture: expected True, False or None, got str"):
         StepRunner("eager", full_capture="yes")
+    assert StepRunner("compile").modulation_chunk == 8 and StepRunner("eager", fuse=True).modulation_chunk == 0
+    for bad in (-1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="StepRunner: modulation_chunk: expected an int >= 0 or None, got"):
+            StepRunner("eager", modulation_chunk=bad)

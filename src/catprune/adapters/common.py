@@ -187,6 +187,9 @@ class DiffusersAdapter(Adapter):
     def fast_inputs(self, info: CallInfo) -> dict[str, torch.Tensor] | None:
         return None if self.needs_eager(info) else self.read_inputs(info)
 
+    def modulation_rows(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.modulations.rows(**inputs)  # an adapter with `modulation_inputs` has `modulations`
+
     def dense_fn(self, original):
         def dense(**inputs):
             return original(**self.forward_kwargs(inputs), return_dict=False)[0]  # the dense output sample

@@ -10,6 +10,7 @@ kinds; the text stream stays dense. Every block has its own K/V cache of all M i
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 
 import torch
@@ -20,6 +21,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, Fl
 from ..algorithm import gather_tokens
 from ..runtime.contract import BufferStore, CallInfo
 from .common import DiffusersAdapter, cached_attention, capture_kv, removing, sample_of
+from .modulation import Conditioning, Modulations
 from .ops import describe, feed_forward, gated_add, gelu_linear, linear_macs, modulate
 
 _NAME = "FluxTransformer2DModel.forward"
@@ -77,6 +79,27 @@ class FluxAdapter(DiffusersAdapter):
     model_classes = (FluxTransformer2DModel,)
     family = "Flux (FluxTransformer2DModel)"
     lora_argument = "joint_attention_kwargs"
+    modulation_inputs = ("timestep", "pooled_projections", "guidance")
+
+    @functools.cached_property
+    def modulations(self) -> Modulations:
+        """Every double block's norm1 / norm1_context linear, every single block's norm linear, norm_out's."""
+        model = self.model
+        linears = [lin for b in model.transformer_blocks for lin in (b.norm1.linear, b.norm1_context.linear)]
+        linears += [b.norm.linear for b in model.single_transformer_blocks]
+        return Modulations([*linears, model.norm_out.linear], self._embed, self.modulation_inputs)
+
+    def _embed(self, timestep, pooled_projections, guidance=None):
+        """FluxTransformer2DModel.forward's temb (N, D) from its timestep / guidance inputs (both divided by 1000)."""
+        model = self.model
+        dtype = model.x_embedder.weight.dtype
+        if guidance is None:
+            return model.time_text_embed(timestep.to(dtype) * 1000, pooled_projections)
+        return model.time_text_embed(timestep.to(dtype) * 1000, guidance.to(dtype) * 1000, pooled_projections)
+
+    def scheduled_timesteps(self, timesteps: torch.Tensor, info: CallInfo) -> torch.Tensor:
+        # FluxPipeline: t.expand(batch).to(latents.dtype), passed as timestep / 1000
+        return (timesteps.to(info.dtype) / 1000).reshape(-1, 1).expand(-1, info.batch)
 
     # ---------------------------------------------------------------- checks
     def num_caches(self) -> int:
@@ -328,17 +351,16 @@ class FluxAdapter(DiffusersAdapter):
         controlnet=None,
         controlnet_single=None,
         controlnet_repeat=False,
+        modulation=None,
     ):
-        """FluxTransformer2DModel.forward over the (B, k) selected tokens ``idx``; returns their outputs (B, k, P)."""
+        """FluxTransformer2DModel.forward over the (B, k) selected tokens ``idx``; returns their outputs (B, k, P).
+        ``modulation``: this step's precomputed modulation row (B, W) of `modulations`, or None to compute it."""
         model = self.model
         t = encoder_hidden_states.shape[1]
         # the x_embedder is per token: embedding only the selected tokens gives the same rows
         x = model.x_embedder(gather_tokens(hidden_states, idx))  # (B, k, D)  # CAT: gather the selected tokens
-        timestep = timestep.to(x.dtype) * 1000
-        if guidance is None:
-            temb = model.time_text_embed(timestep, pooled_projections)  # (B, D)
-        else:
-            temb = model.time_text_embed(timestep, guidance.to(x.dtype) * 1000, pooled_projections)
+        step = dict(timestep=timestep, pooled_projections=pooled_projections, guidance=guidance)
+        cond = self.modulations.conditioning(modulation, **step)
         ctx = model.context_embedder(encoder_hidden_states)  # (B, T, D)
         cos, sin = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))  # (T + M, hd) each, float32
         rope_txt = (cos[:t], sin[:t])  # (T, hd)
@@ -346,7 +368,7 @@ class FluxAdapter(DiffusersAdapter):
 
         double = len(model.transformer_blocks)
         for i, (block, cache) in enumerate(zip(model.transformer_blocks, caches[:double], strict=True)):
-            ctx, x = self._double_block(block, cache.slot("attn"), x, ctx, temb, rope_txt, rope_sel, idx)
+            ctx, x = self._double_block(block, cache.slot("attn"), x, ctx, cond, rope_txt, rope_sel, idx)
             if controlnet is not None:
                 if controlnet_repeat:
                     residual = controlnet[i % len(controlnet)]
@@ -361,21 +383,22 @@ class FluxAdapter(DiffusersAdapter):
         stream = torch.cat([ctx, x], dim=1)  # (B, T + k, D) = [text; selected image tokens]
         singles = model.single_transformer_blocks
         for i, (block, cache) in enumerate(zip(singles, caches[double:], strict=True)):
-            stream = self._single_block(block, cache.slot("attn"), stream, temb, rope_joint, idx, t)
+            stream = self._single_block(block, cache.slot("attn"), stream, cond, rope_joint, idx, t)
             if controlnet_single is not None:
                 residual = controlnet_single[i // -(-len(singles) // len(controlnet_single))]
                 stream[:, t:] += gather_tokens(residual, idx)  # (B, k, D)  # CAT: gather
-        x = model.norm_out(stream[:, t:], temb)  # (B, k, D)
+        scale, shift = cond(model.norm_out.linear, stream.dtype).chunk(2, dim=1)  # AdaLayerNormContinuous
+        x = modulate(model.norm_out.norm(stream[:, t:]), shift, scale)  # (B, k, D)  # CAT: fused modulation
         return model.proj_out(x)  # (B, k, P)
 
-    def _double_block(self, block, kv, x, ctx, temb, rope_txt, rope_sel, idx):
+    def _double_block(self, block, kv, x, ctx, cond: Conditioning, rope_txt, rope_sel, idx):
         # FluxTransformerBlock.forward with the image stream restricted to the selected tokens. Same math as the
         # block, fewer memory passes (docs/design.md decision 15).
         norm = block.norm1  # AdaLayerNormZero: modulation from temb, once per row
-        shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = norm.linear(norm.silu(temb)).chunk(6, dim=1)
+        shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = cond(norm.linear).chunk(6, dim=1)
         nx = modulate(norm.norm(x), shift, scale)  # (B, k, D); shift etc.: (B, D)  # CAT: fused modulation
         norm = block.norm1_context
-        c_shift, c_scale, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = norm.linear(norm.silu(temb)).chunk(6, 1)
+        c_shift, c_scale, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cond(norm.linear).chunk(6, dim=1)
         nctx = modulate(norm.norm(ctx), c_shift, c_scale)  # (B, T, D)  # CAT: fused modulation
 
         attn = block.attn
@@ -408,11 +431,11 @@ class FluxAdapter(DiffusersAdapter):
             ctx = ctx.clip(-65504, 65504)
         return ctx, x
 
-    def _single_block(self, block, kv, stream, temb, rope_joint, idx, t):
+    def _single_block(self, block, kv, stream, cond: Conditioning, rope_joint, idx, t):
         # FluxSingleTransformerBlock.forward on the stream [text (T); selected image tokens (k)]
         attn = block.attn
         hd = attn.head_dim
-        shift, scale, gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)  # (B, D) each
+        shift, scale, gate = cond(block.norm.linear).chunk(3, dim=1)  # (B, D) each
         ns = modulate(block.norm.norm(stream), shift, scale)  # (B, T + k, D)  # CAT: fused modulation
         mlp = _mlp_in(block, ns)  # (B, T + k, F)
         q = attn.norm_q(attn.to_q(ns).unflatten(-1, (-1, hd)))  # (B, T + k, H, hd)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
@@ -13,14 +13,14 @@ from ..algorithm import gather_tokens
 from ..runtime.contract import BufferStore, CallInfo
 from .common import PatchGridAdapter, cached_attention, capture_kv, removing, require_processors
 from .lanes import Lanes
+from .modulation import Conditioning, Modulations
 from .ops import feed_forward, gated_add, linear_macs, modulate
 
 
-def _modulation(block, act):
-    """A JointTransformerBlock's image-stream modulation from ``act`` = SiLU(temb) (B, D): its 6 (9 with dual
-    attention) (B, D) shifts, scales and gates. (Every block's modulation starts with the SiLU of the same temb:
-    the pruned step computes it once.)"""
-    emb = block.norm1.linear(act)  # (B, 6D) or (B, 9D)
+def _modulation(block, cond: Conditioning):
+    """A JointTransformerBlock's image-stream modulation: its 6 (9 with dual attention) (B, D) shifts, scales and
+    gates, from the step's `Conditioning`."""
+    emb = cond(block.norm1.linear)  # (B, 6D) or (B, 9D)
     return emb.chunk(9 if block.use_dual_attention else 6, dim=1)
 
 
@@ -51,6 +51,17 @@ class SD3Adapter(PatchGridAdapter):
     lora_argument = "joint_attention_kwargs"
     #: run the text stream of a pruned step on a second CUDA stream (`Lanes`); no effect on a CPU
     two_lanes = True
+    modulation_inputs = ("timestep", "pooled_projections")
+
+    @functools.cached_property
+    def modulations(self) -> Modulations:
+        """Every block's norm1 / norm1_context linear and norm_out's, after ``time_text_embed``."""
+        model = self.model
+        linears = [lin for b in model.transformer_blocks for lin in (b.norm1.linear, b.norm1_context.linear)]
+        return Modulations([*linears, model.norm_out.linear], model.time_text_embed, self.modulation_inputs)
+
+    def scheduled_timesteps(self, timesteps: torch.Tensor, info: CallInfo) -> torch.Tensor:
+        return timesteps.reshape(-1, 1).expand(-1, info.batch)  # StableDiffusion3Pipeline: t.expand(batch)
 
     # ---------------------------------------------------------------- checks
     def validate_model(self) -> None:
@@ -141,36 +152,46 @@ class SD3Adapter(PatchGridAdapter):
         return dict(controlnet=info.arguments.get("block_controlnet_hidden_states"))
 
     def pruned_core(
-        self, caches, idx, m, hidden_states, encoder_hidden_states, pooled_projections, timestep, controlnet=None
+        self,
+        caches,
+        idx,
+        m,
+        hidden_states,
+        encoder_hidden_states,
+        pooled_projections,
+        timestep,
+        controlnet=None,
+        modulation=None,
     ):
         """SD3Transformer2DModel.forward over the (B, k) selected tokens ``idx``; returns their outputs (B, k, P).
+        ``modulation``: this step's precomputed modulation row (B, W) of `modulations`, or None to compute it.
 
         The text stream runs on its own CUDA stream between the joint attentions (`Lanes`, when ``self.two_lanes``
         and the inputs are on a GPU): the same kernels in the same order within each stream."""
         model = self.model
         x = model.pos_embed(hidden_states)  # (B, M, D)
         x = gather_tokens(x, idx)  # (B, k, D)  # CAT: gather the selected tokens
-        temb = model.time_text_embed(timestep, pooled_projections)  # (B, D)
+        cond = self.modulations.conditioning(modulation, timestep=timestep, pooled_projections=pooled_projections)
         ctx = model.context_embedder(encoder_hidden_states)  # (B, T, D)
         blocks = model.transformer_blocks
         lanes = Lanes.for_device(x.device, self.two_lanes)
-        act = F.silu(temb)  # (B, D) every block's norm1 / norm1_context SiLU, once
-        lanes.fork(act, ctx)
-        text = self._text_in(blocks[0], ctx, act)
-        mods = [None, _modulation(blocks[1], act) if len(blocks) > 1 else None]  # this block's and the next's
+        lanes.fork(*cond.handed(), ctx)
+        text = self._text_in(blocks[0], ctx, cond)
+        mods = [None, _modulation(blocks[1], cond) if len(blocks) > 1 else None]  # this block's and the next's
         lanes.back()
         for index, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
             after, later = (blocks[i] if i < len(blocks) else None for i in (index + 1, index + 2))
-            x, ctx, text, ahead = self._block(block, after, later, cache, x, ctx, act, text, mods[0], idx, lanes)
+            x, ctx, text, ahead = self._block(block, after, later, cache, x, ctx, cond, text, mods[0], idx, lanes)
             mods = [mods[1], ahead]
             if controlnet is not None and block.context_pre_only is False:
                 interval = len(blocks) / len(controlnet)
                 x = x + gather_tokens(controlnet[int(index / interval)], idx)  # (B, k, D)  # CAT: gather
         lanes.finish()
-        x = model.norm_out(x, temb)  # (B, k, D)
+        scale, shift = cond(model.norm_out.linear, x.dtype).chunk(2, dim=1)  # AdaLayerNormContinuous
+        x = modulate(model.norm_out.norm(x), shift, scale)  # (B, k, D)  # CAT: fused modulation
         return model.proj_out(x)  # (B, k, P)
 
-    def _block(self, block, after, later, cache, x, ctx, act, text, mod, idx, lanes):
+    def _block(self, block, after, later, cache, x, ctx, cond, text, mod, idx, lanes):
         """JointTransformerBlock.forward with the image stream restricted to the selected tokens; on the text lane,
         the text stream's half after the attention, the text Q/K/V of the block ``after`` and the image modulation
         of the block ``later`` (the one after that). ``mod``: this block's image modulation if computed early. Same
@@ -179,7 +200,7 @@ class SD3Adapter(PatchGridAdapter):
         ``later``'s modulation. (Blocks, not their indices, are the arguments: torch.compile would compile the
         function again for every index.)"""
         if mod is None:
-            mod = _modulation(block, act)
+            mod = _modulation(block, cond)
         if block.use_dual_attention:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift2, scale2, gate_msa2 = mod
         else:
@@ -203,9 +224,9 @@ class SD3Adapter(PatchGridAdapter):
         else:
             lanes.fork(txt)
             ctx = self._text_out(block, ctx, attn.to_add_out(txt), c_gates)  # (B, T, D) text stream stays dense
-            text = self._text_in(after, ctx, act) if after is not None else None
+            text = self._text_in(after, ctx, cond) if after is not None else None
             if later is not None:  # read by the image lane after the next meet, held until the block after that
-                ahead = _modulation(later, act)
+                ahead = _modulation(later, cond)
             lanes.back()
         x = gated_add(x, gate_msa, attn.to_out[1](attn.to_out[0](img)))  # (B, k, D)  # CAT: fused residual
         if block.use_dual_attention:
@@ -216,11 +237,11 @@ class SD3Adapter(PatchGridAdapter):
         return x, ctx, text, ahead
 
     @classmethod
-    def _text_in(cls, block, ctx, act):
+    def _text_in(cls, block, ctx, cond):
         """The text stream up to the attention: its (B, T, H, hd) queries, keys and values and its later gates."""
         attn = block.attn
         heads = attn.heads
-        nctx, c_gates = cls._norm1_context(block, ctx, act)
+        nctx, c_gates = cls._norm1_context(block, ctx, cond)
         qkv = _qkv(
             nctx, heads, attn.add_q_proj.out_features // heads, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
             attn.norm_added_q, attn.norm_added_k,
@@ -237,14 +258,14 @@ class SD3Adapter(PatchGridAdapter):
         )
 
     @staticmethod
-    def _norm1_context(block, ctx, act):
+    def _norm1_context(block, ctx, cond):
         """The text stream's first norm and modulation (AdaLayerNormZero, or AdaLayerNormContinuous in the last
         block): the modulated text and the remaining gates / shifts / scales (None in the last block)."""
         norm = block.norm1_context
         if block.context_pre_only:  # AdaLayerNormContinuous: (scale, shift) order, silu output cast to x's dtype
-            scale, shift = norm.linear(act.to(ctx.dtype)).chunk(2, dim=1)
+            scale, shift = cond(norm.linear, ctx.dtype).chunk(2, dim=1)
             return modulate(norm.norm(ctx), shift, scale), None  # CAT: fused modulation
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = norm.linear(act).chunk(6, dim=1)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = cond(norm.linear).chunk(6, dim=1)
         return modulate(norm.norm(ctx), shift, scale), (gate, shift_mlp, scale_mlp, gate_mlp)  # CAT: fused
 
     @staticmethod

@@ -107,7 +107,12 @@ class StepRunner:
             of the model's own forward with cache hooks (eager). ``None`` (default): on the compile and graph
             backends, where the hooked eager forward costs about 1.4 dense steps (measured: 57 vs 40 ms on
             SD3-medium 1024 px, H200). Not bit-identical to the model's forward (the same math in catprune's block
-            order). A low-precision cache (``CATConfig.cache_dtype``) is quantised in place by that step too.
+            order). A low-precision cache (``CATConfig.cache_dtype``) is quantised in place by that step too. The
+            other dense steps of a pruning generation without the forecast run as that step too (the same graph).
+        modulation_chunk: how many steps' modulation vectors (the adaptive norms' ``Linear(SiLU(temb))``) a
+            generation computes at once, for the adapters that take them as an input (`Adapter.modulation_inputs`,
+            `catprune.runtime.modulation`); 0 computes them inside each step. ``None`` (default): 8 on the compile
+            and graph backends (a step then reads none of those weights), 0 on the eager backend.
 
     Example:
         >>> runner = StepRunner("eager", fuse=True)
@@ -116,7 +121,11 @@ class StepRunner:
     """
 
     def __init__(
-        self, backend: Backend | str = Backend.EAGER, fuse: bool | None = None, full_capture: bool | None = None
+        self,
+        backend: Backend | str = Backend.EAGER,
+        fuse: bool | None = None,
+        full_capture: bool | None = None,
+        modulation_chunk: int | None = None,
     ):
         self.backend = Backend.parse(backend, "StepRunner: backend", "Pass e.g. Backend.EAGER.")
         for name, value in (("fuse", fuse), ("full_capture", full_capture)):
@@ -124,6 +133,12 @@ class StepRunner:
                 raise TypeError(f"StepRunner: {name}: expected True, False or None, got {type(value).__name__}.")
         self.fuse = self.uses_graphs if fuse is None else fuse
         self.full_capture = self.backend is not Backend.EAGER if full_capture is None else full_capture
+        if modulation_chunk is not None and (
+            isinstance(modulation_chunk, bool) or not isinstance(modulation_chunk, int) or modulation_chunk < 0
+        ):
+            raise ValueError(f"StepRunner: modulation_chunk: expected an int >= 0 or None, got {modulation_chunk!r}.")
+        default = 8 if self.backend is not Backend.EAGER else 0
+        self.modulation_chunk = default if modulation_chunk is None else modulation_chunk
         self._compiled: dict = {}
         self._graphs: dict = {}
         self._pool = None

@@ -241,6 +241,20 @@ class Adapter(abc.ABC):
         """The call's tensor inputs for the compiled / graphed path, or None if the call needs the eager path."""
         return None
 
+    #: the `fast_inputs` the modulation vectors depend on ("timestep" first); empty: the adapter's pruned step
+    #: computes them itself and takes no ``modulation`` input (docs/design.md decision 40)
+    modulation_inputs: tuple[str, ...] = ()
+
+    def modulation_rows(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Every modulation vector for N rows of the ``modulation_inputs`` (N rows each), concatenated: (N, W). A
+        pruned step's ``modulation`` input is one step's B rows of it."""
+        raise NotImplementedError
+
+    def scheduled_timesteps(self, timesteps: torch.Tensor, info: CallInfo) -> torch.Tensor:
+        """The transformer's ``timestep`` input (n, B) at the scheduler's ``timesteps`` (n,), as this family's
+        pipelines pass it."""
+        raise NotImplementedError
+
     def dense_fn(self, original):
         """A function of the `fast_inputs` tensors returning the dense output sample (for compile / graphs)."""
         raise NotImplementedError

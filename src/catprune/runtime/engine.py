@@ -26,6 +26,7 @@ from .choice import choose_tokens, note_all_computed, note_computed, selection_f
 from .contract import Adapter, CallInfo
 from .forecast import ContextForecast, forecasting
 from .generation import Generation, SignatureBuffers
+from .modulation import ModulationRows
 from .probe import PipelineProbe
 from .stats import PruneStats, StepRecord
 
@@ -149,6 +150,8 @@ class Runtime:
             self._buffers[info.signature] = buffers
         gen = Generation(info.signature, memo, num_clusters=clusters, shared=shared, buffers=buffers)
         gen.num_steps = num_steps
+        if self.runner.modulation_chunk and self.adapter.modulation_inputs:
+            gen.modulation = ModulationRows(self.adapter, self.probe, self.runner.modulation_chunk)
         store, b, device = buffers.store, info.batch, info.device
         rows = torch.arange(b, device=device)
         if shared:
@@ -253,7 +256,7 @@ class Runtime:
             if i == t0 - 2 and gen.forecast is not None:  # the reference step also gives the forecast its K0
                 out, tokens = self._filling_step(gen, original, args, kwargs, info, roll=False)
             else:
-                out = self._dense(original, args, kwargs, info)
+                out = self._dense(gen, original, args, kwargs, info)
                 tokens = self.adapter.output_tokens(out, info) if i == t0 - 2 else None
             if i == t0 - 2:
                 gen.reference = gen.buffers.store.put("reference", gen.score_view(tokens).float())  # (S, M, P)
@@ -288,7 +291,7 @@ class Runtime:
         """A dense step that fills every block's K/V cache (the capture, and the forecast's reference step): the
         full-selection pruned step where the runner allows it, else the hooked dense forward. Returns the
         transformer's output and its (B, M, P) tokens."""
-        inputs = self._full_capture_inputs(info)
+        inputs = self._full_capture_inputs(gen, info)
         if inputs is None:
             out = self._full_step(gen, original, args, kwargs, info, roll=roll)
             return out, self.adapter.output_tokens(out, info)  # (B, M, P)
@@ -317,13 +320,19 @@ class Runtime:
             self._cluster_and_select(gen, info)
         return out
 
-    def _full_capture_inputs(self, info: CallInfo) -> dict[str, torch.Tensor] | None:
+    def _full_capture_inputs(self, gen: Generation, info: CallInfo) -> dict[str, torch.Tensor] | None:
         """The step inputs when a cache-filling step runs as a full-selection pruned step
         (`StepRunner.full_capture`), else None: the runner says no, or the call has inputs only the eager path
         handles."""
-        if not self.runner.full_capture:
-            return None
-        return self.adapter.fast_inputs(info)
+        return self._step_inputs(gen, info) if self.runner.full_capture else None
+
+    def _step_inputs(self, gen: Generation, info: CallInfo) -> dict[str, torch.Tensor] | None:
+        """`Adapter.fast_inputs` of a full-selection or pruned step, with the step's modulation row if the
+        generation has them (None: the call needs the eager path)."""
+        inputs = self.adapter.fast_inputs(info)
+        if inputs is not None and gen.modulation is not None:
+            inputs["modulation"] = gen.modulation.row(inputs, info)  # (B, W)
+        return inputs
 
     @torch.no_grad()
     def _full_selection(self, gen: Generation, info: CallInfo, inputs: dict) -> torch.Tensor:
@@ -373,7 +382,12 @@ class Runtime:
         self._select_next(gen)
         return gen.idx
 
-    def _dense(self, original, args, kwargs, info: CallInfo):
+    def _dense(self, gen: Generation, original, args, kwargs, info: CallInfo):
+        """A dense step of a pruning generation: the full-selection step of the capture where the runner runs that
+        one so (`StepRunner.full_capture`; the same graph, faster than the model's forward) and there is no
+        forecast to keep, else the model's forward (compiled / graphed on those backends)."""
+        if gen.forecast is None and (inputs := self._full_capture_inputs(gen, info)) is not None:
+            return self.adapter.build_output(self._full_selection(gen, info, inputs), info)
         inputs = None if self.runner.backend is Backend.EAGER else self.adapter.fast_inputs(info)
         if inputs is None:
             return original(*args, **kwargs)
@@ -385,7 +399,7 @@ class Runtime:
     def _pruned(self, gen: Generation, info: CallInfo, nxt: Picks):
         """One pruned step over ``gen``'s selection; chooses the next step's ``nxt.k`` tokens into ``nxt``."""
         static = self.runner.backend is not Backend.EAGER or self.fuse  # fused on eager: the fused logic, no graphs
-        inputs = self.adapter.fast_inputs(info) if static else None
+        inputs = self._step_inputs(gen, info) if static else None
         now, forecast = Picks(gen.k, gen.quotas, gen.idx, gen.idx_rows), gen.forecast
         times = {"step_time": self._times(info)} if forecast is not None else {}
 

@@ -8,6 +8,7 @@ import torch
 
 from .contract import BufferStore
 from .forecast import ContextForecast
+from .modulation import ModulationRows
 from .stats import PruneStats, StepRecord
 
 
@@ -50,6 +51,7 @@ class Generation:
     num_clusters: int = 0  # C
     shared: bool = False  # CFG rows of one sample share a selection
     buffers: SignatureBuffers | None = None
+    modulation: ModulationRows | None = None  # the steps' modulation rows, computed several steps at once
     quotas: torch.Tensor | None = None  # (C,) magnitude picks per cluster rank
     uniforms: torch.Tensor | None = None  # (C,) k-means initialisation draws
     rng: torch.Generator | None = None  # Selection.RANDOM's CPU generator
@@ -103,8 +105,9 @@ class Generation:
 
     def cache_bytes(self) -> int:
         """Bytes of the caches a pruned step reads: per-block K/V (and K0 when forecasting), the forecast's working
-        buffer and times, the output cache and the reference. (A low-precision cache is rebuilt for its attention
+        buffer and times, the output cache, the reference and the modulation rows. (A low-precision cache is rebuilt for its attention
         in a temporary of the step, as a dense step's keys/values are: not counted.)"""
         total = self.kv_cache_bytes()
         total += self.forecast.nbytes() if self.forecast is not None else 0
+        total += self.modulation.nbytes() if self.modulation is not None else 0
         return total + sum(t.numel() * t.element_size() for t in (self.outputs, self.reference) if t is not None)

@@ -41,6 +41,11 @@ class PipelineProbe:
             return False, None
         return True, scheduler.step_index
 
+    def timesteps(self) -> torch.Tensor | None:
+        """The pipeline scheduler's timesteps of the current generation (``scheduler.timesteps``), or None."""
+        timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+        return timesteps if isinstance(timesteps, torch.Tensor) else None
+
     def num_steps(self) -> int | None:
         """Inference steps of the current generation (``len(scheduler.timesteps)``), None without a pipeline."""
         timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
