@@ -276,7 +276,7 @@ def test_time_model_reproduces_the_measured_bench_case(preset, measured_loop, me
 @pytest.mark.parametrize(
     "steps, config, measured_loop",
     [
-        (28, dict(keep_ratio=0.3, start_step=8), 1.75),
+        (28, dict(keep_ratio=0.3, start_step=8), 1.84),
         (17, dict(keep_ratio=0.55, start_step=6, final_dense_steps=2), 1.24),
         (17, dict(keep_ratio=0.55, start_step=6, final_dense_steps=2, context="extrapolate"), 1.23),
         (20, dict(keep_ratio=0.55, start_step=6, final_dense_steps=2), 1.27),
@@ -285,7 +285,7 @@ def test_time_model_reproduces_the_measured_bench_case(preset, measured_loop, me
     ],
 )
 def test_time_model_charges_the_measured_capture_steps(steps, config, measured_loop):
-    """compile+cudagraph on SD3-medium (docs/bench/2026-12-02-h200-sd3-medium-triton-kv.json for keep 0.3;
+    """compile+cudagraph on SD3-medium (docs/bench/2026-12-03-h200-sd3-medium-modulation-rows.json for keep 0.3;
     docs/bench/2026-12-03-h200-sd3-medium-k055-t6-forecast-skip.json, …-k055-t6-forecast-full-shortcut.json and
     …-k045-t7-fd3-forecast.json, …-k03-t8-forecast-drift.json for the rest): the capture is a full-selection step
     in both contexts, 1.0-1.1 dense steps (the forecast's K0 roll and the reuse capture differ by less than the
