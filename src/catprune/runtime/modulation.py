@@ -117,8 +117,8 @@ class ModulationRows:
             warnings.warn(
                 f"catprune: the transformer's timestep at steps {steps[0]}-{steps[1]} was not the pipeline "
                 "scheduler's, so those steps used modulation vectors of the scheduler's timesteps. From now on "
-                "every step computes its own. Pipelines that pass other timesteps than scheduler.timesteps should "
-                "run catprune with StepRunner(modulation_chunk=1).",
+                "every step computes its own. For a pipeline that passes other timesteps than scheduler.timesteps, "
+                "apply catprune with runner=catprune.runtime.StepRunner(config.backend, modulation_chunk=1).",
                 RuntimeWarning,
                 stacklevel=3,
             )
