@@ -32,7 +32,6 @@ class Conditioning:
     """
 
     def __init__(self, temb: torch.Tensor | None = None, outputs: dict[int, torch.Tensor] | None = None):
-        self.temb = temb
         self.act = F.silu(temb) if temb is not None else None  # every norm's SiLU of the same temb: once
         self.outputs = outputs
 
@@ -63,11 +62,6 @@ class Modulations:
 
     def _embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.embed(*(inputs.get(name) for name in self.inputs))  # (N, D)
-
-    @property
-    def width(self) -> int:
-        """W, the width of one row of `rows`."""
-        return sum(self.widths)
 
     def rows(self, **inputs: torch.Tensor) -> torch.Tensor:
         """Every linear's output for N rows of step inputs, concatenated: (N, W). One GEMM per linear, whatever N."""
