@@ -41,14 +41,18 @@ class PipelineProbe:
             return False, None
         return True, scheduler.step_index
 
+    def _schedule(self):
+        """``scheduler.timesteps`` as the scheduler holds it (a tensor, array or list), None without a pipeline."""
+        return getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+
     def timesteps(self) -> torch.Tensor | None:
         """The pipeline scheduler's timesteps of the current generation (``scheduler.timesteps``), or None."""
-        timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+        timesteps = self._schedule()
         return timesteps if isinstance(timesteps, torch.Tensor) else None
 
     def num_steps(self) -> int | None:
         """Inference steps of the current generation (``len(scheduler.timesteps)``), None without a pipeline."""
-        timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+        timesteps = self._schedule()
         return len(timesteps) if timesteps is not None else None
 
     def cfg_batch(self, info: CallInfo) -> bool:
