@@ -55,6 +55,10 @@ def _count_rows(monkeypatch):
     return calls
 
 
+def _rows_per_step(entry):
+    return 2 if entry["class"].startswith("SD3") else 1  # CFG doubles SD3's batch; Flux runs none
+
+
 def _adapter_class(entry):
     if entry["class"].startswith("SD3"):
         from catprune.adapters.sd3 import SD3Adapter
@@ -76,7 +80,7 @@ def test_rows_in_chunks_match_rows_in_every_step(pipeline, monkeypatch):
     inside, view_inside = _generate(pipe, embeds, 0)
     calls = _count_rows(monkeypatch)
     chunked, view = _generate(pipe, embeds, 3)
-    rows = 2 if entry["class"].startswith("SD3") else 1  # CFG doubles SD3's batch
+    rows = _rows_per_step(entry)
     # step 0 (no scheduler index yet) alone, then steps 1-3 and 4-6 in one call each
     assert calls == [rows, 3 * rows, 3 * rows]
     assert [r.phase for r in view.steps] == [r.phase for r in view_inside.steps]
@@ -107,7 +111,7 @@ def test_timesteps_not_the_schedulers_fall_back_to_every_step(pipeline, monkeypa
     monkeypatch.setattr(adapter_cls, "scheduled_timesteps", lambda self, t, info: original(self, t, info) + 1.0)
     calls = _count_rows(monkeypatch)
     out, _ = _generate(pipe, embeds, 3)
-    rows = 2 if entry["class"].startswith("SD3") else 1
+    rows = _rows_per_step(entry)
     assert calls == [rows] * STEPS
     assert _close(out, inside), (out - inside).abs().max()
 
@@ -131,5 +135,5 @@ def test_a_later_step_off_the_schedule_is_reported(pipeline, monkeypatch):
         _generate(pipe, embeds, 3)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert any("steps 2-3" in m and "modulation_chunk=1" in m for m in messages), messages
-    rows = 2 if entry["class"].startswith("SD3") else 1
+    rows = _rows_per_step(entry)
     assert calls == [rows, 3 * rows, 3 * rows, rows, rows]
