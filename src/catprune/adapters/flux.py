@@ -387,8 +387,7 @@ class FluxAdapter(DiffusersAdapter):
             if controlnet_single is not None:
                 residual = controlnet_single[i // -(-len(singles) // len(controlnet_single))]
                 stream[:, t:] += gather_tokens(residual, idx)  # (B, k, D)  # CAT: gather
-        scale, shift = cond(model.norm_out.linear, stream.dtype).chunk(2, dim=1)  # AdaLayerNormContinuous
-        x = modulate(model.norm_out.norm(stream[:, t:]), shift, scale)  # (B, k, D)  # CAT: fused modulation
+        x = cond.continuous_norm(model.norm_out, stream[:, t:])  # (B, k, D)
         return model.proj_out(x)  # (B, k, P)
 
     def _double_block(self, block, kv, x, ctx, cond: Conditioning, rope_txt, rope_sel, idx):

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .ops import modulate
+
 
 class Conditioning:
     """One step's modulation inputs as the block code reads them: ``cond(linear)`` is ``linear(SiLU(temb))``,
@@ -44,6 +46,12 @@ class Conditioning:
         if self.outputs is not None:
             return self.outputs[id(linear)]
         return linear(self.act if dtype is None else self.act.to(dtype))
+
+    def continuous_norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """diffusers' ``AdaLayerNormContinuous(x, temb)`` (B, N, D): its linear's (scale, shift) over SiLU(temb)
+        cast to x's dtype, applied as one fused modulation."""
+        scale, shift = self(norm.linear, x.dtype).chunk(2, dim=1)
+        return modulate(norm.norm(x), shift, scale)  # CAT: fused modulation
 
 
 class Modulations:

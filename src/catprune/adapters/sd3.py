@@ -187,8 +187,7 @@ class SD3Adapter(PatchGridAdapter):
                 interval = len(blocks) / len(controlnet)
                 x = x + gather_tokens(controlnet[int(index / interval)], idx)  # (B, k, D)  # CAT: gather
         lanes.finish()
-        scale, shift = cond(model.norm_out.linear, x.dtype).chunk(2, dim=1)  # AdaLayerNormContinuous
-        x = modulate(model.norm_out.norm(x), shift, scale)  # (B, k, D)  # CAT: fused modulation
+        x = cond.continuous_norm(model.norm_out, x)  # (B, k, D)
         return model.proj_out(x)  # (B, k, P)
 
     def _block(self, block, after, later, cache, x, ctx, cond, text, mod, idx, lanes):
@@ -262,9 +261,8 @@ class SD3Adapter(PatchGridAdapter):
         """The text stream's first norm and modulation (AdaLayerNormZero, or AdaLayerNormContinuous in the last
         block): the modulated text and the remaining gates / shifts / scales (None in the last block)."""
         norm = block.norm1_context
-        if block.context_pre_only:  # AdaLayerNormContinuous: (scale, shift) order, silu output cast to x's dtype
-            scale, shift = cond(norm.linear, ctx.dtype).chunk(2, dim=1)
-            return modulate(norm.norm(ctx), shift, scale), None  # CAT: fused modulation
+        if block.context_pre_only:  # AdaLayerNormContinuous
+            return cond.continuous_norm(norm, ctx), None
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = cond(norm.linear).chunk(6, dim=1)
         return modulate(norm.norm(ctx), shift, scale), (gate, shift_mlp, scale_mlp, gate_mlp)  # CAT: fused
 
